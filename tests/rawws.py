@@ -1,0 +1,128 @@
+"""A deliberately primitive WebSocket client for tests that must misbehave on the wire."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import struct
+
+import trio
+from wsproto.connection import Connection, ConnectionType
+from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
+
+KEY = base64.b64encode(b"0123456789abcdef").decode()
+
+
+def handshake_request(path: str, *, key: str = KEY, version: str = "13",
+                      extra: str = "") -> bytes:
+    return (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            f"Sec-WebSocket-Version: {version}\r\n{extra}\r\n").encode()
+
+
+def client_frame(payload: bytes, opcode: int = 0x1, fin: bool = True) -> bytes:
+    """A masked client frame with any payload, valid UTF-8 or not."""
+    mask = os.urandom(4)
+    n = len(payload)
+    head = bytes([(0x80 if fin else 0) | opcode])
+    if n < 126:
+        head += bytes([0x80 | n])
+    elif n < 65536:
+        head += bytes([0x80 | 126]) + struct.pack("!H", n)
+    else:
+        head += bytes([0x80 | 127]) + struct.pack("!Q", n)
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return head + mask + masked
+
+
+async def read_http_response(stream: trio.abc.Stream) -> tuple[int, dict[str, str], bytes]:
+    """Read one HTTP response (head and, with content-length, body)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = await stream.receive_some(65536)
+        if not chunk:
+            break
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.strip().lower(): v.strip() for k, v in
+               (line.split(":", 1) for line in lines[1:] if ":" in line)}
+    length = int(headers.get("content-length", "0"))
+    while len(rest) < length:
+        chunk = await stream.receive_some(65536)
+        if not chunk:
+            break
+        rest += chunk
+    return status, headers, rest
+
+
+async def http_get(port: int, path: str, headers: str = "") -> tuple[int, dict[str, str], bytes]:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{headers}"
+                              "Connection: close\r\n\r\n".encode())
+        return await read_http_response(stream)
+
+
+class RawClient:
+    """An upgraded connection whose every byte the test controls."""
+
+    def __init__(self, stream: trio.SocketStream, leftover: bytes) -> None:
+        self.stream = stream
+        self.proto = Connection(ConnectionType.CLIENT, trailing_data=leftover)
+        self.close_code: int | None = None
+        self.answer_pings = True
+
+    @classmethod
+    async def connect(cls, port: int, path: str) -> RawClient:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(handshake_request(path))
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = await stream.receive_some(65536)
+            assert chunk, "server closed during the handshake"
+            data += chunk
+        head, _, leftover = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101"), head
+        return cls(stream, leftover)
+
+    async def send_raw(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    async def send_text(self, text: str) -> None:
+        await self.send_raw(client_frame(text.encode()))
+
+    async def next_event(self) -> object:
+        """The next data or close event (pings are answered); None at EOF."""
+        while True:
+            for event in self.proto.events():
+                if isinstance(event, Ping):
+                    if self.answer_pings:
+                        await self.stream.send_all(self.proto.send(event.response()))
+                    continue
+                if isinstance(event, CloseConnection):
+                    self.close_code = event.code
+                    return event
+                if isinstance(event, (TextMessage, BytesMessage)):
+                    return event
+            data = await self.stream.receive_some(65536)
+            if not data:
+                return None
+            self.proto.receive_data(data)
+
+    async def receive_json(self) -> dict:
+        event = await self.next_event()
+        assert isinstance(event, TextMessage), event
+        return json.loads(event.data)
+
+    async def wait_closed(self) -> int | None:
+        """Read until the server's close frame or EOF; the close code, if any."""
+        while True:
+            event = await self.next_event()
+            if event is None or isinstance(event, CloseConnection):
+                return self.close_code
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()

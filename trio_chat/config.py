@@ -1,0 +1,234 @@
+"""Configuration: the seed's ``config.json`` shape plus our ``server`` section.
+
+Owns reading and validating the file into frozen attrs records. Runs no tasks.
+
+The seed's sections (``db``, ``mq``, ``redis``, ``logger``) keep their keys, so
+a chatAPI ``config.json`` works unchanged. The seed's template has every value
+as a string, ports included, and ``""`` for anything not set: we accept numbers
+written as strings, and an empty string means "use the default". A section
+whose ``host`` is empty (``db``, ``redis``) is treated as absent.
+
+Errors are :class:`ConfigError` with one line naming the file, the key and what
+was expected; unknown keys are returned as warnings, not errors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+LOG_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warn": logging.WARNING,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+}
+
+
+class ConfigError(Exception):
+    """A configuration file that cannot be used; ``str()`` is the whole message."""
+
+
+def _opt(key: str, default: Any, kind: type, *, low: float | None = None,
+         high: float | None = None, choices: Mapping[str, Any] | None = None) -> Any:
+    """An attrs field that remembers its JSON key, type and bounds."""
+    return attrs.field(default=default, metadata={
+        "key": key, "kind": kind, "low": low, "high": high, "choices": choices})
+
+
+@attrs.frozen
+class ServerConfig:
+    host: str = _opt("host", "127.0.0.1", str)
+    port: int = _opt("port", 8080, int, low=0, high=65535)
+    max_frame_bytes: int = _opt("maxFrameBytes", 64 * 1024, int, low=256, high=64 * 1024 * 1024)
+    history_on_join: int = _opt("historyOnJoin", 50, int, low=0, high=10_000)
+    send_queue_messages: int = _opt("sendQueueMessages", 1024, int, low=1, high=1_000_000)
+    send_queue_bytes: int = _opt("sendQueueBytes", 4 * 1024 * 1024, int, low=1024,
+                                 high=1024 * 1024 * 1024)
+    write_wait: float = _opt("writeWait", 10.0, float, low=0.001, high=3600)
+    pong_wait: float = _opt("pongWait", 60.0, float, low=0.001, high=86400)
+    ping_period: float = _opt("pingPeriod", 54.0, float, low=0.001, high=86400)
+    handshake_timeout: float = _opt("handshakeTimeout", 10.0, float, low=0.001, high=3600)
+    close_timeout: float = _opt("closeTimeout", 2.0, float, low=0.0, high=3600)
+    shutdown_timeout: float = _opt("shutdownTimeout", 10.0, float, low=0.0, high=3600)
+    store_buffer: int = _opt("storeBuffer", 100_000, int, low=1, high=10_000_000)
+    store_batch: int = _opt("storeBatch", 1000, int, low=1, high=100_000)
+
+
+@attrs.frozen
+class SqliteConfig:
+    path: str = _opt("path", "./trio-chat.db", str)
+
+
+@attrs.frozen
+class DbConfig:
+    """MySQL/MariaDB, as the seed names it: ``id`` is the user name."""
+
+    id: str = _opt("id", "root", str)
+    password: str = _opt("password", "", str)
+    host: str = _opt("host", "", str)
+    port: int = _opt("port", 3306, int, low=1, high=65535)
+    database: str = _opt("database", "chat", str)
+
+
+@attrs.frozen
+class MqConfig:
+    """Accepted for compatibility with the seed; trio-chat does not use a queue."""
+
+    host: str = _opt("host", "", str)
+    port: str = _opt("port", "", str)
+    id: str = _opt("id", "", str)
+    password: str = _opt("password", "", str)
+    listening_queue_name: str = _opt("listeningQueueName", "", str)
+
+
+@attrs.frozen
+class RedisConfig:
+    """Redis, as the seed names it: ``id`` is the ACL user name."""
+
+    id: str = _opt("id", "", str)
+    password: str = _opt("password", "", str)
+    host: str = _opt("host", "", str)
+    port: int = _opt("port", 6379, int, low=1, high=65535)
+    database: int = _opt("database", 0, int, low=0, high=1_000_000)
+    listening_channel_name: str = _opt("listeningChannelName", "trio-chat", str)
+    publish_channel_name: str = _opt("publishChannelName", "trio-chat", str)
+
+
+@attrs.frozen
+class LoggerConfig:
+    level: int = _opt("level", logging.INFO, str, choices=LOG_LEVELS)
+
+
+@attrs.frozen
+class Config:
+    server: ServerConfig = ServerConfig()
+    sqlite: SqliteConfig = SqliteConfig()
+    db: DbConfig | None = None
+    mq: MqConfig | None = None
+    redis: RedisConfig | None = None
+    logger: LoggerConfig = LoggerConfig()
+    source: str = "<embedded default>"
+    warnings: tuple[str, ...] = ()
+
+
+_SECTIONS: dict[str, type] = {
+    "server": ServerConfig,
+    "sqlite": SqliteConfig,
+    "db": DbConfig,
+    "mq": MqConfig,
+    "redis": RedisConfig,
+    "logger": LoggerConfig,
+}
+# Sections that only exist when configured: an empty host means "not configured".
+_OPTIONAL = {"db", "redis"}
+
+
+def _describe(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _convert(where: str, value: Any, field: attrs.Attribute) -> Any:
+    meta = field.metadata
+    kind, low, high, choices = meta["kind"], meta["low"], meta["high"], meta["choices"]
+    if choices is not None:
+        if not isinstance(value, str) or value.lower() not in choices:
+            raise ConfigError(f"{where}: expected one of {', '.join(sorted(choices))}, "
+                              f"got {_describe(value)}")
+        return choices[value.lower()]
+    if kind is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {_describe(value)}")
+        return value
+    expected = "an integer" if kind is int else "a number"
+    number: Any = value
+    if isinstance(value, str):
+        # The seed's template writes ports as strings: "3306".
+        try:
+            number = int(value) if kind is int else float(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected {expected}, got {_describe(value)}") from None
+    if isinstance(number, bool) or not isinstance(number, (int, float)):
+        raise ConfigError(f"{where}: expected {expected}, got {_describe(value)}")
+    if kind is int and not isinstance(number, int):
+        if not float(number).is_integer():
+            raise ConfigError(f"{where}: expected {expected}, got {_describe(value)}")
+        number = int(number)
+    if kind is float and not math.isfinite(number):
+        raise ConfigError(f"{where}: expected a finite number, got {_describe(value)}")
+    if (low is not None and number < low) or (high is not None and number > high):
+        raise ConfigError(f"{where}: expected {expected} from {low:g} to {high:g}, "
+                          f"got {_describe(value)}")
+    return kind(number)
+
+
+def _section(source: str, name: str, raw: Any, cls: type, warnings: list[str]) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {name}: expected an object, got {_describe(raw)}")
+    by_key = {f.metadata["key"]: f for f in attrs.fields(cls)}
+    values = {}
+    for key, value in raw.items():
+        field = by_key.get(key)
+        if field is None:
+            warnings.append(f"{source}: {name}.{key}: unknown key, ignored")
+            continue
+        if value == "" or value is None:
+            continue
+        values[field.name] = _convert(f"{source}: {name}.{key}", value, field)
+    if name in _OPTIONAL and not values.get("host"):
+        return None
+    return cls(**values)
+
+
+def parse_config(data: Any, source: str = "<config>") -> Config:
+    """Validate already-decoded JSON ``data``; pure, for tests and :func:`load_config`."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a JSON object at the top level, "
+                          f"got {_describe(data)}")
+    warnings: list[str] = []
+    sections: dict[str, Any] = {}
+    for name, raw in data.items():
+        cls = _SECTIONS.get(name)
+        if cls is None:
+            warnings.append(f"{source}: {name}: unknown section, ignored")
+            continue
+        sections[name] = _section(source, name, raw, cls, warnings)
+    config = Config(**sections, source=source, warnings=tuple(warnings))
+    server = config.server
+    if server.ping_period >= server.pong_wait:
+        raise ConfigError(f"{source}: server.pingPeriod: expected less than server.pongWait "
+                          f"({server.pong_wait:g}), got {server.ping_period:g}")
+    return config
+
+
+def load_config(path: str | os.PathLike[str] | None) -> Config:
+    """Read ``path`` (or return the embedded default for ``None``)."""
+    if path is None:
+        return Config()
+    source = os.fspath(path)
+    try:
+        with open(source, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{source}: not UTF-8 text") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        hint = ""
+        if exc.msg.startswith("Expecting property name") or exc.msg.startswith(
+                "Expecting value"):
+            hint = " (a trailing comma?)"
+        raise ConfigError(f"{source}: not valid JSON: {exc.msg} at line {exc.lineno} "
+                          f"column {exc.colno}{hint}") from None
+    return parse_config(data, source)

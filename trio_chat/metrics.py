@@ -1,0 +1,76 @@
+"""Counters and gauges, rendered in the Prometheus text format. Runs no tasks.
+
+Counters are plain integer attributes bumped on the hot path (no locks: trio
+runs one task at a time); gauges that already live elsewhere (open
+connections, live rooms, trio tasks) are read when ``/metrics`` is scraped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import attrs
+import trio
+
+
+def count_tasks(root: trio.lowlevel.Task | None = None) -> int:
+    """Every task in the tree under ``root`` (default: the run's root task), itself included."""
+    stack = [root or trio.lowlevel.current_root_task()]
+    count = 0
+    while stack:
+        task = stack.pop()
+        if task is None:
+            continue
+        count += 1
+        for nursery in task.child_nurseries:
+            stack.extend(nursery.child_tasks)
+    return count
+
+
+@attrs.define
+class Metrics:
+    connections_total: int = 0
+    messages_received: int = 0
+    messages_delivered: int = 0
+    slow_consumer_disconnects: int = 0
+    bad_frames: int = 0
+    oversized_frames: int = 0
+    handshake_failures: int = 0
+    http_requests: int = 0
+    store_refusals: int = 0
+    store_written: int = 0
+    store_errors: int = 0
+    # Gauges read at scrape time; the server plugs in its own readers.
+    gauges: dict[str, tuple[str, Callable[[], float]]] = attrs.field(factory=dict)
+
+    def add_gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
+        self.gauges[name] = (help_text, read)
+
+    def render(self) -> str:
+        lines: list[str] = []
+
+        def emit(name: str, kind: str, help_text: str, value: float) -> None:
+            lines.append(f"# HELP {name} {help_text}")
+            lines.append(f"# TYPE {name} {kind}")
+            lines.append(f"{name} {value:g}" if isinstance(value, float) else f"{name} {value}")
+
+        for name, help_text in _COUNTERS:
+            emit(f"triochat_{name}", "counter", help_text, getattr(self, name))
+        for name, (help_text, read) in sorted(self.gauges.items()):
+            emit(f"triochat_{name}", "gauge", help_text, read())
+        return "\n".join(lines) + "\n"
+
+
+_COUNTERS: Iterable[tuple[str, str]] = (
+    ("connections_total", "WebSocket connections accepted since start."),
+    ("messages_received", "Chat messages accepted from clients."),
+    ("messages_delivered", "Frames queued for room members by fan-out."),
+    ("slow_consumer_disconnects", "Connections closed because they could not keep up."),
+    ("bad_frames", "Client frames refused with an error frame."),
+    ("oversized_frames", "Connections closed for a frame over the size limit (1009)."),
+    ("handshake_failures", "Connections that ended before or during the upgrade."),
+    ("http_requests", "Plain HTTP requests served."),
+    ("store_refusals", "Messages refused because the store's buffer was full."),
+    ("store_written", "Messages written to the message store."),
+    ("store_errors", "Failed store writes (each retried)."),
+)

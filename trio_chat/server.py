@@ -1,0 +1,134 @@
+"""The server: the root nursery and everything's lifetime under it.
+
+Owns start-up and shutdown. :meth:`Server.run` opens the root nursery and
+starts, in order, the store's writer task, the hub (whose nursery holds the
+rooms), and the listeners, whose handler tasks (one per TCP connection, each
+with its connection's writer beside it) run in a connections nursery. So
+cancelling ``run`` tears down every task the server ever started; a graceful
+:meth:`Server.shutdown` instead stops accepting, closes every WebSocket with
+1001, gives connections a grace deadline, flushes the store and returns.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import attrs
+import trio
+
+from .broker import Broker, LocalBroker
+from .config import Config
+from .http import load_demo_page, serve_http
+from .hub import Hub
+from .metrics import Metrics, count_tasks
+from .store import SqliteBackend, Store
+from .websocket import GOING_AWAY, Limits
+
+log = logging.getLogger(__name__)
+
+
+def _peer(stream: trio.abc.Stream) -> str:
+    try:
+        host, port = stream.socket.getpeername()[:2]  # type: ignore[attr-defined]
+    except (AttributeError, OSError):
+        return "?"
+    return f"{host}:{port}"
+
+
+@attrs.define(eq=False)
+class Server:
+    config: Config
+    metrics: Metrics
+    store: Store
+    broker: Broker
+    hub: Hub
+    limits: Limits
+    demo_page: bytes
+    port: int = 0
+    # The task running run(): every task the server starts is below it.
+    task: trio.lowlevel.Task | None = None
+    _shutdown: trio.Event = attrs.field(init=False, factory=trio.Event)
+
+    @classmethod
+    def build(cls, config: Config) -> Server:
+        s = config.server
+        metrics = Metrics()
+        store = Store(SqliteBackend(config.sqlite.path), metrics, buffer_limit=s.store_buffer,
+                      batch_size=s.store_batch)
+        broker = LocalBroker(store)
+        hub = Hub(store, broker, metrics, s.history_on_join)
+        limits = Limits(max_message_bytes=s.max_frame_bytes,
+                        queue_frames=s.send_queue_messages, queue_bytes=s.send_queue_bytes,
+                        write_wait=s.write_wait, ping_period=s.ping_period,
+                        pong_wait=s.pong_wait, close_timeout=s.close_timeout)
+        server = cls(config, metrics, store, broker, hub, limits, load_demo_page())
+        metrics.add_gauge("connections_open", "Open WebSocket connections.",
+                          lambda: len(hub.connections))
+        metrics.add_gauge("rooms_live", "Rooms with members on this node.",
+                          lambda: len(hub.rooms))
+        metrics.add_gauge("trio_tasks", "Live trio tasks in this process.", count_tasks)
+        metrics.add_gauge("store_lag_messages", "Accepted messages not yet written.",
+                          lambda: store.lag)
+        metrics.add_gauge("store_failing", "1 while store writes are failing.",
+                          lambda: int(store.failing_since is not None))
+        return server
+
+    @property
+    def shutting_down(self) -> bool:
+        return self._shutdown.is_set()
+
+    def shutdown(self) -> None:
+        """Ask :meth:`run` to stop gracefully; returns at once."""
+        self._shutdown.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Serve until cancelled (abrupt) or until :meth:`shutdown` (graceful)."""
+        s = self.config.server
+        self.task = trio.lowlevel.current_task()
+        async with trio.open_nursery() as root:
+            await root.start(self.store.run)
+            await root.start(self.hub.run)
+            listeners = await trio.open_tcp_listeners(s.port, host=s.host)
+            self.port = listeners[0].socket.getsockname()[1]
+            for listener in listeners:
+                host, port = listener.socket.getsockname()[:2]
+                log.info("listening on http://%s:%d/", f"[{host}]" if ":" in host else host,
+                         port)
+            async with trio.open_nursery() as connections:
+                accept_scope = trio.CancelScope()
+                await connections.start(self._accept, accept_scope, listeners, connections)
+                task_status.started(self)
+                await self._shutdown.wait()
+                started = trio.current_time()
+                accept_scope.cancel()
+                log.info("shutting down: closing %d connections", len(self.hub.connections))
+                self.hub.close_all(GOING_AWAY, "server shutting down")
+                # Grace for the close handshakes; half the budget, the rest is the flush's.
+                connections.cancel_scope.deadline = started + s.shutdown_timeout / 2
+            with trio.move_on_at(started + s.shutdown_timeout) as flush_scope:
+                await self.store.flush()
+            if flush_scope.cancelled_caught:
+                log.error("shutdown deadline passed with %d messages not stored",
+                          self.store.lag)
+            else:
+                log.info("store flushed; stopped")
+            root.cancel_scope.cancel()
+
+    async def _accept(self, scope: trio.CancelScope, listeners: list[trio.SocketListener],
+                      connections: trio.Nursery, *,
+                      task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with scope:
+            # trio's serve_listeners logs and retries accept errors such as EMFILE.
+            await trio.serve_listeners(self._handle, listeners, handler_nursery=connections,
+                                       task_status=task_status)
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        remote = _peer(stream)
+        try:
+            await serve_http(self, stream, remote)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log.debug("%s: connection lost: %s", remote, exc)
+        except Exception:
+            # One connection's failure is its own: log it once, never reach the root.
+            log.exception("%s: connection failed", remote)
