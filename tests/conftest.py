@@ -3,22 +3,75 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import pymysql
 import pytest
 import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 
-from trio_chat.config import Config, ServerConfig, SqliteConfig
+from trio_chat.config import Config, DbConfig, ServerConfig, SqliteConfig
 from trio_chat.server import Server
 
 
-def make_config(db_path: Path, **server: Any) -> Config:
+MYSQL = {
+    "host": os.environ.get("TRIO_CHAT_TEST_MYSQL_HOST", "127.0.0.1"),
+    "port": int(os.environ.get("TRIO_CHAT_TEST_MYSQL_PORT", "3306")),
+    "user": os.environ.get("TRIO_CHAT_TEST_MYSQL_USER", "root"),
+    "password": os.environ.get("TRIO_CHAT_TEST_MYSQL_PASSWORD", ""),
+}
+
+
+def make_config(db_path: Path, *, db: DbConfig | None = None, **server: Any) -> Config:
     return Config(server=ServerConfig(host="127.0.0.1", port=0, **server),
-                  sqlite=SqliteConfig(path=str(db_path)))
+                  sqlite=SqliteConfig(path=str(db_path)), db=db)
+
+
+@pytest.fixture
+def mysql_db() -> Iterator[DbConfig]:
+    """A fresh MariaDB database for one test, dropped afterwards. MariaDB must be up."""
+    name = f"trio_chat_test_{uuid.uuid4().hex[:12]}"
+    try:
+        admin = pymysql.connect(**MYSQL, charset="utf8mb4", autocommit=True)
+    except pymysql.MySQLError as exc:
+        pytest.fail(f"MariaDB is not reachable at {MYSQL['host']}:{MYSQL['port']} ({exc}); "
+                    "start it (scripts/services) or set TRIO_CHAT_TEST_MYSQL_*")
+    try:
+        yield DbConfig(id=MYSQL["user"], password=MYSQL["password"], host=MYSQL["host"],
+                       port=MYSQL["port"], database=name)
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
+        admin.close()
+
+
+def mysql_rows(db: DbConfig, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    conn = pymysql.connect(host=db.host, port=db.port, user=db.id, password=db.password,
+                           database=db.database, charset="utf8mb4")
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql, args)
+            return list(cur.fetchall())
+    finally:
+        conn.close()
+
+
+@pytest.fixture(params=["sqlite", "mysql"])
+def store_kind(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def any_config(store_kind: str, db_path: Path, request: pytest.FixtureRequest
+               ) -> Callable[..., Config]:
+    """Build a server config on the parametrised store (SQLite file or a fresh MariaDB)."""
+    db = request.getfixturevalue("mysql_db") if store_kind == "mysql" else None
+    return lambda **server: make_config(db_path, db=db, **server)
 
 
 async def start_server(nursery: trio.Nursery, config: Config) -> Server:

@@ -290,7 +290,7 @@ async def test_restart_keeps_history_and_ids_continue(db_path) -> None:
                 await ws.send_message(chat_frame(f"before{i}", room_id=55))
             for _ in range(5):
                 await recv(ws)
-        nursery.cancel_scope.cancel()
+            server.shutdown()
     with sqlite3.connect(db_path) as db:
         assert db.execute("SELECT COUNT(*) FROM messages WHERE room_id = 55").fetchone()[0] == 5
     async with trio.open_nursery() as nursery:
@@ -300,7 +300,7 @@ async def test_restart_keeps_history_and_ids_continue(db_path) -> None:
             assert [m["content"] for m in history] == [f"before{i}" for i in range(5)]
             await ws.send_message(chat_frame("after", room_id=55))
             assert (await recv(ws))["id"] == 6
-        nursery.cancel_scope.cancel()
+            server.shutdown()
 
 
 async def test_exception_in_one_handler_leaves_others_alone(server, monkeypatch) -> None:

@@ -48,8 +48,9 @@ def _opt(key: str, default: Any, kind: type, *, low: float | None = None,
 class ServerConfig:
     host: str = _opt("host", "127.0.0.1", str)
     port: int = _opt("port", 8080, int, low=0, high=65535)
-    max_frame_bytes: int = _opt("maxFrameBytes", 64 * 1024, int, low=256, high=64 * 1024 * 1024)
+    max_frame_bytes: int = _opt("maxFrameBytes", 64 * 1024, int, low=256, high=16 * 1024 * 1024)
     history_on_join: int = _opt("historyOnJoin", 50, int, low=0, high=10_000)
+    replay_limit: int = _opt("replayLimit", 1000, int, low=0, high=1_000_000)
     send_queue_messages: int = _opt("sendQueueMessages", 1024, int, low=1, high=1_000_000)
     send_queue_bytes: int = _opt("sendQueueBytes", 4 * 1024 * 1024, int, low=1024,
                                  high=1024 * 1024 * 1024)

@@ -30,9 +30,27 @@ class ChatConnection:
     _hub: Hub
     _metrics: Metrics
     ws: WebSocket = attrs.field(init=False)
+    # Live frames kept back while a resume reads history from the store.
+    _held: list[bytes] | None = attrs.field(init=False, default=None)
 
     def send_frame(self, frame: bytes) -> None:
-        self.ws.send_frame(frame)
+        if self._held is None:
+            self.ws.send_frame(frame)
+        else:
+            self._held.append(frame)
+
+    def send_history(self, frames: list[bytes]) -> None:
+        if frames:
+            self.ws.send_exempt(b"".join(frames))
+
+    def hold(self) -> None:
+        self._held = []
+
+    def release(self, history: list[bytes]) -> None:
+        held, self._held = self._held or [], None
+        self.send_history(history)
+        for frame in held:
+            self.ws.send_frame(frame)
 
     def close(self, code: int, reason: str) -> None:
         self.ws.close(code, reason)
@@ -59,7 +77,7 @@ class ChatConnection:
 
 
 async def serve_connection(stream: trio.abc.Stream, *, hub: Hub, metrics: Metrics,
-                           limits: Limits, room_id: int, remote: str,
+                           limits: Limits, room_id: int, remote: str, since: int | None = None,
                            trailing_data: bytes = b"") -> None:
     """Run one upgraded connection to its end. The caller closes ``stream``."""
     connection = ChatConnection(room_id, remote, hub, metrics)
@@ -73,7 +91,7 @@ async def serve_connection(stream: trio.abc.Stream, *, hub: Hub, metrics: Metric
     hub.connections.add(connection)
     try:
         try:
-            room = await hub.join(room_id, connection)
+            room = await hub.join(room_id, connection, since)
         except Exception:
             log.exception("%s: cannot join room %d", remote, room_id)
             ws.close(INTERNAL_ERROR, "room unavailable")

@@ -27,7 +27,7 @@ import trio
 from wsproto.utilities import generate_accept_token
 
 from .connection import serve_connection
-from .protocol import parse_room_id
+from .protocol import INT64_MAX, parse_room_id
 
 if TYPE_CHECKING:
     from .server import Server
@@ -67,6 +67,14 @@ def error(status: int, code: str, detail: str,
     return json_response(status, {"error": code, "detail": detail}, headers)
 
 
+class HttpError(Exception):
+    """Raised by a handler to answer with ``response`` (a 4xx with a JSON body)."""
+
+    def __init__(self, response: Response) -> None:
+        super().__init__(response.status)
+        self.response = response
+
+
 Handler = Callable[["Server", Request, re.Match[str]], Awaitable[Response]]
 
 
@@ -77,6 +85,7 @@ class Route:
     handler: Handler
 
 
+_WS_PATH = re.compile(r"/ws/(?P<room>[^/]*)")
 _DEMO_PAGE = resources.files("trio_chat").joinpath("static/index.html")
 
 
@@ -95,6 +104,54 @@ async def _metrics(server: Server, request: Request, match: re.Match[str]) -> Re
                     "text/plain; version=0.0.4; charset=utf-8")
 
 
+HISTORY_LIMIT_DEFAULT = 50
+HISTORY_LIMIT_MAX = 500
+
+
+def _query_int(request: Request, name: str, *, low: int, high: int = INT64_MAX) -> int | None:
+    """An integer query parameter, or None if absent; :class:`HttpError` if malformed."""
+    values = request.query.get(name)
+    if not values:
+        return None
+    value = parse_room_id(values[-1])
+    if value is None or not low <= value <= high:
+        raise HttpError(error(400, "bad_parameter",
+                              f"{name} must be an integer from {low} to {high}, "
+                              f"got {values[-1][:40]!r}"))
+    return value
+
+
+def _room_id(match: re.Match[str]) -> int:
+    room_id = parse_room_id(match.group("room"))
+    if room_id is None:
+        raise HttpError(error(400, "bad_room_id", "room id must be a 64-bit integer, "
+                              f"got {match.group('room')[:40]!r}"))
+    return room_id
+
+
+async def _history(server: Server, request: Request, match: re.Match[str]) -> Response:
+    room_id = _room_id(match)
+    before = _query_int(request, "before", low=0)
+    after = _query_int(request, "after", low=0)
+    limit = _query_int(request, "limit", low=1, high=HISTORY_LIMIT_MAX) or HISTORY_LIMIT_DEFAULT
+    order = (request.query.get("order") or ["desc"])[-1]
+    if order not in ("asc", "desc"):
+        raise HttpError(error(400, "bad_parameter", f"order must be asc or desc, got "
+                              f"{order[:40]!r}"))
+    messages = await server.store.page(room_id, before=before, after=after, limit=limit,
+                                       newest_first=order == "desc")
+    next_page = None
+    if len(messages) == limit:
+        edge = messages[-1].id
+        cursor = f"before={edge}" if order == "desc" else f"after={edge}"
+        bound = (f"&after={after}" if after is not None and order == "desc" else
+                 f"&before={before}" if before is not None and order == "asc" else "")
+        next_page = f"/rooms/{room_id}/messages?{cursor}{bound}&limit={limit}&order={order}"
+    return json_response(200, {"room_id": room_id,
+                                "messages": [m.to_wire() for m in messages],
+                                "next": next_page})
+
+
 async def _ws_without_upgrade(server: Server, request: Request,
                               match: re.Match[str]) -> Response:
     return error(426, "upgrade_required", "this endpoint speaks WebSocket only",
@@ -106,6 +163,7 @@ ROUTES: list[Route] = [
     Route("GET", re.compile(r"/healthz\Z"), _healthz),
     Route("GET", re.compile(r"/metrics\Z"), _metrics),
     Route("GET", re.compile(r"/ws/(?P<room>[^/]*)\Z"), _ws_without_upgrade),
+    Route("GET", re.compile(r"/rooms/(?P<room>[^/]*)/messages\Z"), _history),
 ]
 
 
@@ -120,7 +178,10 @@ async def _route(server: Server, request: Request) -> Response:
         if match is None:
             continue
         if route.method == request.method:
-            return await route.handler(server, request, match)
+            try:
+                return await route.handler(server, request, match)
+            except HttpError as exc:
+                return exc.response
         allowed.append(route.method)
     if allowed:
         return error(405, "method_not_allowed", f"{request.method} is not allowed here",
@@ -214,11 +275,13 @@ async def serve_http(server: Server, stream: trio.abc.Stream, remote: str) -> No
                     await _send(stream, conn, request, close=True)
                 return
             upgrade = _is_upgrade(request.headers)
-            if upgrade and (match := re.fullmatch(r"/ws/([^/]*)", request.path)):
-                room_id = parse_room_id(match.group(1))
-                response = (error(400, "bad_room_id", "room id must be a 64-bit integer, "
-                                  f"got {match.group(1)[:40]!r}")
-                            if room_id is None else _check_handshake(request.headers))
+            if upgrade and (match := _WS_PATH.fullmatch(request.path)):
+                try:
+                    room_id = _room_id(match)
+                    since = _query_int(request, "since", low=0)
+                    response = _check_handshake(request.headers)
+                except HttpError as exc:
+                    response = exc.response
                 if response is None:
                     upgrade_to = room_id
                     await _accept_upgrade(stream, conn, request)
@@ -242,7 +305,7 @@ async def serve_http(server: Server, stream: trio.abc.Stream, remote: str) -> No
             trailing, _ = conn.trailing_data
             await serve_connection(stream, hub=server.hub, metrics=server.metrics,
                                    limits=server.limits, room_id=upgrade_to, remote=remote,
-                                   trailing_data=trailing)
+                                   since=since, trailing_data=trailing)
             return
         if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
             return

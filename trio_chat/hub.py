@@ -17,14 +17,13 @@ import trio
 from .broker import Broker
 from .metrics import Metrics
 from .protocol import Draft, Message
-from .room import Room
+from .room import Member, Room
 from .store import Store
 
 log = logging.getLogger(__name__)
 
 
-class Connection(Protocol):
-    def send_frame(self, frame: bytes) -> None: ...
+class Connection(Member, Protocol):
     def close(self, code: int, reason: str) -> None: ...
 
 
@@ -34,6 +33,7 @@ class Hub:
     _broker: Broker
     _metrics: Metrics
     _history_size: int
+    _replay_limit: int
     rooms: dict[int, Room] = attrs.field(init=False, factory=dict)
     connections: set[Connection] = attrs.field(init=False, factory=set)
     _nursery: trio.Nursery | None = attrs.field(init=False, default=None)
@@ -46,12 +46,16 @@ class Hub:
             task_status.started()
             await trio.sleep_forever()
 
-    async def join(self, room_id: int, member: Connection) -> Room:
-        """Add ``member`` to ``room_id``, starting the room if it is not alive."""
+    async def join(self, room_id: int, member: Member, since: int | None = None) -> Room:
+        """Add ``member`` to ``room_id``, starting the room if it is not alive.
+
+        ``since`` resumes after that message id (see :meth:`Room.join`).
+        """
         room = self.rooms.get(room_id)
         if room is None:
             assert self._nursery is not None, "Hub.run is not running"
-            room = Room(room_id, self._store, self._broker, self._metrics, self._history_size)
+            room = Room(room_id, self._store, self._broker, self._metrics, self._history_size,
+                        self._replay_limit)
             self.rooms[room_id] = room
             try:
                 await self._nursery.start(room.run)
@@ -63,10 +67,14 @@ class Hub:
             await room.ready.wait()
             if room.failed is not None:
                 raise RuntimeError(f"room {room_id} failed to start") from room.failed
-        room.join(member)
+        try:
+            await room.join(member, since)
+        except BaseException:
+            self.leave(room, member)
+            raise
         return room
 
-    def leave(self, room: Room, member: Connection) -> None:
+    def leave(self, room: Room, member: Member) -> None:
         if room.leave(member) and self.rooms.get(room.id) is room:
             del self.rooms[room.id]
 

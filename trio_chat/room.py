@@ -1,6 +1,7 @@
 """A chat room (the seed's Room, LINE's ChatRoomActor): members, recent history, fan-out.
 
-Owns one room's live state while it has members. Its one task,
+Owns one room's live state while it has members, and the history a member
+gets on joining or resuming. Its one task,
 :meth:`Room.run`, is the room's lifetime: it subscribes to the broker, loads
 the recent history, reports ready, and waits until the last member leaves;
 cancelling it unsubscribes. Fan-out (:meth:`Room.deliver`) is synchronous: a
@@ -19,7 +20,7 @@ import trio
 
 from .broker import Broker
 from .metrics import Metrics
-from .protocol import Message, encode_message, text_frame
+from .protocol import Message, encode_event, encode_message, text_frame
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,15 @@ log = logging.getLogger(__name__)
 
 class Member(Protocol):
     def send_frame(self, frame: bytes) -> None: ...
+
+    def send_history(self, frames: list[bytes]) -> None:
+        """Queue already-sent messages, before anything live; exempt from the queue limits."""
+
+    def hold(self) -> None:
+        """Keep live frames back until :meth:`release` (while history is read)."""
+
+    def release(self, history: list[bytes]) -> None:
+        """Send ``history``, then the frames held back since :meth:`hold`."""
 
 
 @attrs.define(eq=False)
@@ -36,10 +46,11 @@ class Room:
     _broker: Broker
     _metrics: Metrics
     _history_size: int
+    _replay_limit: int
     members: set[Member] = attrs.field(init=False, factory=set)
     last_id: int = attrs.field(init=False, default=0)
-    # Framed recent messages, sent to each member on joining.
-    _recent: deque[bytes] = attrs.field(init=False)
+    # (id, frame) of the recent messages, sent to each member on joining.
+    _recent: deque[tuple[int, bytes]] = attrs.field(init=False)
     _early: list[Message] | None = attrs.field(init=False, factory=list)
     ready: trio.Event = attrs.field(init=False, factory=trio.Event)
     _empty: trio.Event = attrs.field(init=False, factory=trio.Event)
@@ -74,7 +85,7 @@ class Room:
 
     def _remember(self, message: Message) -> bytes:
         frame = text_frame(encode_message(message))
-        self._recent.append(frame)
+        self._recent.append((message.id, frame))
         self.last_id = message.id
         return frame
 
@@ -90,11 +101,34 @@ class Room:
             member.send_frame(frame)
         self._metrics.messages_delivered += len(self.members)
 
-    def join(self, member: Member) -> None:
-        """Send ``member`` the recent history, then make it a member (no gap, no repeat)."""
-        for frame in self._recent:
-            member.send_frame(frame)
+    async def join(self, member: Member, since: int | None = None) -> None:
+        """Make ``member`` a member, sending history first: no gap, no repeat.
+
+        Without ``since`` the history is the recent messages. With it, it is
+        every message after ``since`` (a client resuming): from memory when the
+        recent messages reach back that far, else from the store while live
+        frames are held back. If ``since`` is further back than the replay
+        limit, or ahead of the room, a ``history_reset`` event comes first and
+        then the recent messages, so the client knows to reload.
+        """
+        last = self.last_id
+        recent = self._recent
+        if since is not None and (since > last or last - since > self._replay_limit):
+            member.send_history([text_frame(encode_event(
+                "history_reset", room_id=self.id, since=since, latest_id=last,
+                detail=f"cannot resume after message {since}; the room is at {last} and "
+                       f"at most {self._replay_limit} messages are replayed"))])
+            since = None
+        if since is None or since >= last or (recent and recent[0][0] <= since + 1):
+            member.send_history([frame for message_id, frame in recent
+                                 if since is None or message_id > since])
+            self.members.add(member)
+            return
+        member.hold()
         self.members.add(member)
+        messages = await self._store.page(self.id, after=since, before=last + 1,
+                                          limit=last - since, newest_first=False)
+        member.release([text_frame(encode_message(m)) for m in messages])
 
     def leave(self, member: Member) -> bool:
         """Remove ``member``; returns True (and ends :meth:`run`) if the room is now empty."""

@@ -16,12 +16,13 @@ import logging
 import attrs
 import trio
 
+from .bridge import open_bridge
 from .broker import Broker, LocalBroker
 from .config import Config
 from .http import load_demo_page, serve_http
 from .hub import Hub
 from .metrics import Metrics, count_tasks
-from .store import SqliteBackend, Store
+from .store import Store, make_backend
 from .websocket import GOING_AWAY, Limits
 
 log = logging.getLogger(__name__)
@@ -53,10 +54,10 @@ class Server:
     def build(cls, config: Config) -> Server:
         s = config.server
         metrics = Metrics()
-        store = Store(SqliteBackend(config.sqlite.path), metrics, buffer_limit=s.store_buffer,
+        store = Store(make_backend(config), metrics, buffer_limit=s.store_buffer,
                       batch_size=s.store_batch)
         broker = LocalBroker(store)
-        hub = Hub(store, broker, metrics, s.history_on_join)
+        hub = Hub(store, broker, metrics, s.history_on_join, s.replay_limit)
         limits = Limits(max_message_bytes=s.max_frame_bytes,
                         queue_frames=s.send_queue_messages, queue_bytes=s.send_queue_bytes,
                         write_wait=s.write_wait, ping_period=s.ping_period,
@@ -86,7 +87,9 @@ class Server:
         """Serve until cancelled (abrupt) or until :meth:`shutdown` (graceful)."""
         s = self.config.server
         self.task = trio.lowlevel.current_task()
-        async with trio.open_nursery() as root:
+        # The asyncio loop (for MySQL and Redis) outlives every task that uses it.
+        async with open_bridge(needed=self.config.db is not None), \
+                trio.open_nursery() as root:
             await root.start(self.store.run)
             await root.start(self.hub.run)
             listeners = await trio.open_tcp_listeners(s.port, host=s.host)

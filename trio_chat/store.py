@@ -1,11 +1,13 @@
-"""Message history: the write-behind buffer and the embedded SQLite backend.
+"""Message history: the write-behind buffer and its backends (SQLite, MySQL/MariaDB).
 
 Owns persistence. :class:`Store` is what the rest of the server sees: ``append``
 never waits (a full buffer refuses the message instead), one writer task
 (:meth:`Store.run`) moves messages to the backend in batches and retries with
 backoff when it fails, and reads merge what is still buffered so a message is
-visible to history the moment it is accepted. A backend (:class:`SqliteBackend`
-here) only knows how to run its queries; it never sits on the fan-out path.
+visible to history the moment it is accepted. A backend only knows how to run
+its queries and migrate its schema: :class:`SqliteBackend` (the embedded
+default, in a worker thread) or :class:`MysqlBackend` (aiomysql over the
+asyncio bridge). Neither ever sits on the fan-out path.
 """
 
 from __future__ import annotations
@@ -15,13 +17,20 @@ import math
 import random
 import sqlite3
 from collections import deque
-from typing import Protocol
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any, Protocol, TypeVar
 
+import aiomysql
 import attrs
 import trio
 
+from . import bridge
+from .config import Config, DbConfig
 from .metrics import Metrics
 from .protocol import Message
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +42,8 @@ class StoreUnavailable(Exception):
 class Backend(Protocol):
     """What a history database provides; every method is a trio coroutine."""
 
-    async def open(self) -> None: ...
+    async def open(self) -> int:
+        """Connect and migrate the schema; returns the schema version."""
     async def close(self) -> None: ...
     async def insert(self, messages: list[Message]) -> None:
         """Store ``messages``; a message whose (room_id, id) exists already is skipped."""
@@ -150,20 +160,66 @@ class Store:
         return rows
 
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS messages (
-    room_id INTEGER NOT NULL,
-    id INTEGER NOT NULL,
-    author_id INTEGER NOT NULL,
-    message_type TEXT NOT NULL,
-    content TEXT NOT NULL,
-    create_at TEXT NOT NULL,
-    received_at TEXT NOT NULL,
-    PRIMARY KEY (room_id, id)
-) WITHOUT ROWID;
-"""
+# Schema migrations, applied in order at start-up and by `trio-chat migrate`.
+# Each is (version, what it does, statements per dialect); never edit a shipped one.
+MIGRATIONS: list[tuple[int, str, dict[str, list[str]]]] = [
+    (1, "rooms and messages", {
+        "sqlite": [
+            """CREATE TABLE IF NOT EXISTS rooms (
+                id INTEGER PRIMARY KEY,
+                name TEXT UNIQUE,
+                private INTEGER NOT NULL DEFAULT 0,
+                created_at TEXT NOT NULL
+            )""",
+            """CREATE TABLE IF NOT EXISTS messages (
+                room_id INTEGER NOT NULL,
+                id INTEGER NOT NULL,
+                author_id INTEGER NOT NULL,
+                message_type TEXT NOT NULL,
+                content TEXT NOT NULL,
+                create_at TEXT NOT NULL,
+                received_at TEXT NOT NULL,
+                PRIMARY KEY (room_id, id)
+            ) WITHOUT ROWID""",
+        ],
+        "mysql": [
+            """CREATE TABLE IF NOT EXISTS rooms (
+                id BIGINT NOT NULL PRIMARY KEY,
+                name VARCHAR(50) NULL UNIQUE,
+                private BOOLEAN NOT NULL DEFAULT FALSE,
+                created_at DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3)
+            ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin""",
+            """CREATE TABLE IF NOT EXISTS messages (
+                room_id BIGINT NOT NULL,
+                id BIGINT NOT NULL,
+                author_id BIGINT NOT NULL,
+                message_type VARCHAR(32) NOT NULL,
+                content MEDIUMTEXT NOT NULL,
+                create_at VARCHAR(64) NOT NULL,
+                received_at DATETIME(3) NOT NULL,
+                PRIMARY KEY (room_id, id)
+            ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin""",
+        ],
+    }),
+]
+SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 _COLUMNS = "id, room_id, author_id, message_type, content, create_at, received_at"
+
+
+def _page_sql(mark: str, *, before: int | None, after: int | None, limit: int,
+              newest_first: bool, room_id: int) -> tuple[str, list[object]]:
+    sql = f"SELECT {_COLUMNS} FROM messages WHERE room_id = {mark}"
+    args: list[object] = [room_id]
+    if before is not None:
+        sql += f" AND id < {mark}"
+        args.append(before)
+    if after is not None:
+        sql += f" AND id > {mark}"
+        args.append(after)
+    sql += f" ORDER BY id {'DESC' if newest_first else 'ASC'} LIMIT {mark}"
+    args.append(limit)
+    return sql, args
 
 
 @attrs.define(eq=False)
@@ -178,25 +234,44 @@ class SqliteBackend:
     async def _call(self, fn, *args):  # type: ignore[no-untyped-def]
         return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
 
-    def _open(self) -> None:
+    def _open(self) -> int:
         db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.executescript(_SCHEMA)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = db.execute("SELECT MAX(version) FROM schema_version").fetchone()
+            current = row[0] or 0
+            for version, _, statements in MIGRATIONS:
+                if version <= current:
+                    continue
+                with db:
+                    db.execute("BEGIN")
+                    for statement in statements["sqlite"]:
+                        db.execute(statement)
+                    db.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+                current = version
+        except BaseException:
+            db.close()
+            raise
         self._db = db
+        return current
 
-    async def open(self) -> None:
-        await self._call(self._open)
+    async def open(self) -> int:
+        """Open the file and migrate it; returns the schema version."""
+        return await self._call(self._open)
 
     async def close(self) -> None:
         if self._db is not None:
             db, self._db = self._db, None
             await self._call(db.close)
 
-    def _insert(self, rows: list[tuple[object, ...]]) -> None:
+    def _insert(self, rows: list[tuple[object, ...]], rooms: list[tuple[object, ...]]) -> None:
         assert self._db is not None
         with self._db:
             self._db.execute("BEGIN")
+            self._db.executemany(
+                "INSERT OR IGNORE INTO rooms (id, created_at) VALUES (?, ?)", rooms)
             self._db.executemany(
                 f"INSERT OR IGNORE INTO messages ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 rows)
@@ -204,7 +279,9 @@ class SqliteBackend:
     async def insert(self, messages: list[Message]) -> None:
         rows = [(m.id, m.room_id, m.author_id, m.message_type, m.content, m.create_at,
                  m.received_at) for m in messages]
-        await self._call(self._insert, rows)
+        rooms = [(room_id, messages[0].received_at) for room_id in
+                 {m.room_id for m in messages}]
+        await self._call(self._insert, rows, rooms)
 
     def _query(self, sql: str, args: tuple[object, ...]) -> list[tuple[object, ...]]:
         assert self._db is not None
@@ -217,15 +294,147 @@ class SqliteBackend:
 
     async def page(self, room_id: int, *, before: int | None, after: int | None,
                    limit: int, newest_first: bool) -> list[Message]:
-        sql = f"SELECT {_COLUMNS} FROM messages WHERE room_id = ?"
-        args: list[object] = [room_id]
-        if before is not None:
-            sql += " AND id < ?"
-            args.append(before)
-        if after is not None:
-            sql += " AND id > ?"
-            args.append(after)
-        sql += f" ORDER BY id {'DESC' if newest_first else 'ASC'} LIMIT ?"
-        args.append(limit)
+        sql, args = _page_sql("?", before=before, after=after, limit=limit,
+                              newest_first=newest_first, room_id=room_id)
         rows = await self._call(self._query, sql, tuple(args))
         return [Message(*row) for row in rows]  # type: ignore[arg-type]
+
+
+def _to_datetime(stamp: str) -> datetime:
+    return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _from_datetime(value: datetime) -> str:
+    return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+
+
+@attrs.define(eq=False)
+class MysqlBackend:
+    """MySQL or MariaDB through aiomysql, over the asyncio bridge.
+
+    Every method is trio-flavoured; the asyncio work is in the ``_aio_*``
+    helpers, which only :func:`trio_chat.bridge.call` runs.
+    """
+
+    config: DbConfig
+    timeout: float = 10.0
+    _pool: Any = attrs.field(init=False, default=None)
+
+    async def _aio_connect(self) -> Any:
+        """Asyncio flavour. Create the database if needed, then a connection pool."""
+        c = self.config
+        conn = await aiomysql.connect(host=c.host, port=c.port, user=c.id, password=c.password,
+                                      charset="utf8mb4", autocommit=True,
+                                      connect_timeout=self.timeout)
+        try:
+            async with conn.cursor() as cur:
+                # Look first: "IF NOT EXISTS" on an existing database is a warning.
+                await cur.execute("SELECT 1 FROM information_schema.SCHEMATA "
+                                  "WHERE SCHEMA_NAME = %s", (c.database,))
+                if not await cur.fetchall():
+                    await cur.execute(f"CREATE DATABASE `{c.database}` "
+                                      "CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
+        finally:
+            conn.close()
+        return await aiomysql.create_pool(host=c.host, port=c.port, user=c.id,
+                                          password=c.password, db=c.database,
+                                          charset="utf8mb4", autocommit=True, minsize=1,
+                                          maxsize=4, connect_timeout=self.timeout,
+                                          pool_recycle=3600)
+
+    async def _aio_run(self, work: Callable[[Any], Awaitable[T]]) -> T:
+        """Asyncio flavour. Run ``work(cursor)`` on a pooled connection.
+
+        A connection that failed is closed before it goes back, so the pool
+        replaces it: that is how the backend reconnects after an outage.
+        """
+        async with self._pool.acquire() as conn:
+            try:
+                async with conn.cursor() as cur:
+                    return await work(cur)
+            except BaseException:
+                conn.close()
+                raise
+
+    async def _run(self, work: Callable[[Any], Awaitable[T]]) -> T:
+        if self._pool is None:
+            self._pool = await bridge.call(self._aio_connect)
+        with trio.fail_after(self.timeout):
+            return await bridge.call(self._aio_run, work)
+
+    async def _migrate(self, cur: Any) -> int:
+        """Asyncio flavour."""
+        await cur.execute("SELECT GET_LOCK('trio_chat_migrate', 30)")
+        try:
+            await cur.execute("SELECT 1 FROM information_schema.TABLES WHERE TABLE_SCHEMA = "
+                              "DATABASE() AND TABLE_NAME = 'schema_version'")
+            if not await cur.fetchall():
+                await cur.execute("CREATE TABLE schema_version (version INT NOT NULL)")
+            await cur.execute("SELECT MAX(version) FROM schema_version")
+            current = (await cur.fetchone())[0] or 0
+            for version, _, statements in MIGRATIONS:
+                if version <= current:
+                    continue
+                for statement in statements["mysql"]:
+                    await cur.execute(statement)
+                await cur.execute("INSERT INTO schema_version (version) VALUES (%s)",
+                                  (version,))
+                current = version
+            return current
+        finally:
+            await cur.execute("SELECT RELEASE_LOCK('trio_chat_migrate')")
+
+    async def open(self) -> int:
+        """Connect, create the database if needed and migrate; returns the schema version."""
+        return await self._run(self._migrate)
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            pool.close()
+            await bridge.call(pool.wait_closed)
+
+    async def insert(self, messages: list[Message]) -> None:
+        rows = [(m.id, m.room_id, m.author_id, m.message_type, m.content, m.create_at,
+                 _to_datetime(m.received_at)) for m in messages]
+        rooms = [(room_id,) for room_id in {m.room_id for m in messages}]
+
+        async def work(cur: Any) -> None:
+            """Asyncio flavour."""
+            await cur.execute("BEGIN")
+            # Not INSERT IGNORE: it turns duplicates into warnings (and hides real errors).
+            await cur.executemany("INSERT INTO rooms (id) VALUES (%s) "
+                                  "ON DUPLICATE KEY UPDATE id = id", rooms)
+            await cur.executemany(
+                f"INSERT INTO messages ({_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s) "
+                "ON DUPLICATE KEY UPDATE id = id", rows)
+            await cur.execute("COMMIT")
+
+        await self._run(work)
+
+    async def _fetch(self, sql: str, args: list[object]) -> list[tuple[Any, ...]]:
+        async def work(cur: Any) -> list[tuple[Any, ...]]:
+            """Asyncio flavour."""
+            await cur.execute(sql, args)
+            return list(await cur.fetchall())
+
+        return await self._run(work)
+
+    async def last_id(self, room_id: int) -> int:
+        rows = await self._fetch("SELECT MAX(id) FROM messages WHERE room_id = %s", [room_id])
+        return int(rows[0][0] or 0)
+
+    async def page(self, room_id: int, *, before: int | None, after: int | None,
+                   limit: int, newest_first: bool) -> list[Message]:
+        sql, args = _page_sql("%s", before=before, after=after, limit=limit,
+                              newest_first=newest_first, room_id=room_id)
+        rows = await self._fetch(sql, args)
+        return [Message(row[0], row[1], row[2], row[3], row[4], row[5],
+                        _from_datetime(row[6])) for row in rows]
+
+
+def make_backend(config: Config) -> Backend:
+    """The configured backend: MySQL when a ``db`` section names a host, else SQLite."""
+    if config.db is not None:
+        return MysqlBackend(config.db)
+    return SqliteBackend(config.sqlite.path)

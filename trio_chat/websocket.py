@@ -98,6 +98,15 @@ class WebSocket:
         elif len(queue) == 1:
             self._wakeup.unpark()
 
+    def send_exempt(self, data: bytes) -> None:
+        """Queue frames exempt from the slow-consumer limit: control frames, and
+        history (bounded by the replay limit instead)."""
+        if not self._closing:
+            self._queue.append(data)
+            self._queued_bytes += len(data)
+            if len(self._queue) == 1:
+                self._wakeup.unpark()
+
     def close(self, code: int, reason: str = "") -> None:
         """Start the close handshake: drop what is queued, send a close frame."""
         if self._closing:
@@ -157,7 +166,7 @@ class WebSocket:
                     self._parts.append(data)
                 elif isinstance(event, Ping):
                     if proto.state is ConnectionState.OPEN:
-                        self._send_control(proto.send(event.response()))
+                        self.send_exempt(proto.send(event.response()))
                 elif isinstance(event, Pong):
                     self._pong_deadline = math.inf
                 elif isinstance(event, CloseConnection):
@@ -177,14 +186,6 @@ class WebSocket:
                 return None
             proto.receive_data(data)
 
-    def _send_control(self, frame: bytes) -> None:
-        # Control frames are not data: they never count towards the slow-consumer limit.
-        if not self._closing:
-            self._queue.append(frame)
-            self._queued_bytes += len(frame)
-            if len(self._queue) == 1:
-                self._wakeup.unpark()
-
     async def _writer(self, connection_scope: trio.CancelScope) -> None:
         limits = self._limits
         queue = self._queue
@@ -203,7 +204,7 @@ class WebSocket:
                     next_ping = now + limits.ping_period
                     if self._pong_deadline == math.inf:
                         self._pong_deadline = now + limits.pong_wait
-                    self._send_control(self._proto.send(Ping()))
+                    self.send_exempt(self._proto.send(Ping()))
                 if not queue:
                     continue
             data = queue[0] if len(queue) == 1 else b"".join(queue)

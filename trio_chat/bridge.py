@@ -1,0 +1,39 @@
+"""The asyncio bridge: the one place where trio-chat meets asyncio.
+
+aiomysql (MySQL/MariaDB history) and redis-py's asyncio client have no trio
+support, so they run on a trio-asyncio loop. :func:`open_bridge` opens that
+loop once, under the server's root; :func:`call` runs one asyncio coroutine
+function from trio. Nothing outside this module imports trio_asyncio, and
+every caller of :func:`call` is a trio function: asyncio stays in here and in
+the asyncio-flavoured helpers that callers pass to :func:`call`, each of which
+says so in its docstring. No tasks of its own: the loop's tasks live in the
+context manager's scope and end with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import trio_asyncio
+
+T = TypeVar("T")
+
+
+@asynccontextmanager
+async def open_bridge(needed: bool = True) -> AsyncIterator[None]:
+    """Trio flavour. Run an asyncio loop for the duration of the block, if ``needed``."""
+    if not needed:
+        yield
+        return
+    async with trio_asyncio.open_loop():
+        yield
+
+
+async def call(fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+    """Trio flavour. Await the asyncio coroutine function ``fn(*args, **kwargs)``.
+
+    Cancelling the calling trio scope cancels the asyncio side too.
+    """
+    return await trio_asyncio.aio_as_trio(fn)(*args, **kwargs)
