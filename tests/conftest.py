@@ -18,7 +18,6 @@ from trio_websocket import WebSocketConnection, open_websocket_url
 from trio_chat.config import Config, DbConfig, ServerConfig, SqliteConfig
 from trio_chat.server import Server
 
-
 MYSQL = {
     "host": os.environ.get("TRIO_CHAT_TEST_MYSQL_HOST", "127.0.0.1"),
     "port": int(os.environ.get("TRIO_CHAT_TEST_MYSQL_PORT", "3306")),

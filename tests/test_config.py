@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -128,3 +129,37 @@ def test_cli_help_explains_every_option() -> None:
     top = subprocess.run([sys.executable, "-m", "trio_chat.cli", "--help"],
                          capture_output=True, text=True, timeout=60)
     assert top.returncode == 0 and "serve" in top.stdout
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "trio_chat.cli", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_migrate_creates_and_reports_the_schema(tmp_path: Path, mysql_db) -> None:
+    result = _cli("migrate", "--sqlite", str(tmp_path / "m.db"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"SQLite {tmp_path / 'm.db'}: schema at version 1"
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"db": {"host": mysql_db.host, "port": str(mysql_db.port),
+                                       "id": mysql_db.id, "password": mysql_db.password,
+                                       "database": mysql_db.database}}))
+    for _ in range(2):  # and again: nothing left to do, same version
+        result = _cli("migrate", str(path))
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip().endswith(f"/{mysql_db.database}: schema at version 1")
+
+
+def test_unreachable_database_is_one_line_naming_it(tmp_path: Path) -> None:
+    path = tmp_path / "config.json"
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    path.write_text(json.dumps({"db": {"host": "127.0.0.1", "port": port, "database": "x"}}))
+    result = _cli("serve", str(path), "--port", "0")
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert errors == [f"trio-chat: error: db: MySQL at 127.0.0.1:{port} (user 'root', "
+                      f"database 'x'): (2003, \"Can't connect to MySQL server on "
+                      f"'127.0.0.1'\")"] or (len(errors) == 1 and str(port) in errors[0])
+    assert "Traceback" not in result.stderr

@@ -21,7 +21,7 @@ async def fill(server, room: int, n: int, prefix: str = "m") -> None:
         for i in range(n):
             await ws.send_message(chat_frame(f"{prefix}{i}", room_id=room))
         last = None
-        while last is None or not last["content"] == f"{prefix}{n - 1}":
+        while last is None or last["content"] != f"{prefix}{n - 1}":
             last = await recv(ws)
 
 

@@ -315,8 +315,9 @@ async def test_exception_in_one_handler_leaves_others_alone(server, monkeypatch)
     async with open_ws(ws_url(server, 4)) as victim, \
             open_ws(ws_url(server, 4)) as bystander:
         await victim.send_message(chat_frame("boom", room_id=4))
-        with pytest.raises(ConnectionClosed), trio.fail_after(10):
+        with pytest.raises(ConnectionClosed) as info, trio.fail_after(10):
             await victim.get_message()
+        assert info.value.reason.code == 1011
         await bystander.send_message(chat_frame("fine", room_id=4))
         assert (await recv(bystander))["content"] == "fine"
     async with open_ws(ws_url(server, 4)) as again:

@@ -49,7 +49,8 @@ async def test_round_trip_keeps_every_field(backend: Backend) -> None:
 
 
 @pytest.mark.parametrize("content", [
-    "안녕하세요, 반갑습니다", "emoji 😀👍🏽🇰🇷 and 𝔘𝔫𝔦𝔠𝔬𝔡𝔢", "'; DROP TABLE messages; --",
+    "안녕하세요, 반갑습니다", "emoji 😀👍🏽🇰🇷 and \U0001d518\U0001d52b (astral plane)",
+    "'; DROP TABLE messages; --",
     "back\\slash %s %% ? :name \" ` \x00 nul", "\u202eRTL\u202c and \r\n newlines\t",
     "x" * 65536])
 async def test_content_is_stored_verbatim(backend: Backend, content: str) -> None:
@@ -80,7 +81,7 @@ async def test_ordering_and_pagination_edges(backend: Backend) -> None:
 async def test_insert_is_idempotent(backend: Backend) -> None:
     batch = [message(4, i) for i in range(1, 4)]
     await backend.insert(batch)
-    await backend.insert(batch + [message(4, 4)])  # a retried batch: no duplicates
+    await backend.insert([*batch, message(4, 4)])  # a retried batch: no duplicates
     got = await backend.page(4, before=None, after=None, limit=10, newest_first=False)
     assert [m.id for m in got] == [1, 2, 3, 4]
 

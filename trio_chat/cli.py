@@ -1,7 +1,8 @@
 """The ``trio-chat`` command: argument parsing, logging set-up, signals.
 
-Owns the process: it loads the configuration (exiting with a one-line error
-naming the file and key when it is wrong), raises the file-descriptor limit,
+Owns the process (``serve`` and ``migrate``): it loads the configuration
+(exiting with a one-line error naming the file and key when it is wrong, or
+the database when it cannot be reached), raises the file-descriptor limit,
 and runs the server under ``trio.run`` with a task that turns SIGINT/SIGTERM
 into a graceful shutdown (a second signal stops at once).
 """
@@ -16,11 +17,14 @@ import sys
 from typing import TypeVar
 
 import attrs
+import pymysql
 import trio
 
 from . import __version__
+from .bridge import open_bridge
 from .config import Config, ConfigError, load_config
 from .server import Server
+from .store import make_backend
 
 log = logging.getLogger("trio_chat")
 E = TypeVar("E", bound=BaseException)
@@ -53,7 +57,25 @@ def _parser() -> argparse.ArgumentParser:
                        "(0 picks a free port)")
     serve.add_argument("--sqlite", metavar="PATH",
                        help="SQLite history file, overriding sqlite.path")
+    migrate = commands.add_parser(
+        "migrate", help="create or upgrade the history database's schema",
+        description="Create the configured history database (MySQL/MariaDB with a db "
+                    "section, else the SQLite file) if needed and apply every schema "
+                    "migration it lacks, in order. The server does the same at start-up.")
+    migrate.add_argument("config", nargs="?", metavar="CONFIG",
+                         help="path to config.json (default: the embedded SQLite store)")
+    migrate.add_argument("--sqlite", metavar="PATH",
+                         help="SQLite history file, overriding sqlite.path")
     return parser
+
+
+async def _migrate(config: Config) -> int:
+    backend = make_backend(config)
+    async with open_bridge(needed=config.db is not None):
+        try:
+            return await backend.open()
+        finally:
+            await backend.close()
 
 
 def raise_fd_limit() -> None:
@@ -98,13 +120,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"trio-chat: error: {exc}", file=sys.stderr)
         return 2
-    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
-    if args.port is not None and not 0 <= args.port <= 65535:
-        print(f"trio-chat: error: --port: expected 0 to 65535, got {args.port}",
-              file=sys.stderr)
-        return 2
-    if overrides:
-        config = attrs.evolve(config, server=attrs.evolve(config.server, **overrides))
+    if args.command == "serve":
+        overrides = {k: v for k, v in (("host", args.host), ("port", args.port))
+                     if v is not None}
+        if args.port is not None and not 0 <= args.port <= 65535:
+            print(f"trio-chat: error: --port: expected 0 to 65535, got {args.port}",
+                  file=sys.stderr)
+            return 2
+        if overrides:
+            config = attrs.evolve(config, server=attrs.evolve(config.server, **overrides))
     if args.sqlite:
         config = attrs.evolve(config, sqlite=attrs.evolve(config.sqlite, path=args.sqlite))
     logging.basicConfig(level=config.logger.level, stream=sys.stderr,
@@ -115,10 +139,21 @@ def main(argv: list[str] | None = None) -> int:
         log.info("%s: the mq section is accepted for compatibility and not used",
                  config.source)
     log.info("trio-chat %s, config: %s", __version__, config.source)
-    raise_fd_limit()
     try:
+        if args.command == "migrate":
+            version = trio.run(_migrate, config)
+            where = (f"MySQL {config.db.host}:{config.db.port}/{config.db.database}"
+                     if config.db else f"SQLite {config.sqlite.path}")
+            print(f"{where}: schema at version {version}")
+            return 0
+        raise_fd_limit()
         trio.run(_serve, config)
     except Exception as exc:
+        if (dberror := _find(exc, pymysql.MySQLError)) is not None and config.db:
+            print(f"trio-chat: error: db: MySQL at {config.db.host}:{config.db.port} "
+                  f"(user {config.db.id!r}, database {config.db.database!r}): {dberror}",
+                  file=sys.stderr)
+            return 1
         if (oserror := _find(exc, OSError)) is not None:
             print(f"trio-chat: error: cannot listen on {config.server.host}:"
                   f"{config.server.port}: {oserror.strerror or oserror}", file=sys.stderr)

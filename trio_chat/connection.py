@@ -18,7 +18,7 @@ from .hub import Hub
 from .metrics import Metrics
 from .protocol import FrameError, encode_error, parse_chat_frame, text_frame
 from .store import StoreUnavailable
-from .websocket import INTERNAL_ERROR, MESSAGE_TOO_BIG, Limits, WebSocket
+from .websocket import MESSAGE_TOO_BIG, TRY_AGAIN_LATER, Limits, WebSocket
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +92,10 @@ async def serve_connection(stream: trio.abc.Stream, *, hub: Hub, metrics: Metric
     try:
         try:
             room = await hub.join(room_id, connection, since)
-        except Exception:
-            log.exception("%s: cannot join room %d", remote, room_id)
-            ws.close(INTERNAL_ERROR, "room unavailable")
+        except Exception as exc:
+            # Typically the store is unreachable and the room cannot learn its last id.
+            log.warning("%s: cannot open room %d: %r", remote, room_id, exc)
+            ws.close(TRY_AGAIN_LATER, "room unavailable, try again later")
             await ws.serve(connection.on_message)
             return
         try:

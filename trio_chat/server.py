@@ -72,6 +72,8 @@ class Server:
                           lambda: store.lag)
         metrics.add_gauge("store_failing", "1 while store writes are failing.",
                           lambda: int(store.failing_since is not None))
+        metrics.add_gauge("store_outage_seconds", "How long store writes have been failing.",
+                          lambda: store.outage_seconds)
         return server
 
     @property

@@ -71,6 +71,13 @@ class Store:
         """Messages accepted but not yet in the backend."""
         return len(self._pending) + len(self._inflight)
 
+    @property
+    def outage_seconds(self) -> float:
+        """How long writes have been failing (0 while they succeed)."""
+        if self.failing_since is None:
+            return 0.0
+        return trio.current_time() - self.failing_since
+
     def check_capacity(self) -> None:
         """Raise :class:`StoreUnavailable` if the buffer is full; call before publishing."""
         if len(self._pending) + len(self._inflight) >= self.buffer_limit:
@@ -114,8 +121,8 @@ class Store:
                     delay = min(delay * 2, 5.0)
                     continue
                 if self.failing_since is not None:
-                    log.warning("store writes recovered after %.1fs",
-                                trio.current_time() - self.failing_since)
+                    log.warning("store writes recovered after %.1fs; %d messages waiting",
+                                self.outage_seconds, self.lag)
                     self.failing_since = None
                 delay = 0.05
                 self._metrics.store_written += len(self._inflight)

@@ -133,7 +133,12 @@ class WebSocket:
             nursery.start_soon(self._writer, nursery.cancel_scope)
             with self._read_scope:
                 while (message := await self._receive()) is not None:
-                    await on_message(message)
+                    try:
+                        await on_message(message)
+                    except Exception:
+                        # A bug in handling one frame ends this connection, politely.
+                        log.exception("error handling a message; closing with 1011")
+                        self.close(INTERNAL_ERROR, "internal server error")
                 # The peer hung up without a close frame: still say goodbye properly.
                 self.close(NORMAL)
                 # Drain until the peer answers our close frame or hangs up.
