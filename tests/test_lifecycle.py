@@ -18,7 +18,7 @@ from trio_websocket import ConnectionClosed
 from trio_chat.metrics import count_tasks
 
 from .conftest import chat_frame, make_config, open_ws, start_server, wait_until, ws_url
-from .rawws import RawClient, client_frame, handshake_request
+from .rawws import RawClient, client_frame, handshake_request, read_http_response
 
 
 def task_names(root: trio.lowlevel.Task) -> list[str]:
@@ -223,3 +223,20 @@ async def test_process_stops_on_signal_with_1001_and_exit_0(tmp_path, signum) ->
         await process.stderr.aclose()
     with sqlite3.connect(db) as conn:
         assert conn.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 30
+
+
+async def test_shutdown_does_not_wait_for_idle_http_connections(db_path) -> None:
+    async with trio.open_nursery() as nursery:
+        server = await start_server(nursery, make_config(db_path, shutdown_timeout=60))
+        idle = await trio.open_tcp_stream("127.0.0.1", server.port)  # never sends a request
+        kept = await trio.open_tcp_stream("127.0.0.1", server.port)  # keep-alive after one
+        await kept.send_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, _, _ = await read_http_response(kept)
+        assert status == 200
+        started = trio.current_time()
+        server.shutdown()
+    # Not the 30 s grace: idle connections are closed at once.
+    assert trio.current_time() - started < 10
+    assert await idle.receive_some() == b"" and await kept.receive_some() == b""
+    await idle.aclose()
+    await kept.aclose()

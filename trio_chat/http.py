@@ -263,11 +263,17 @@ async def serve_http(server: Server, stream: trio.abc.Stream, remote: str) -> No
     """Serve one TCP connection: HTTP requests until close, or one WebSocket."""
     config = server.config.server
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
-    while True:
+    while not server.shutting_down:
         upgrade_to: int | None = None
         with trio.move_on_after(config.handshake_timeout) as scope:
-            request = await _read_request(stream, conn, remote)
-            if request is None:
+            # Shutdown cancels this: an idle keep-alive connection must not hold it up.
+            with trio.CancelScope() as waiting:
+                server.waiting_for_request.add(waiting)
+                try:
+                    request = await _read_request(stream, conn, remote)
+                finally:
+                    server.waiting_for_request.discard(waiting)
+            if request is None or waiting.cancelled_caught:
                 return
             if isinstance(request, Response):
                 server.metrics.handshake_failures += 1

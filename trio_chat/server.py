@@ -48,6 +48,8 @@ class Server:
     port: int = 0
     # The task running run(): every task the server starts is below it.
     task: trio.lowlevel.Task | None = None
+    # HTTP connections between requests, closed at once by a graceful shutdown.
+    waiting_for_request: set[trio.CancelScope] = attrs.field(init=False, factory=set)
     _shutdown: trio.Event = attrs.field(init=False, factory=trio.Event)
 
     @classmethod
@@ -109,6 +111,8 @@ class Server:
                 accept_scope.cancel()
                 log.info("shutting down: closing %d connections", len(self.hub.connections))
                 self.hub.close_all(GOING_AWAY, "server shutting down")
+                for waiting in list(self.waiting_for_request):
+                    waiting.cancel()
                 # Grace for the close handshakes; half the budget, the rest is the flush's.
                 connections.cancel_scope.deadline = started + s.shutdown_timeout / 2
             with trio.move_on_at(started + s.shutdown_timeout) as flush_scope:
