@@ -12,6 +12,7 @@ cancelling ``run`` tears down every task the server ever started; a graceful
 from __future__ import annotations
 
 import logging
+import socket
 
 import attrs
 import trio
@@ -26,6 +27,29 @@ from .store import Store, make_backend
 from .websocket import GOING_AWAY, Limits
 
 log = logging.getLogger(__name__)
+
+
+async def open_shared_listeners(host: str, port: int) -> list[trio.SocketListener]:
+    """Listeners on ``host:port`` with SO_REUSEPORT: the kernel spreads connections
+    across every process listening on the same port."""
+    listeners = []
+    for family, kind, proto, _, address in await trio.socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE):
+        sock = trio.socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            await sock.bind(address)
+            sock.listen(socket.SOMAXCONN)
+        except BaseException:
+            sock.close()
+            for listener in listeners:
+                await listener.aclose()
+            raise
+        listeners.append(trio.SocketListener(sock))
+    return listeners
 
 
 def _peer(stream: trio.abc.Stream) -> str:
@@ -46,6 +70,8 @@ class Server:
     limits: Limits
     demo_page: bytes
     port: int = 0
+    # Bind with SO_REUSEPORT, so several worker processes share one port.
+    reuse_port: bool = False
     # The task running run(): every task the server starts is below it.
     task: trio.lowlevel.Task | None = None
     # HTTP connections between requests, closed at once by a graceful shutdown.
@@ -96,7 +122,8 @@ class Server:
                 trio.open_nursery() as root:
             await root.start(self.store.run)
             await root.start(self.hub.run)
-            listeners = await trio.open_tcp_listeners(s.port, host=s.host)
+            listeners = (await open_shared_listeners(s.host, s.port) if self.reuse_port
+                         else await trio.open_tcp_listeners(s.port, host=s.host))
             self.port = listeners[0].socket.getsockname()[1]
             for listener in listeners:
                 host, port = listener.socket.getsockname()[:2]
