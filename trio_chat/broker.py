@@ -1,30 +1,67 @@
 """Message brokers: who assigns a message its id and hands it to the rooms.
 
-Owns ordering. A room subscribes while it is alive; ``publish`` gives a draft
-its id and delivers the accepted message to every subscriber of that room, in
-id order. :class:`LocalBroker` is the embedded, single-node broker: the id is
-a counter per live room, seeded from the store when the room subscribes, and
-delivery is a direct call. It runs no tasks.
+Owns ordering. A room subscribes while it is alive on this node; ``publish``
+gives a draft its id and the broker delivers the accepted message to every
+subscriber of that room, in id order, exactly once.
+
+:class:`LocalBroker` is the embedded, single-node broker: the id is a counter
+per live room, seeded from the store, and delivery is a direct call. It runs
+no tasks.
+
+:class:`RedisBroker` lets several nodes serve the same rooms. A Lua script
+increments the room's counter, appends the message to the room's recent list
+and publishes it on the room's shard channel in one atomic step, so every node
+sees one order and the same ids. A node subscribes to a room's channel only
+while the room is alive there. Its one task, :meth:`RedisBroker.run`, reads
+the subscription and reconnects (capped, jittered backoff) when Redis goes
+away, then resubscribes and delivers what its rooms missed. redis-py's asyncio
+client runs on the asyncio bridge.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import random
+import secrets
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import attrs
+import redis.asyncio
+import trio
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
-from .protocol import Draft, Message, accept, utc_now
+from . import bridge
+from .config import RedisConfig
+from .protocol import Draft, Message, accept, message_from_wire, utc_now
 from .store import Store
 
-Deliver = Callable[[Message], None]
+log = logging.getLogger(__name__)
+
+
+class BrokerUnavailable(Exception):
+    """The broker cannot assign ids right now (Redis unreachable); nothing was sent."""
+
+
+class Subscriber(Protocol):
+    last_id: int
+
+    def deliver(self, message: Message) -> None: ...
 
 
 class Broker(Protocol):
-    async def subscribe(self, room_id: int, deliver: Deliver) -> object:
-        """Start delivering ``room_id``'s messages to ``deliver``; returns a handle."""
+    async def subscribe(self, room_id: int, subscriber: Subscriber) -> None:
+        """Start delivering ``room_id``'s messages to ``subscriber``."""
 
-    async def unsubscribe(self, handle: object) -> None: ...
+    async def unsubscribe(self, room_id: int, subscriber: Subscriber) -> None: ...
+
+    async def tail(self, room_id: int, limit: int) -> tuple[list[Message], int]:
+        """The last ``limit`` messages (oldest first) and the room's last id."""
+
+    async def history(self, room_id: int, after: int, before: int) -> list[Message]:
+        """Every message with ``after < id < before``, oldest first."""
 
     async def publish(self, draft: Draft) -> Message:
         """Assign an id to ``draft``; the room must have a subscriber on this node."""
@@ -33,7 +70,7 @@ class Broker(Protocol):
 @attrs.define(eq=False)
 class _LocalRoom:
     last_id: int
-    subscribers: list[Deliver]
+    subscribers: list[Subscriber]
 
 
 @attrs.define(eq=False)
@@ -41,27 +78,329 @@ class LocalBroker:
     _store: Store
     _rooms: dict[int, _LocalRoom] = attrs.field(init=False, factory=dict)
 
-    async def subscribe(self, room_id: int, deliver: Deliver) -> object:
+    async def subscribe(self, room_id: int, subscriber: Subscriber) -> None:
         room = self._rooms.get(room_id)
         if room is None:
             last_id = await self._store.last_id(room_id)
             # Another subscriber may have arrived while we read the store.
             room = self._rooms.setdefault(room_id, _LocalRoom(last_id, []))
-        room.subscribers.append(deliver)
-        return (room_id, deliver)
+        room.subscribers.append(subscriber)
 
-    async def unsubscribe(self, handle: object) -> None:
-        room_id, deliver = handle  # type: ignore[misc]
+    async def unsubscribe(self, room_id: int, subscriber: Subscriber) -> None:
         room = self._rooms.get(room_id)
         if room is not None:
-            room.subscribers.remove(deliver)
+            room.subscribers.remove(subscriber)
             if not room.subscribers:
                 del self._rooms[room_id]
+
+    async def tail(self, room_id: int, limit: int) -> tuple[list[Message], int]:
+        return await self._store.recent(room_id, limit), self._rooms[room_id].last_id
+
+    async def history(self, room_id: int, after: int, before: int) -> list[Message]:
+        return await self._store.page(room_id, after=after, before=before,
+                                      limit=max(0, before - after - 1), newest_first=False)
 
     async def publish(self, draft: Draft) -> Message:
         room = self._rooms[draft.room_id]
         room.last_id += 1
         message = accept(draft, room.last_id, utc_now())
-        for deliver in room.subscribers:
-            deliver(message)
+        for subscriber in room.subscribers:
+            subscriber.deliver(message)
         return message
+
+
+# KEYS: the room's counter, the room's recent list (one hash slot: both carry the
+# room's {hash tag}). ARGV: the shard channel, the floor for the counter (the
+# publisher's last id, which restores the counter if Redis lost it), the message
+# JSON after its id, the recent list's length, the keys' idle expiry in seconds.
+_PUBLISH = """
+local floor = tonumber(ARGV[2])
+if tonumber(redis.call('GET', KEYS[1]) or '0') < floor then
+    redis.call('SET', KEYS[1], floor)
+end
+local id = redis.call('INCR', KEYS[1])
+local payload = '{"id":' .. id .. ',' .. ARGV[3]
+redis.call('RPUSH', KEYS[2], payload)
+redis.call('LTRIM', KEYS[2], -tonumber(ARGV[4]), -1)
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+redis.call('EXPIRE', KEYS[2], ARGV[5])
+redis.call('SPUBLISH', ARGV[1], payload)
+return id
+"""
+
+KEY_TTL = 7 * 24 * 3600
+RECONNECT_MAX_DELAY = 5.0
+
+
+@attrs.define(eq=False)
+class RedisBroker:
+    _config: RedisConfig
+    _store: Store
+    recent_size: int = 100
+    timeout: float = 5.0
+    node: str = attrs.field(factory=lambda: secrets.token_hex(4))
+    _rooms: dict[int, list[Subscriber]] = attrs.field(init=False, factory=dict)
+    _confirmations: dict[str, trio.Event] = attrs.field(init=False, factory=dict)
+    _client: Any = attrs.field(init=False, default=None)
+    _pubsub: Any = attrs.field(init=False, default=None)
+    _script: Any = attrs.field(init=False, default=None)
+    _connected: trio.Event = attrs.field(init=False, factory=trio.Event)
+    down_since: float | None = attrs.field(init=False, default=None)
+
+    def _seq_key(self, room_id: int) -> str:
+        return f"{self._config.publish_channel_name}:{{{room_id}}}:seq"
+
+    def _recent_key(self, room_id: int) -> str:
+        return f"{self._config.publish_channel_name}:{{{room_id}}}:recent"
+
+    def _publish_channel(self, room_id: int) -> str:
+        return f"{self._config.publish_channel_name}:{{{room_id}}}"
+
+    def _listen_channel(self, room_id: int) -> str:
+        return f"{self._config.listening_channel_name}:{{{room_id}}}"
+
+    def _room_of(self, channel: str) -> int | None:
+        prefix = f"{self._config.listening_channel_name}:{{"
+        if channel.startswith(prefix) and channel.endswith("}"):
+            try:
+                return int(channel[len(prefix):-1])
+            except ValueError:
+                return None
+        return None
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    async def _aio_connect(self) -> int:
+        """Asyncio flavour. A client, a subscription connection and the script.
+
+        Returns how many channels it subscribed to (each will be confirmed).
+        """
+        c = self._config
+        self._client = redis.asyncio.Redis(
+            host=c.host, port=c.port, db=c.database, username=c.id or None,
+            password=c.password or None, socket_timeout=self.timeout,
+            client_name=f"{c.listening_channel_name}:{self.node}",
+            # No silent retries: a reconnection must go through run(), which
+            # resubscribes and recovers what was missed; redis-py's own would not.
+            retry=Retry(NoBackoff(), 0),
+            socket_connect_timeout=self.timeout, decode_responses=True)
+        self._script = self._client.register_script(_PUBLISH)
+        self._pubsub = self._client.pubsub()
+        # Every node listens on its own channel too, so the subscription connection
+        # exists (and is read) even before any room is alive here.
+        channels = [f"{c.listening_channel_name}:node:{self.node}",
+                    *(self._listen_channel(room_id) for room_id in self._rooms)]
+        await self._pubsub.ssubscribe(*channels)
+        return len(channels)
+
+    async def _aio_close(self) -> None:
+        """Asyncio flavour."""
+        pubsub, client, self._pubsub, self._client = self._pubsub, self._client, None, None
+        if pubsub is not None:
+            await pubsub.aclose()
+        if client is not None:
+            await client.aclose()
+
+    async def _aio_read(self) -> list[dict[str, Any]]:
+        """Asyncio flavour. Wait up to a second for messages, then take what is there."""
+        batch = []
+        message = await self._pubsub.get_message(timeout=1.0)
+        while message is not None and len(batch) < 1000:
+            batch.append(message)
+            message = await self._pubsub.get_message(timeout=0.0)
+        return batch
+
+    async def _connect(self) -> int:
+        with trio.fail_after(self.timeout):
+            return await bridge.call(self._aio_connect)
+
+    async def _close(self) -> None:
+        with trio.move_on_after(2, shield=True):
+            await bridge.call(self._aio_close)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Connect, report ready, then read the subscription until cancelled.
+
+        When Redis goes away it reconnects with capped, jittered backoff; rooms
+        stay subscribed here and are resubscribed there.
+        """
+        started = False
+
+        def ready() -> None:
+            nonlocal started
+            if not started:
+                started = True
+                task_status.started()
+
+        try:
+            channels = await self._connect()
+            delay = 0.1
+            while True:
+                try:
+                    await self._read_until_error(channels, ready)
+                except (redis.RedisError, OSError, trio.TooSlowError) as exc:
+                    if self.down_since is None:
+                        self.down_since = trio.current_time()
+                        log.warning("lost Redis (%s); reconnecting", exc)
+                    self._connected = trio.Event()
+                    for confirmation in self._confirmations.values():
+                        confirmation.set()  # its waiter sees that we are not connected
+                    self._confirmations.clear()
+                    await self._close()
+                while True:
+                    await trio.sleep(delay * (0.5 + random.random()))
+                    delay = min(delay * 2, RECONNECT_MAX_DELAY)
+                    try:
+                        channels = await self._connect()
+                        break
+                    except (redis.RedisError, OSError, trio.TooSlowError):
+                        await self._close()
+                delay = 0.1
+        finally:
+            await self._close()
+
+    async def _read_until_error(self, channels: int, ready: Callable[[], None]) -> None:
+        # After a (re)connection: once Redis confirms every subscription, deliver
+        # what the rooms missed meanwhile (from each room's recent list), then
+        # what arrived since; rooms drop the ids they already have.
+        early: list[dict[str, Any]] = []
+        while channels:
+            for message in await bridge.call(self._aio_read):
+                if message["type"] == "ssubscribe":
+                    channels -= 1
+                elif message["type"] == "smessage":
+                    early.append(message)
+        for room_id in list(self._rooms):
+            await self._recover(room_id)
+        for message in early:
+            self._dispatch(message["channel"], message["data"])
+        if self.down_since is not None:
+            log.warning("Redis is back after %.1fs; resubscribed %d rooms",
+                        trio.current_time() - self.down_since, len(self._rooms))
+            self.down_since = None
+        self._connected.set()
+        ready()
+        while True:
+            for message in await bridge.call(self._aio_read):
+                kind = message["type"]
+                if kind == "smessage":
+                    self._dispatch(message["channel"], message["data"])
+                elif kind == "ssubscribe" and (
+                        event := self._confirmations.pop(message["channel"], None)) is not None:
+                    event.set()
+
+    def _dispatch(self, channel: str, data: str) -> None:
+        room_id = self._room_of(channel)
+        subscribers = self._rooms.get(room_id) if room_id is not None else None
+        if not subscribers:
+            return
+        message = message_from_wire(json.loads(data))
+        for subscriber in subscribers:
+            subscriber.deliver(message)
+
+    async def _recover(self, room_id: int) -> None:
+        subscribers = self._rooms.get(room_id)
+        if not subscribers:
+            return
+        last = min(s.last_id for s in subscribers)
+        with trio.fail_after(self.timeout):
+            missed = await bridge.call(self._client.lrange, self._recent_key(room_id), 0, -1)
+        for data in missed:
+            message = message_from_wire(json.loads(data))
+            if message.id > last:
+                for subscriber in subscribers:
+                    subscriber.deliver(message)
+
+    async def subscribe(self, room_id: int, subscriber: Subscriber) -> None:
+        subscribers = self._rooms.setdefault(room_id, [])
+        subscribers.append(subscriber)
+        if len(subscribers) > 1:
+            return
+        if not self.connected:
+            subscribers.remove(subscriber)
+            del self._rooms[room_id]
+            raise BrokerUnavailable("Redis is unreachable")
+        channel = self._listen_channel(room_id)
+        confirmed = self._confirmations.setdefault(channel, trio.Event())
+        try:
+            with trio.fail_after(self.timeout):
+                await bridge.call(self._pubsub.ssubscribe, channel)
+                # Only once Redis confirms is every later message ours to see.
+                await confirmed.wait()
+            if not self.connected:
+                raise BrokerUnavailable("Redis is unreachable")
+        except BaseException:
+            await self.unsubscribe(room_id, subscriber)
+            raise
+
+    async def unsubscribe(self, room_id: int, subscriber: Subscriber) -> None:
+        subscribers = self._rooms.get(room_id)
+        if subscribers is None or subscriber not in subscribers:
+            return
+        subscribers.remove(subscriber)
+        if subscribers:
+            return
+        del self._rooms[room_id]
+        if self.connected and self._pubsub is not None:
+            try:
+                with trio.move_on_after(self.timeout):
+                    await bridge.call(self._pubsub.sunsubscribe, self._listen_channel(room_id))
+            except (redis.RedisError, OSError):
+                pass  # a reconnection resubscribes only live rooms anyway
+
+    async def _command(self, name: str, *args: Any) -> Any:
+        if not self.connected:
+            raise BrokerUnavailable("Redis is unreachable")
+        try:
+            with trio.fail_after(self.timeout):
+                return await bridge.call(getattr(self._client, name), *args)
+        except (redis.RedisError, OSError, trio.TooSlowError) as exc:
+            raise BrokerUnavailable(f"Redis is unreachable: {exc}") from exc
+
+    async def tail(self, room_id: int, limit: int) -> tuple[list[Message], int]:
+        # The counter first: whatever is published after it is in the list read next.
+        seq = int(await self._command("get", self._seq_key(room_id)) or 0)
+        listed = await self._command("lrange", self._recent_key(room_id), -max(limit, 1), -1)
+        recent = [message_from_wire(json.loads(data)) for data in listed]
+        stored_last = await self._store.last_id(room_id)
+        last = max(seq, stored_last, *(m.id for m in recent), 0)
+        if len(recent) < limit and stored_last:
+            # Redis lost the list (a restart, an expiry): the store has the rest.
+            merged = {m.id: m for m in await self._store.recent(room_id, limit)}
+            merged.update((m.id, m) for m in recent)
+            recent = sorted(merged.values(), key=lambda m: m.id)[-limit:]
+        return (recent if limit > 0 else []), last
+
+    async def history(self, room_id: int, after: int, before: int) -> list[Message]:
+        listed = await self._command("lrange", self._recent_key(room_id), 0, -1)
+        merged = {m.id: m for m in map(message_from_wire, map(json.loads, listed))
+                  if after < m.id < before}
+        if len(merged) < before - after - 1:
+            stored = await self._store.page(room_id, after=after, before=before,
+                                            limit=before - after - 1, newest_first=False)
+            merged.update((m.id, m) for m in stored if m.id not in merged)
+        return sorted(merged.values(), key=lambda m: m.id)
+
+    async def publish(self, draft: Draft) -> Message:
+        subscribers = self._rooms.get(draft.room_id, ())
+        floor = max((s.last_id for s in subscribers), default=0)
+        received_at = utc_now()
+        wire = accept(draft, 0, received_at).to_wire()
+        del wire["id"]
+        body = json.dumps(wire, ensure_ascii=False, separators=(",", ":"))[1:]
+        if not self.connected:
+            raise BrokerUnavailable("Redis is unreachable")
+        try:
+            with trio.fail_after(self.timeout):
+                message_id = await bridge.call(
+                    self._script, keys=[self._seq_key(draft.room_id),
+                                        self._recent_key(draft.room_id)],
+                    args=[self._publish_channel(draft.room_id), floor, body,
+                          self.recent_size, KEY_TTL])
+        except (redis.RedisError, OSError, trio.TooSlowError) as exc:
+            raise BrokerUnavailable(f"Redis is unreachable: {exc}") from exc
+        # Delivery comes back through the subscription, like everyone else's.
+        return accept(draft, int(message_id), received_at)

@@ -5,12 +5,20 @@ Owns the process (``serve`` and ``migrate``): it loads the configuration
 the database when it cannot be reached), raises the file-descriptor limit,
 and runs the server under ``trio.run`` with a task that turns SIGINT/SIGTERM
 into a graceful shutdown (a second signal stops at once).
+
+With ``serve --workers N`` the process is instead a supervisor: it migrates
+the store once, then starts N worker processes (this module again, with the
+hidden ``--worker I/N`` and ``--supervisor PID`` options), each a node that
+binds the shared port with SO_REUSEPORT. Workers run in their own session, so
+only the supervisor sees a terminal's Ctrl-C; it forwards one SIGTERM to each,
+waits, and kills stragglers. A worker shuts down when its supervisor is gone.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sqlite3
 import sys
@@ -40,7 +48,42 @@ section; see config.json.example and the README for every key.
 SIGINT or SIGTERM stops it gracefully: it stops accepting, closes every
 WebSocket with 1001, stores every accepted message and exits 0 within
 server.shutdownTimeout seconds. A second signal stops at once.
+
+With --workers N (N > 1) it runs N worker processes sharing the port
+(SO_REUSEPORT: the kernel spreads connections), each a node coordinated
+through Redis, so the config needs a redis section and a fixed port. The
+parent supervises: SIGINT or SIGTERM is forwarded to every worker as one
+SIGTERM (each stops gracefully as above); workers still running
+server.shutdownTimeout + 5 seconds later are killed. It exits 0 when every
+worker exited 0. If a worker exits on its own (a crash, a kill), the others
+are stopped and it exits 1. Workers stop by themselves if the parent dies.
 """
+
+# A worker still running this long after server.shutdownTimeout is killed.
+_KILL_MARGIN = 5.0
+# How often a worker checks that its supervisor is still alive.
+_SUPERVISOR_POLL = 0.5
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _worker_spec(text: str) -> tuple[int, int]:
+    index, _, count = text.partition("/")
+    try:
+        spec = int(index), int(count)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected I/N, got {text!r}") from None
+    if not 1 <= spec[0] <= spec[1]:
+        raise argparse.ArgumentTypeError(f"expected I/N with 1 <= I <= N, got {text!r}")
+    return spec
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -57,6 +100,12 @@ def _parser() -> argparse.ArgumentParser:
                        "(0 picks a free port)")
     serve.add_argument("--sqlite", metavar="PATH",
                        help="SQLite history file, overriding sqlite.path")
+    serve.add_argument("--workers", type=_positive, default=1, metavar="N",
+                       help="run N worker processes sharing the port, coordinated through "
+                       "Redis (needs a redis section and a fixed port; default 1)")
+    # Internal: how the supervisor starts a worker.
+    serve.add_argument("--worker", type=_worker_spec, help=argparse.SUPPRESS)
+    serve.add_argument("--supervisor", type=int, help=argparse.SUPPRESS)
     migrate = commands.add_parser(
         "migrate", help="create or upgrade the history database's schema",
         description="Create the configured history database (MySQL/MariaDB with a db "
@@ -105,12 +154,146 @@ async def _watch_signals(server: Server, stop_now: trio.CancelScope) -> None:
             server.shutdown()
 
 
-async def _serve(config: Config) -> None:
+async def _watch_supervisor(server: Server, pid: int, stop_now: trio.CancelScope) -> None:
+    """Stop gracefully once the supervisor ``pid`` is gone (this process is reparented).
+
+    Polling ``getppid`` rather than PR_SET_PDEATHSIG: the supervisor starts workers
+    from one of trio's worker threads, and the death signal follows the thread.
+    """
+    while os.getppid() == pid:  # noqa: ASYNC110 (nothing to wait on portably)
+        await trio.sleep(_SUPERVISOR_POLL)
+    log.warning("the supervisor (pid %d) is gone: shutting down gracefully", pid)
+    server.shutdown()
+    await trio.sleep(server.config.server.shutdown_timeout + _KILL_MARGIN)
+    log.warning("still running %g seconds later: stopping now",
+                server.config.server.shutdown_timeout + _KILL_MARGIN)
+    stop_now.cancel()
+
+
+async def _serve(config: Config, worker: bool = False, supervisor: int | None = None
+                 ) -> None:
     server = Server.build(config)
+    # A worker shares its port with the other workers.
+    server.reuse_port = worker
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_watch_signals, server, nursery.cancel_scope)
+        if supervisor is not None:
+            nursery.start_soon(_watch_supervisor, server, supervisor, nursery.cancel_scope)
         await server.run()
         nursery.cancel_scope.cancel()
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with status {code}"
+
+
+@attrs.define(eq=False)
+class _Supervisor:
+    """The parent of ``--workers N``: starts the workers, stops them all together."""
+
+    command: list[str]
+    count: int
+    grace: float
+    workers: list[trio.Process] = attrs.field(factory=list)
+    stopping: bool = False
+    failed: bool = False
+    _stopped: trio.Event = attrs.field(factory=trio.Event)
+
+    async def run(self) -> int:
+        # Signals first: a Ctrl-C while starting the workers must still stop them.
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch_signals, signals)
+                for index in range(1, self.count + 1):
+                    if self.stopping:
+                        break
+                    try:
+                        # Own session: a terminal's Ctrl-C reaches only the supervisor,
+                        # which forwards exactly one SIGTERM.
+                        process = await trio.lowlevel.open_process(
+                            [*self.command, "--worker", f"{index}/{self.count}",
+                             "--supervisor", str(os.getpid())],
+                            start_new_session=True)
+                    except OSError as exc:
+                        log.error("cannot start worker %d/%d: %s", index, self.count, exc)
+                        self.failed = True
+                        self.stop()
+                        break
+                    self.workers.append(process)
+                    log.info("started worker %d/%d (pid %d)", index, self.count, process.pid)
+                    if self.stopping:  # a signal came while it was starting
+                        process.send_signal(signal.SIGTERM)
+                    nursery.start_soon(self._watch_worker, index, process)
+                await self._reap()
+                nursery.cancel_scope.cancel()
+        return 1 if self.failed else 0
+
+    def stop(self) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        self._stopped.set()
+        for process in self.workers:
+            if process.returncode is None:
+                process.send_signal(signal.SIGTERM)
+
+    async def _reap(self) -> None:
+        """Once stopping, wait for every worker; kill those past the grace period."""
+        await self._stopped.wait()
+        with trio.move_on_after(self.grace):
+            for process in self.workers:
+                await process.wait()
+        for index, process in enumerate(self.workers, 1):
+            if process.returncode is None:
+                log.error("worker %d/%d (pid %d) still running after %g seconds: killing it",
+                          index, self.count, process.pid, self.grace)
+                self.failed = True
+                process.kill()
+            await process.wait()
+        log.info("all %d workers stopped", len(self.workers))
+
+    async def _watch_worker(self, index: int, process: trio.Process) -> None:
+        code = await process.wait()
+        if self.stopping:
+            # -SIGTERM: stopped before it had installed its signal handlers.
+            if code not in (0, -signal.SIGTERM):
+                self.failed = True
+                log.error("worker %d/%d (pid %d) %s", index, self.count, process.pid,
+                          _describe_exit(code))
+            return
+        self.failed = True
+        log.error("worker %d/%d (pid %d) %s on its own: stopping the others",
+                  index, self.count, process.pid, _describe_exit(code))
+        self.stop()
+
+    async def _watch_signals(self, signals: trio.abc.ReceiveChannel[int]) -> None:
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            if not self.stopping:
+                log.info("%s: stopping %d workers gracefully", name, len(self.workers))
+                self.stop()
+                continue
+            log.warning("second %s: stopping the workers now", name)
+            for process in self.workers:
+                if process.returncode is None:
+                    process.send_signal(signal.SIGTERM)
+
+
+def _worker_command(args: argparse.Namespace) -> list[str]:
+    """This same ``serve`` command line, for one worker."""
+    command = [sys.executable, "-m", "trio_chat.cli", "serve"]
+    if args.config is not None:
+        command.append(os.path.abspath(args.config))
+    for option, value in (("--host", args.host), ("--port", args.port),
+                          ("--sqlite", args.sqlite)):
+        if value is not None:
+            command += [option, str(value)]
+    return command
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,14 +314,26 @@ def main(argv: list[str] | None = None) -> int:
             config = attrs.evolve(config, server=attrs.evolve(config.server, **overrides))
     if args.sqlite:
         config = attrs.evolve(config, sqlite=attrs.evolve(config.sqlite, path=args.sqlite))
+    workers = args.workers if args.command == "serve" else 1
+    worker = args.worker if args.command == "serve" else None
+    if workers > 1 and config.redis is None:
+        print(f"trio-chat: error: --workers {workers} needs a redis section in the config: "
+              "each worker is a node, and nodes share rooms through Redis", file=sys.stderr)
+        return 2
+    if workers > 1 and config.server.port == 0:
+        print(f"trio-chat: error: --workers {workers} needs a fixed port, not 0: the workers "
+              "share one port", file=sys.stderr)
+        return 2
+    prefix = f"[worker {worker[0]}/{worker[1]}] " if worker else ""
     logging.basicConfig(level=config.logger.level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for warning in config.warnings:
-        log.warning("%s", warning)
-    if config.mq is not None:
-        log.info("%s: the mq section is accepted for compatibility and not used",
-                 config.source)
-    log.info("trio-chat %s, config: %s", __version__, config.source)
+                        format=f"%(asctime)s %(levelname)s {prefix}%(name)s: %(message)s")
+    if worker is None:  # the supervisor already said it
+        for warning in config.warnings:
+            log.warning("%s", warning)
+        if config.mq is not None:
+            log.info("%s: the mq section is accepted for compatibility and not used",
+                     config.source)
+        log.info("trio-chat %s, config: %s", __version__, config.source)
     try:
         if args.command == "migrate":
             version = trio.run(_migrate, config)
@@ -146,8 +341,14 @@ def main(argv: list[str] | None = None) -> int:
                      if config.db else f"SQLite {config.sqlite.path}")
             print(f"{where}: schema at version {version}")
             return 0
-        raise_fd_limit()
-        trio.run(_serve, config)
+        if workers > 1:
+            # Once here, not racing in every worker.
+            trio.run(_migrate, config)
+        else:
+            raise_fd_limit()
+            trio.run(_serve, config, worker is not None,
+                     args.supervisor if worker else None)
+            return 0
     except Exception as exc:
         if (dberror := _find(exc, pymysql.MySQLError)) is not None and config.db:
             print(f"trio-chat: error: db: MySQL at {config.db.host}:{config.db.port} "
@@ -163,7 +364,10 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 1
         raise
-    return 0
+    supervisor = _Supervisor(_worker_command(args), workers,
+                             config.server.shutdown_timeout + _KILL_MARGIN)
+    log.info("starting %d workers on %s:%d", workers, config.server.host, config.server.port)
+    return trio.run(supervisor.run)
 
 
 def _find(exc: BaseException, kind: type[E]) -> E | None:

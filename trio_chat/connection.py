@@ -14,6 +14,7 @@ import logging
 import attrs
 import trio
 
+from .broker import BrokerUnavailable
 from .hub import Hub
 from .metrics import Metrics
 from .protocol import FrameError, encode_error, parse_chat_frame, text_frame
@@ -74,6 +75,8 @@ class ChatConnection:
             await self._hub.publish(draft)
         except StoreUnavailable as exc:
             self._error("persistence_unavailable", str(exc))
+        except BrokerUnavailable as exc:
+            self._error("sync_unavailable", f"{exc}; message not accepted, send it again")
 
 
 async def serve_connection(stream: trio.abc.Stream, *, hub: Hub, metrics: Metrics,

@@ -54,7 +54,7 @@ class Hub:
         room = self.rooms.get(room_id)
         if room is None:
             assert self._nursery is not None, "Hub.run is not running"
-            room = Room(room_id, self._store, self._broker, self._metrics, self._history_size,
+            room = Room(room_id, self._broker, self._metrics, self._history_size,
                         self._replay_limit)
             self.rooms[room_id] = room
             try:

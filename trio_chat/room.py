@@ -21,7 +21,6 @@ import trio
 from .broker import Broker
 from .metrics import Metrics
 from .protocol import Message, encode_event, encode_message, text_frame
-from .store import Store
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +41,6 @@ class Member(Protocol):
 @attrs.define(eq=False)
 class Room:
     id: int
-    _store: Store
     _broker: Broker
     _metrics: Metrics
     _history_size: int
@@ -62,12 +60,14 @@ class Room:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
         try:
-            handle = await self._broker.subscribe(self.id, self.deliver)
+            await self._broker.subscribe(self.id, self)
             try:
                 # Subscribed first, loaded second: whatever is published meanwhile
                 # waits in _early, so nothing falls between history and live.
-                for message in await self._store.recent(self.id, self._history_size):
+                recent, last_id = await self._broker.tail(self.id, self._history_size)
+                for message in recent:
                     self._remember(message)
+                self.last_id = max(self.last_id, last_id)
                 early, self._early = self._early, None
                 for message in early or ():
                     if message.id > self.last_id:
@@ -77,7 +77,7 @@ class Room:
                 await self._empty.wait()
             finally:
                 with trio.move_on_after(5, shield=True):
-                    await self._broker.unsubscribe(handle)
+                    await self._broker.unsubscribe(self.id, self)
         except BaseException as exc:
             self.failed = exc
             self.ready.set()
@@ -126,8 +126,7 @@ class Room:
             return
         member.hold()
         self.members.add(member)
-        messages = await self._store.page(self.id, after=since, before=last + 1,
-                                          limit=last - since, newest_first=False)
+        messages = await self._broker.history(self.id, after=since, before=last + 1)
         member.release([text_frame(encode_message(m)) for m in messages])
 
     def leave(self, member: Member) -> bool:

@@ -18,7 +18,7 @@ import attrs
 import trio
 
 from .bridge import open_bridge
-from .broker import Broker, LocalBroker
+from .broker import Broker, LocalBroker, RedisBroker
 from .config import Config
 from .http import load_demo_page, serve_http
 from .hub import Hub
@@ -84,7 +84,9 @@ class Server:
         metrics = Metrics()
         store = Store(make_backend(config), metrics, buffer_limit=s.store_buffer,
                       batch_size=s.store_batch)
-        broker = LocalBroker(store)
+        broker: LocalBroker | RedisBroker = (
+            RedisBroker(config.redis, store, recent_size=max(100, s.history_on_join))
+            if config.redis is not None else LocalBroker(store))
         hub = Hub(store, broker, metrics, s.history_on_join, s.replay_limit)
         limits = Limits(max_message_bytes=s.max_frame_bytes,
                         queue_frames=s.send_queue_messages, queue_bytes=s.send_queue_bytes,
@@ -100,6 +102,12 @@ class Server:
                           lambda: store.lag)
         metrics.add_gauge("store_failing", "1 while store writes are failing.",
                           lambda: int(store.failing_since is not None))
+        if isinstance(broker, RedisBroker):
+            metrics.add_gauge("redis_connected", "1 while the Redis broker is connected.",
+                              lambda: int(broker.connected))
+            metrics.add_gauge("redis_outage_seconds", "How long Redis has been unreachable.",
+                              lambda: 0.0 if broker.down_since is None
+                              else trio.current_time() - broker.down_since)
         metrics.add_gauge("store_outage_seconds", "How long store writes have been failing.",
                           lambda: store.outage_seconds)
         return server
@@ -118,9 +126,11 @@ class Server:
         s = self.config.server
         self.task = trio.lowlevel.current_task()
         # The asyncio loop (for MySQL and Redis) outlives every task that uses it.
-        async with open_bridge(needed=self.config.db is not None), \
-                trio.open_nursery() as root:
+        needed = self.config.db is not None or self.config.redis is not None
+        async with open_bridge(needed=needed), trio.open_nursery() as root:
             await root.start(self.store.run)
+            if isinstance(self.broker, RedisBroker):
+                await root.start(self.broker.run)
             await root.start(self.hub.run)
             listeners = (await open_shared_listeners(s.host, s.port) if self.reuse_port
                          else await trio.open_tcp_listeners(s.port, host=s.host))
