@@ -714,14 +714,16 @@ def run_websockets_server(port: int) -> None:
 # --- servers under test -----------------------------------------------------------------
 
 class ServerProcess:
-    def __init__(self, name: str, workdir: Path, cpus: set[int] | None) -> None:
+    def __init__(self, name: str, workdir: Path, cpus: set[int] | None,
+                 config: str | None = None) -> None:
         self.name = name
         self.log_path = workdir / f"{name}.log"
         self.cpus = cpus
         if name == "trio-chat":
             exe = Path(sys.executable).parent / "trio-chat"
             cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "trio_chat.cli"]
-            self.argv = [*cmd, "serve", "--port", "0", "--sqlite", str(workdir / "bench.db")]
+            self.argv = [*cmd, "serve", *([config] if config else []), "--port", "0",
+                         "--sqlite", str(workdir / "bench.db")]
         else:
             self.argv = [sys.executable, str(Path(__file__).resolve()),
                          "--websockets-server", "0"]
@@ -1204,7 +1206,8 @@ def bench_server(name: str, args: argparse.Namespace,
     """Search one server's limit, filling in ``outcome`` as it goes."""
     outcome.update({"server": name, "steps": [], "best": None, "limit": None})
     with tempfile.TemporaryDirectory(prefix="bench_fanout_") as tmp:
-        server = ServerProcess(name, Path(tmp), cpu_split[0] if cpu_split else None)
+        server = ServerProcess(name, Path(tmp), cpu_split[0] if cpu_split else None,
+                               config=args.config)
         try:
             server.start()
             print(f"# {name}: {' '.join(server.argv)} (port {server.port}, pid "
@@ -1288,6 +1291,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-wait-quiet", type=float, default=30.0, metavar="S",
                    help="before each step, wait up to S seconds for other work on the "
                    "machine to stop (30)")
+    p.add_argument("--config", metavar="PATH",
+                   help="config.json for trio-chat (e.g. with a db section for MySQL history)")
     p.add_argument("--keep-logs", metavar="DIR", help="copy the server logs to DIR")
     p.add_argument("--json", action="store_true", help="also print the results as a JSON line")
     p.add_argument("--websockets-server", type=int, metavar="PORT", default=None,

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+import socket
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pymysql
 import pytest
 import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 
-from trio_chat.config import Config, DbConfig, ServerConfig, SqliteConfig
+from trio_chat.config import Config, DbConfig, RedisConfig, ServerConfig, SqliteConfig
 from trio_chat.server import Server
 
 MYSQL = {
@@ -124,3 +127,28 @@ async def open_ws(url: str, **kwargs: Any) -> AsyncIterator[WebSocketConnection]
     finally:
         if connection is not None:
             await trio.aclose_forcefully(connection._stream)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def channel() -> str:
+    """A Redis channel prefix of this test's own, so tests never hear each other."""
+    return f"trio-chat-test-{secrets.token_hex(4)}"
+
+
+def node_config(db_path: Path, port: int, channel: str, **server: Any) -> Config:
+    """A node sharing rooms through the Redis (or Redis Cluster node) on 127.0.0.1:``port``."""
+    config = make_config(db_path, **server)
+    return attrs.evolve(config, redis=RedisConfig(host="127.0.0.1", port=port,
+                                                  listening_channel_name=channel,
+                                                  publish_channel_name=channel))
+
+
+async def recv(ws: WebSocketConnection, timeout: float = 15) -> dict[str, Any]:
+    with trio.fail_after(timeout):
+        return json.loads(await ws.get_message())

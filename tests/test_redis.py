@@ -2,36 +2,29 @@
 
 from __future__ import annotations
 
-import json
-import secrets
 import shutil
-import socket
 import subprocess
 from collections.abc import AsyncIterator, Callable, Iterator
 
-import attrs
 import pytest
 import redis
 import trio
+import trio.testing
 
-from trio_chat.config import Config, RedisConfig
 from trio_chat.metrics import count_tasks
 
-from .conftest import chat_frame, make_config, open_ws, start_server, wait_until, ws_url
+from .conftest import (
+    chat_frame,
+    free_port,
+    node_config,
+    open_ws,
+    recv,
+    start_server,
+    wait_until,
+    ws_url,
+)
 
 REDIS_PORT = 6379
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@pytest.fixture
-def channel() -> str:
-    """A channel prefix of this test's own, so tests never hear each other."""
-    return f"trio-chat-test-{secrets.token_hex(4)}"
 
 
 @pytest.fixture
@@ -63,13 +56,6 @@ def redis_server() -> Iterator[Callable[[], int]]:
         process.wait()
 
 
-def node_config(db_path, port: int, channel: str, **server) -> Config:
-    config = make_config(db_path, **server)
-    return attrs.evolve(config, redis=RedisConfig(host="127.0.0.1", port=port,
-                                                  listening_channel_name=channel,
-                                                  publish_channel_name=channel))
-
-
 @pytest.fixture
 async def nodes(nursery, tmp_path, channel) -> AsyncIterator[Callable]:
     async def start(n: int, port: int = REDIS_PORT, **server) -> list:
@@ -77,11 +63,6 @@ async def nodes(nursery, tmp_path, channel) -> AsyncIterator[Callable]:
                                                         channel, **server))
                 for i in range(n)]
     yield start
-
-
-async def recv(ws, timeout: float = 15) -> dict:
-    with trio.fail_after(timeout):
-        return json.loads(await ws.get_message())
 
 
 @pytest.mark.parametrize("n_nodes", [2, 3])
@@ -236,6 +217,8 @@ async def test_node_shutdown_after_churn_leaves_nothing(nursery, tmp_path, chann
         # on the asyncio loop) opens on first use and stays.
         await chat(0)
         await wait_until(lambda: not server.hub.rooms and not server.hub.connections)
+        # The last room may still be unsubscribing: let every task settle first.
+        await trio.testing.wait_all_tasks_blocked(cushion=0.1)
         baseline = count_tasks(server.task)
         for cycle in range(30):
             await chat(cycle)

@@ -16,6 +16,13 @@ while the room is alive there. Its one task, :meth:`RedisBroker.run`, reads
 the subscription and reconnects (capped, jittered backoff) when Redis goes
 away, then resubscribes and delivers what its rooms missed. redis-py's asyncio
 client runs on the asyncio bridge.
+
+The configured Redis may be one node of a Redis Cluster (``INFO cluster`` says
+``cluster_enabled:1``); the broker then talks to the whole cluster. A room's
+keys and its shard channel carry the room's ``{hash tag}``, so they live on one
+shard and the script runs there. Subscriptions keep one connection per shard
+node, each read by a task of its own below :meth:`RedisBroker.run`; losing any
+of them counts as losing Redis.
 """
 
 from __future__ import annotations
@@ -24,11 +31,12 @@ import json
 import logging
 import random
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import attrs
 import redis.asyncio
+import redis.asyncio.cluster
 import trio
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -110,9 +118,11 @@ class LocalBroker:
 
 
 # KEYS: the room's counter, the room's recent list (one hash slot: both carry the
-# room's {hash tag}). ARGV: the shard channel, the floor for the counter (the
-# publisher's last id, which restores the counter if Redis lost it), the message
-# JSON after its id, the recent list's length, the keys' idle expiry in seconds.
+# room's {hash tag}, and so does the shard channel, as a Redis Cluster requires of
+# SPUBLISH in a script; a cluster client runs it on that slot's node by KEYS).
+# ARGV: the shard channel, the floor for the counter (the publisher's last id,
+# which restores the counter if Redis lost it), the message JSON after its id, the
+# recent list's length, the keys' idle expiry in seconds.
 _PUBLISH = """
 local floor = tonumber(ARGV[2])
 if tonumber(redis.call('GET', KEYS[1]) or '0') < floor then
@@ -130,6 +140,12 @@ return id
 
 KEY_TTL = 7 * 24 * 3600
 RECONNECT_MAX_DELAY = 5.0
+# What an unreachable (or refusing) Redis raises. redis-py's cluster client raises
+# RedisClusterException, which is not a RedisError, when no node answers.
+UNAVAILABLE = (redis.RedisError, redis.exceptions.RedisClusterException, OSError,
+               trio.TooSlowError)
+# Commands in flight to one cluster node at once (redis-py refuses more, it does not wait).
+CLUSTER_NODE_CONNECTIONS = 1000
 
 
 @attrs.define(eq=False)
@@ -146,6 +162,18 @@ class RedisBroker:
     _script: Any = attrs.field(init=False, default=None)
     _connected: trio.Event = attrs.field(init=False, factory=trio.Event)
     down_since: float | None = attrs.field(init=False, default=None)
+    # Cluster mode: whether the last connection found a Redis Cluster, and the
+    # cluster's nodes as last seen (tried when the configured node is down).
+    cluster: bool = attrs.field(init=False, default=False)
+    _cluster_nodes: list[tuple[str, int]] = attrs.field(init=False, factory=list)
+    # Cluster mode, while connected: the shard nodes whose subscription connection
+    # has a reader task, the nursery of those tasks and what they feed run().
+    _readers: set[str] = attrs.field(init=False, factory=set)
+    _reader_nursery: trio.Nursery | None = attrs.field(init=False, default=None)
+    _batches: trio.MemorySendChannel[Any] | None = attrs.field(init=False, default=None)
+    # Cluster mode: SUNSUBSCRIBEs sent and not yet confirmed, per channel. Any other
+    # sunsubscribe is the cluster dropping a subscription (its slot moved).
+    _leaving: dict[str, int] = attrs.field(init=False, factory=dict)
 
     def _seq_key(self, room_id: int) -> str:
         return f"{self._config.publish_channel_name}:{{{room_id}}}:seq"
@@ -175,25 +203,82 @@ class RedisBroker:
     async def _aio_connect(self) -> int:
         """Asyncio flavour. A client, a subscription connection and the script.
 
-        Returns how many channels it subscribed to (each will be confirmed).
+        The configured node decides the mode: a Redis Cluster node (``INFO cluster``)
+        makes this a cluster client whose subscriptions keep one connection per
+        shard node. Returns how many channels it subscribed to (each will be
+        confirmed).
         """
         c = self._config
-        self._client = redis.asyncio.Redis(
-            host=c.host, port=c.port, db=c.database, username=c.id or None,
-            password=c.password or None, socket_timeout=self.timeout,
-            client_name=f"{c.listening_channel_name}:{self.node}",
-            # No silent retries: a reconnection must go through run(), which
-            # resubscribes and recovers what was missed; redis-py's own would not.
-            retry=Retry(NoBackoff(), 0),
-            socket_connect_timeout=self.timeout, decode_responses=True)
-        self._script = self._client.register_script(_PUBLISH)
-        self._pubsub = self._client.pubsub()
         # Every node listens on its own channel too, so the subscription connection
         # exists (and is read) even before any room is alive here.
         channels = [f"{c.listening_channel_name}:node:{self.node}",
                     *(self._listen_channel(room_id) for room_id in self._rooms)]
+        if not await self._aio_connect_node():
+            await self._aio_connect_cluster()
+        self._script = self._client.register_script(_PUBLISH)
+        # In cluster mode ClusterPubSub sends one SSUBSCRIBE per channel, each to its
+        # slot's node (one command may not name channels of different slots).
         await self._pubsub.ssubscribe(*channels)
         return len(channels)
+
+    def _client_options(self) -> dict[str, Any]:
+        c = self._config
+        return dict(
+            username=c.id or None, password=c.password or None,
+            socket_timeout=self.timeout, socket_connect_timeout=self.timeout,
+            client_name=f"{c.listening_channel_name}:{self.node}",
+            # No silent retries: a reconnection must go through run(), which
+            # resubscribes and recovers what was missed; redis-py's own would not.
+            retry=Retry(NoBackoff(), 0), decode_responses=True)
+
+    async def _aio_connect_node(self) -> bool:
+        """Asyncio flavour. Connect to the configured node as a single Redis.
+
+        Returns False, with nothing left open, if it is a Redis Cluster node, or
+        if it is unreachable and the last connection found a cluster (whose
+        other nodes may be up).
+        """
+        c = self._config
+        self._client = redis.asyncio.Redis(host=c.host, port=c.port, db=c.database,
+                                           **self._client_options())
+        try:
+            cluster = bool((await self._client.info("cluster")).get("cluster_enabled"))
+        except redis.ResponseError as exc:
+            if "cluster" not in str(exc).lower():
+                raise
+            # SELECT (redis.database) on a cluster node.
+            raise redis.exceptions.RedisClusterException(
+                f"redis.database is {c.database}, but {c.host}:{c.port} is a Redis Cluster "
+                "node, and a cluster has only database 0") from exc
+        except (redis.ConnectionError, redis.TimeoutError, OSError):
+            if not (self.cluster and self._cluster_nodes):
+                raise
+            cluster = True
+        if cluster:
+            client, self._client = self._client, None
+            await client.aclose()
+            return False
+        self.cluster = False
+        self._pubsub = self._client.pubsub()
+        return True
+
+    async def _aio_connect_cluster(self) -> None:
+        """Asyncio flavour. A cluster client and its sharded pub/sub, no connection yet."""
+        c = self._config
+        cluster = redis.asyncio.cluster
+        if not hasattr(cluster, "ClusterPubSub"):
+            raise redis.exceptions.RedisClusterException(
+                f"{c.host}:{c.port} is a Redis Cluster node; trio-chat needs redis-py 8.0 or "
+                f"newer for it (asyncio sharded pub/sub), this is {redis.__version__}")
+        seeds = dict.fromkeys([(c.host, c.port), *self._cluster_nodes])
+        self._client = cluster.RedisCluster(
+            startup_nodes=[cluster.ClusterNode(host, port) for host, port in seeds],
+            max_connections=CLUSTER_NODE_CONNECTIONS, **self._client_options())
+        await self._client.initialize()
+        self.cluster = True
+        self._cluster_nodes = [(node.host, int(node.port))
+                               for node in self._client.get_nodes()]
+        self._pubsub = self._client.pubsub()
 
     async def _aio_close(self) -> None:
         """Asyncio flavour."""
@@ -212,7 +297,41 @@ class RedisBroker:
             message = await self._pubsub.get_message(timeout=0.0)
         return batch
 
+    async def _aio_read_shard(self, name: str) -> list[dict[str, Any]]:
+        """Asyncio flavour. :meth:`_aio_read` for the subscription connection to one shard node.
+
+        Returns nothing at once if that connection is gone (redis-py closes it
+        when its last channel is unsubscribed) or not open yet.
+        """
+        node = self._client.get_node(node_name=name)
+        if node is None:
+            raise redis.ConnectionError(f"{name} left the cluster")
+        batch: list[dict[str, Any]] = []
+        timeout = 1.0
+        while len(batch) < 1000:
+            pubsub = self._pubsub.node_pubsub_mapping.get(name)
+            if pubsub is None or pubsub.connection is None:
+                break
+            try:
+                message = await self._pubsub.get_sharded_message(target_node=node,
+                                                                 timeout=timeout)
+            except RuntimeError as exc:  # "pubsub connection not set": closed under us
+                raise redis.ConnectionError(f"subscription to {name} closed: {exc}") from exc
+            if message is None:
+                break
+            batch.append(message)
+            timeout = 0.0
+        return batch
+
+    def _shards(self) -> set[str]:
+        """Either flavour (awaits nothing). Shard nodes with an open subscription connection."""
+        if self._pubsub is None or not self.cluster:
+            return set()
+        return {name for name, pubsub in self._pubsub.node_pubsub_mapping.items()
+                if pubsub.connection is not None}
+
     async def _connect(self) -> int:
+        self._leaving.clear()
         with trio.fail_after(self.timeout):
             return await bridge.call(self._aio_connect)
 
@@ -241,7 +360,7 @@ class RedisBroker:
             while True:
                 try:
                     await self._read_until_error(channels, ready)
-                except (redis.RedisError, OSError, trio.TooSlowError) as exc:
+                except UNAVAILABLE as exc:
                     if self.down_since is None:
                         self.down_since = trio.current_time()
                         log.warning("lost Redis (%s); reconnecting", exc)
@@ -256,23 +375,97 @@ class RedisBroker:
                     try:
                         channels = await self._connect()
                         break
-                    except (redis.RedisError, OSError, trio.TooSlowError):
+                    except UNAVAILABLE:
                         await self._close()
                 delay = 0.1
         finally:
             await self._close()
 
     async def _read_until_error(self, channels: int, ready: Callable[[], None]) -> None:
+        if not self.cluster:
+            await self._follow(channels, ready, lambda: bridge.call(self._aio_read))
+            return
+        # Cluster: one subscription connection per shard node, each read by a task
+        # of its own (ClusterPubSub.get_sharded_message without a target node asks
+        # the nodes in turn, waiting out the timeout on each), all feeding the one
+        # loop in _follow, in order per shard, so in order per room.
+        send: trio.MemorySendChannel[Any]
+        send, receive = trio.open_memory_channel(16)
+
+        async def next_batch() -> list[dict[str, Any]]:
+            item = await receive.receive()
+            if isinstance(item, Exception):
+                raise item  # a shard's connection failed
+            return item
+
+        error: Exception | None = None
+        self._readers = set()
+        async with trio.open_nursery() as readers:
+            self._reader_nursery, self._batches = readers, send
+            try:
+                self._start_readers()
+                await self._follow(channels, ready, next_batch)
+            except UNAVAILABLE as exc:
+                error = exc  # raised below, not from the nursery (an ExceptionGroup there)
+            finally:
+                self._reader_nursery = self._batches = None
+                readers.cancel_scope.cancel()
+        assert error is not None, "_follow returns only by raising"
+        raise error
+
+    def _start_readers(self) -> None:
+        """Cluster mode: a reader task for every open shard subscription connection."""
+        if self._reader_nursery is None or self._batches is None:
+            return
+        for name in self._shards() - self._readers:
+            self._readers.add(name)
+            self._reader_nursery.start_soon(self._read_shard, name, self._batches)
+
+    async def _read_shard(self, name: str, send: trio.MemorySendChannel[Any]) -> None:
+        """Cluster mode: read one shard node's subscription connection while it is open."""
+        try:
+            # No checkpoint between this test and the finally clause: a subscription
+            # that opens the connection again afterwards starts a new reader.
+            while name in self._shards():
+                batch = await bridge.call(self._aio_read_shard, name)
+                if batch:
+                    await send.send(batch)
+                # redis-py may have opened connections by itself (slot moves).
+                self._start_readers()
+        except UNAVAILABLE as exc:
+            await send.send(exc)
+        finally:
+            self._readers.discard(name)
+
+    def _lose(self, exc: Exception) -> None:
+        """Cluster mode: a subscription command failed on a shard's connection that no
+        reader may be watching; have run() treat it as losing Redis."""
+        if self.cluster and self._reader_nursery is not None and self._batches is not None:
+            self._reader_nursery.start_soon(self._batches.send, exc)
+
+    def _unsubscribed(self, channel: str) -> None:
+        """Cluster mode: account for a sunsubscribe; one we did not ask for is the
+        cluster dropping the subscription (its slot moved), so reconnect."""
+        left = self._leaving.pop(channel, 0)
+        if left > 1:
+            self._leaving[channel] = left - 1
+        elif not left:
+            raise redis.ConnectionError(f"the cluster dropped the subscription to {channel}")
+
+    async def _follow(self, channels: int, ready: Callable[[], None],
+                      next_batch: Callable[[], Awaitable[list[dict[str, Any]]]]) -> None:
         # After a (re)connection: once Redis confirms every subscription, deliver
         # what the rooms missed meanwhile (from each room's recent list), then
         # what arrived since; rooms drop the ids they already have.
         early: list[dict[str, Any]] = []
         while channels:
-            for message in await bridge.call(self._aio_read):
+            for message in await next_batch():
                 if message["type"] == "ssubscribe":
                     channels -= 1
                 elif message["type"] == "smessage":
                     early.append(message)
+                elif message["type"] == "sunsubscribe" and self.cluster:
+                    self._unsubscribed(message["channel"])
         for room_id in list(self._rooms):
             await self._recover(room_id)
         for message in early:
@@ -284,13 +477,15 @@ class RedisBroker:
         self._connected.set()
         ready()
         while True:
-            for message in await bridge.call(self._aio_read):
+            for message in await next_batch():
                 kind = message["type"]
                 if kind == "smessage":
                     self._dispatch(message["channel"], message["data"])
                 elif kind == "ssubscribe" and (
                         event := self._confirmations.pop(message["channel"], None)) is not None:
                     event.set()
+                elif kind == "sunsubscribe" and self.cluster:
+                    self._unsubscribed(message["channel"])
 
     def _dispatch(self, channel: str, data: str) -> None:
         room_id = self._room_of(channel)
@@ -328,10 +523,16 @@ class RedisBroker:
         try:
             with trio.fail_after(self.timeout):
                 await bridge.call(self._pubsub.ssubscribe, channel)
+                # In cluster mode this may have opened a shard's connection: read it.
+                self._start_readers()
                 # Only once Redis confirms is every later message ours to see.
                 await confirmed.wait()
             if not self.connected:
                 raise BrokerUnavailable("Redis is unreachable")
+        except UNAVAILABLE as exc:
+            await self.unsubscribe(room_id, subscriber)
+            self._lose(exc)
+            raise BrokerUnavailable(f"Redis is unreachable: {exc!r}") from exc
         except BaseException:
             await self.unsubscribe(room_id, subscriber)
             raise
@@ -345,11 +546,18 @@ class RedisBroker:
             return
         del self._rooms[room_id]
         if self.connected and self._pubsub is not None:
+            channel = self._listen_channel(room_id)
+            if self.cluster:
+                self._leaving[channel] = self._leaving.get(channel, 0) + 1
             try:
-                with trio.move_on_after(self.timeout):
-                    await bridge.call(self._pubsub.sunsubscribe, self._listen_channel(room_id))
-            except (redis.RedisError, OSError):
-                pass  # a reconnection resubscribes only live rooms anyway
+                with trio.move_on_after(self.timeout) as scope:
+                    await bridge.call(self._pubsub.sunsubscribe, channel)
+                if scope.cancelled_caught:
+                    self._lose(trio.TooSlowError(f"SUNSUBSCRIBE {channel} timed out"))
+            except UNAVAILABLE as exc:
+                # A reconnection resubscribes only live rooms anyway; in cluster
+                # mode only a reconnection notices a shard's connection failing here.
+                self._lose(exc)
 
     async def _command(self, name: str, *args: Any) -> Any:
         if not self.connected:
@@ -357,7 +565,7 @@ class RedisBroker:
         try:
             with trio.fail_after(self.timeout):
                 return await bridge.call(getattr(self._client, name), *args)
-        except (redis.RedisError, OSError, trio.TooSlowError) as exc:
+        except UNAVAILABLE as exc:
             raise BrokerUnavailable(f"Redis is unreachable: {exc}") from exc
 
     async def tail(self, room_id: int, limit: int) -> tuple[list[Message], int]:
@@ -400,7 +608,7 @@ class RedisBroker:
                                         self._recent_key(draft.room_id)],
                     args=[self._publish_channel(draft.room_id), floor, body,
                           self.recent_size, KEY_TTL])
-        except (redis.RedisError, OSError, trio.TooSlowError) as exc:
+        except UNAVAILABLE as exc:
             raise BrokerUnavailable(f"Redis is unreachable: {exc}") from exc
         # Delivery comes back through the subscription, like everyone else's.
         return accept(draft, int(message_id), received_at)
