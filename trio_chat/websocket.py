@@ -68,7 +68,6 @@ class WebSocket:
     _parts: list[str | bytes] = attrs.field(init=False, factory=list)
     _part_bytes: int = attrs.field(init=False, default=0)
     _pong_deadline: float = attrs.field(init=False, default=math.inf)
-    _next_ping: float = attrs.field(init=False, default=math.inf)
     _read_scope: trio.CancelScope = attrs.field(init=False, factory=trio.CancelScope)
     _closing: bool = attrs.field(init=False, default=False)
     _close_sent: bool = attrs.field(init=False, default=False)
@@ -191,54 +190,38 @@ class WebSocket:
                 return None
             proto.receive_data(data)
 
-    def _heartbeat(self, now: float) -> None:
-        """Close a peer that missed its pong; send the next ping when it is due."""
-        if self._closing:
-            return
-        if now >= self._pong_deadline:
-            log.info("no pong within %gs, closing", self._limits.pong_wait)
-            self.close(HEARTBEAT_TIMEOUT, "heartbeat timeout")
-        elif now >= self._next_ping:
-            self._next_ping = now + self._limits.ping_period
-            if self._pong_deadline == math.inf:
-                self._pong_deadline = now + self._limits.pong_wait
-            self.send_exempt(self._proto.send(Ping()))
-
     async def _writer(self, connection_scope: trio.CancelScope) -> None:
         limits = self._limits
         queue = self._queue
-        self._next_ping = trio.current_time() + limits.ping_period
+        next_ping = trio.current_time() + limits.ping_period
         while True:
-            writing = False
-            # One cancel scope serves both deadlines, the heartbeat's while idle and
-            # writeWait while writing, and is replaced only when it fires: entering a
-            # scope per write costs as much as the send itself on this path.
-            with trio.CancelScope() as scope:
-                while True:
-                    if not queue:
-                        if self._close_sent:
-                            return
-                        scope.deadline = min(self._next_ping, self._pong_deadline)
-                        await self._wakeup.park()
-                        continue
-                    data = queue[0] if len(queue) == 1 else b"".join(queue)
-                    queue.clear()
-                    self._queued_bytes = 0
-                    last = self._close_sent
-                    writing = True
-                    now = trio.current_time()
-                    scope.deadline = now + limits.write_wait
-                    try:
-                        await self._stream.send_all(data)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        connection_scope.cancel()
-                        return
-                    writing = False
-                    if last:
-                        return
-                    if now >= self._next_ping or now >= self._pong_deadline:
-                        self._heartbeat(now)
-            if writing:
+            if not queue:
+                if self._close_sent:
+                    return
+                with trio.move_on_at(min(next_ping, self._pong_deadline)):
+                    await self._wakeup.park()
+                now = trio.current_time()
+                if now >= self._pong_deadline and not self._closing:
+                    log.info("no pong within %gs, closing", limits.pong_wait)
+                    self.close(HEARTBEAT_TIMEOUT, "heartbeat timeout")
+                elif now >= next_ping and not self._closing:
+                    next_ping = now + limits.ping_period
+                    if self._pong_deadline == math.inf:
+                        self._pong_deadline = now + limits.pong_wait
+                    self.send_exempt(self._proto.send(Ping()))
+                if not queue:
+                    continue
+            data = queue[0] if len(queue) == 1 else b"".join(queue)
+            queue.clear()
+            self._queued_bytes = 0
+            last = self._close_sent
+            with trio.move_on_after(limits.write_wait) as write_scope:
+                try:
+                    await self._stream.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    connection_scope.cancel()
+                    return
+            if write_scope.cancelled_caught:
                 if not self._closing:
                     self._on_slow()
                     self._closing = True
@@ -246,4 +229,5 @@ class WebSocket:
                 log.info("write blocked for %gs, dropping the connection", limits.write_wait)
                 connection_scope.cancel()
                 return
-            self._heartbeat(trio.current_time())
+            if last:
+                return
