@@ -91,3 +91,23 @@ async def test_full_buffer_refuses_with_an_error_never_silently(nursery, db_path
     await wait_until(lambda: server.store.lag == 0, timeout=30)
     rows = mysql_rows(mysql_db, "SELECT content FROM messages WHERE room_id = 41 ORDER BY id")
     assert [r[0] for r in rows] == [f"n{i}" for i in range(20)] + ["after"]
+
+
+async def test_mysql_store_closes_every_connection_and_task(db_path, mysql_db) -> None:
+    def sessions() -> int:
+        rows = mysql_rows(mysql_db, "SELECT COUNT(*) FROM information_schema.PROCESSLIST "
+                                    "WHERE DB = %s", (mysql_db.database,))
+        return int(rows[0][0]) - 1  # less the query's own
+
+    async with trio.open_nursery() as nursery:
+        server = await start_server(nursery, make_config(db_path, db=mysql_db))
+        for room in range(5):
+            async with open_ws(ws_url(server, room)) as ws:
+                await ws.send_message(chat_frame(f"r{room}", room_id=room))
+                await ws.get_message()
+        assert sessions() >= 1
+        server.shutdown()
+    assert server.task is not None and not server.task.child_nurseries
+    assert sessions() == 0, "the pool and the asyncio loop are closed"
+    rows = mysql_rows(mysql_db, "SELECT COUNT(*) FROM messages")
+    assert rows == [(5,)]
