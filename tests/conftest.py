@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import socket
+import subprocess
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -15,10 +18,12 @@ from typing import Any
 import attrs
 import pymysql
 import pytest
+import redis
 import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 
 from trio_chat.config import Config, DbConfig, RedisConfig, ServerConfig, SqliteConfig
+from trio_chat.protocol import PRESENCE_EVENTS
 from trio_chat.server import Server
 
 MYSQL = {
@@ -149,6 +154,46 @@ def node_config(db_path: Path, port: int, channel: str, **server: Any) -> Config
                                                   publish_channel_name=channel))
 
 
-async def recv(ws: WebSocketConnection, timeout: float = 15) -> dict[str, Any]:
+@pytest.fixture
+def redis_server() -> Iterator[Callable[[], int]]:
+    """A redis-server of the test's own on its own port; call it to (re)start it."""
+    binary = shutil.which("redis-server")
+    assert binary, "redis-server is not installed (scripts/services installs it)"
+    port = free_port()
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def start() -> int:
+        process = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1",
+                                    "--save", "", "--appendonly", "no"],
+                                   stdout=subprocess.DEVNULL)
+        processes.append(process)
+        for _ in range(200):
+            try:
+                redis.Redis(port=port).ping()
+                return port
+            except redis.ConnectionError:
+                time.sleep(0.02)
+        raise AssertionError("redis-server did not start")
+
+    start.processes = processes  # type: ignore[attr-defined]
+    yield start
+    for process in processes:
+        process.kill()
+        process.wait()
+
+
+async def recv_text(ws: WebSocketConnection, timeout: float = 15, *, events: bool = False
+                    ) -> str:
+    """The next frame as sent; presence events (chat_enter, chat_exit) are passed over
+    unless ``events``."""
     with trio.fail_after(timeout):
-        return json.loads(await ws.get_message())
+        while True:
+            text = await ws.get_message()
+            if events or json.loads(text).get("message_type") not in PRESENCE_EVENTS:
+                return text
+
+
+async def recv(ws: WebSocketConnection, timeout: float = 15, *, events: bool = False
+               ) -> dict[str, Any]:
+    """The next frame, decoded; presence events are passed over unless ``events``."""
+    return json.loads(await recv_text(ws, timeout, events=events))

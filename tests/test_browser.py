@@ -189,6 +189,10 @@ async def open_pages(browser: OpenPage, *specs: tuple[str, str]) -> list[Page]:
     return [pages[i] for i in range(len(specs))]
 
 
+async def _has(lines: Callable[[], Awaitable[list[str]]], text: str) -> bool:
+    return any(text in line for line in await lines())
+
+
 async def test_two_pages_chat(server: Server, browser: OpenPage) -> None:
     one, two = await open_pages(browser, (page_url(server, 42, 1), "page 1"),
                                 (page_url(server, 42, 2), "page 2"))
@@ -213,6 +217,19 @@ async def test_two_pages_chat(server: Server, browser: OpenPage) -> None:
         assert await page.js("return document.getElementById('message').value") == ""
         assert await page.js("return document.querySelectorAll('#log .error').length") == 0
         assert await page.state() == "connected"
+
+    # The page says who it is on connecting: each sees its own arrival, and the page
+    # that came first sees the other's.
+    for page, me in ((one, 1), (two, 2)):
+        lines = partial(page.js, "return Array.from(document.querySelectorAll("
+                        "'#log [data-presence=chat_enter]')).map(function (e) "
+                        "{ return e.textContent; })")
+        await page.eventually(f"#{me} joined", partial(_has, lines, f"#{me} joined"))
+    await two.js("document.getElementById('disconnect').click()")
+    lines = partial(one.js, "return Array.from(document.querySelectorAll("
+                    "'#log [data-presence=chat_exit]')).map(function (e) "
+                    "{ return e.textContent; })")
+    await one.eventually("#2 left", partial(_has, lines, "#2 left \u00b7 1 online"))
 
     if shot := os.environ.get("TRIO_CHAT_SCREENSHOT"):
         await one.call(one.driver.save_screenshot, shot)

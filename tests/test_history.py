@@ -7,13 +7,8 @@ import json
 import pytest
 import trio
 
-from .conftest import chat_frame, open_ws, start_server, ws_url
+from .conftest import chat_frame, open_ws, recv, recv_text, start_server, ws_url
 from .rawws import http_get, read_http_response
-
-
-async def recv(ws, timeout: float = 10) -> dict:
-    with trio.fail_after(timeout):
-        return json.loads(await ws.get_message())
 
 
 async def fill(server, room: int, n: int, prefix: str = "m") -> None:
@@ -125,7 +120,7 @@ async def test_resume_has_no_gap_or_duplicate_while_others_send(nursery, any_con
 
         async def drain() -> None:
             while True:
-                await sender.get_message()
+                await recv_text(sender)
 
         with trio.fail_after(60):
             async with trio.open_nursery() as work:

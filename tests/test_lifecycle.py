@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import signal
 import socket
@@ -17,7 +16,16 @@ from trio_websocket import ConnectionClosed
 
 from trio_chat.metrics import count_tasks
 
-from .conftest import chat_frame, make_config, open_ws, start_server, wait_until, ws_url
+from .conftest import (
+    chat_frame,
+    make_config,
+    open_ws,
+    recv,
+    recv_text,
+    start_server,
+    wait_until,
+    ws_url,
+)
 from .rawws import RawClient, client_frame, handshake_request, read_http_response
 
 
@@ -40,7 +48,7 @@ def reset(stream: trio.SocketStream) -> None:
 async def _clean_session(port: int, room: int) -> None:
     async with open_ws(f"ws://127.0.0.1:{port}/ws/{room}") as ws:
         await ws.send_message(chat_frame("hi", room_id=room))
-        await ws.get_message()
+        await recv_text(ws)
 
 
 async def _reset_mid_frame(port: int, room: int) -> None:
@@ -131,11 +139,11 @@ async def test_slow_consumer_is_disconnected_and_the_room_keeps_going(nursery, d
 
         async def read_all() -> None:
             while len(got) < total:
-                got.append(json.loads(await reader.get_message())["content"])
+                got.append((await recv(reader))["content"])
 
         async def drain_sender() -> None:
             for _ in range(total):
-                await sender.get_message()
+                await recv_text(sender)
 
         with trio.fail_after(60):
             async with trio.open_nursery() as work:
@@ -179,12 +187,12 @@ async def test_graceful_shutdown_closes_with_1001_and_stores_everything(db_path)
                 await a.send_message(chat_frame(f"a{i}", room_id=12))
                 await b.send_message(chat_frame(f"b{i}", room_id=13))
             for _ in range(50):
-                await a.get_message()
-                await b.get_message()
+                await recv_text(a)
+                await recv_text(b)
             server.shutdown()
             for ws in (a, b):
                 with pytest.raises(ConnectionClosed) as info, trio.fail_after(10):
-                    await ws.get_message()
+                    await recv_text(ws)
                 assert info.value.reason.code == 1001
     with sqlite3.connect(db_path) as db:
         rows = db.execute("SELECT room_id, COUNT(*), MAX(id) FROM messages GROUP BY room_id "
@@ -210,10 +218,10 @@ async def test_process_stops_on_signal_with_1001_and_exit_0(tmp_path, signum) ->
             for i in range(30):
                 await ws.send_message(chat_frame(f"m{i}", room_id=7))
             for _ in range(30):
-                await ws.get_message()
+                await recv_text(ws)
             process.send_signal(signum)
             with pytest.raises(ConnectionClosed) as info, trio.fail_after(15):
-                await ws.get_message()
+                await recv_text(ws)
             assert info.value.reason.code == 1001
         with trio.fail_after(15):
             assert await process.wait() == 0

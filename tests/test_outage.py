@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import attrs
 import pytest
 import trio
@@ -15,6 +13,8 @@ from .conftest import (
     make_config,
     mysql_rows,
     open_ws,
+    recv,
+    recv_text,
     start_server,
     wait_until,
     ws_url,
@@ -32,11 +32,11 @@ async def test_outage_under_load_loses_nothing(nursery, db_path, mysql_db) -> No
 
         async def watch() -> None:
             while len(received) < total:
-                received.append(json.loads(await watcher.get_message())["id"])
+                received.append((await recv(watcher))["id"])
 
         async def drain() -> None:
             for _ in range(total):
-                await sender.get_message()
+                await recv_text(sender)
 
         with trio.fail_after(60):
             async with trio.open_nursery() as work:
@@ -70,12 +70,12 @@ async def test_full_buffer_refuses_with_an_error_never_silently(nursery, db_path
         # A room that is not open yet cannot learn its last id: 1013, try again later.
         async with open_ws(ws_url(server, 42)) as other:
             with pytest.raises(ConnectionClosed) as info, trio.fail_after(30):
-                await other.get_message()
+                await recv_text(other)
             assert info.value.reason.code == 1013
         outcomes = []
         for i in range(50):
             await ws.send_message(chat_frame(f"n{i}", room_id=41))
-            frame = json.loads(await ws.get_message())
+            frame = (await recv(ws))
             outcomes.append(frame.get("code") or frame["content"])
         accepted = [o for o in outcomes if o.startswith("n")]
         refused = [o for o in outcomes if o == "persistence_unavailable"]
@@ -87,7 +87,7 @@ async def test_full_buffer_refuses_with_an_error_never_silently(nursery, db_path
         await wait_until(lambda: server.store.lag == 0, timeout=30)
         # Accepting again once the store has caught up.
         await ws.send_message(chat_frame("after", room_id=41))
-        assert json.loads(await ws.get_message())["id"] == 21
+        assert (await recv(ws))["id"] == 21
     await wait_until(lambda: server.store.lag == 0, timeout=30)
     rows = mysql_rows(mysql_db, "SELECT content FROM messages WHERE room_id = 41 ORDER BY id")
     assert [r[0] for r in rows] == [f"n{i}" for i in range(20)] + ["after"]
@@ -104,7 +104,7 @@ async def test_mysql_store_closes_every_connection_and_task(db_path, mysql_db) -
         for room in range(5):
             async with open_ws(ws_url(server, room)) as ws:
                 await ws.send_message(chat_frame(f"r{room}", room_id=room))
-                await ws.get_message()
+                await recv_text(ws)
         assert sessions() >= 1
         server.shutdown()
     assert server.task is not None and not server.task.child_nurseries

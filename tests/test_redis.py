@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 import redis
@@ -15,7 +13,6 @@ from trio_chat.metrics import count_tasks
 
 from .conftest import (
     chat_frame,
-    free_port,
     node_config,
     open_ws,
     recv,
@@ -25,35 +22,6 @@ from .conftest import (
 )
 
 REDIS_PORT = 6379
-
-
-@pytest.fixture
-def redis_server() -> Iterator[Callable[[], int]]:
-    """A redis-server of the test's own on its own port; call it to (re)start it."""
-    binary = shutil.which("redis-server")
-    assert binary, "redis-server is not installed (scripts/services installs it)"
-    port = free_port()
-    processes: list[subprocess.Popen[bytes]] = []
-
-    def start() -> int:
-        process = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1",
-                                    "--save", "", "--appendonly", "no"],
-                                   stdout=subprocess.DEVNULL)
-        processes.append(process)
-        for _ in range(200):
-            try:
-                redis.Redis(port=port).ping()
-                return port
-            except redis.ConnectionError:
-                import time
-                time.sleep(0.02)
-        raise AssertionError("redis-server did not start")
-
-    start.processes = processes  # type: ignore[attr-defined]
-    yield start
-    for process in processes:
-        process.kill()
-        process.wait()
 
 
 @pytest.fixture
@@ -209,7 +177,7 @@ async def test_node_shutdown_after_churn_leaves_nothing(nursery, tmp_path, chann
         assert connections() >= 1
 
         async def chat(cycle: int) -> None:
-            async with open_ws(ws_url(server, 100 + cycle % 5)) as ws:
+            async with open_ws(ws_url(server, 100 + cycle % 5, f"?author_id={cycle}")) as ws:
                 await ws.send_message(chat_frame("x", room_id=100 + cycle % 5))
                 await recv(ws)
 
@@ -225,6 +193,9 @@ async def test_node_shutdown_after_churn_leaves_nothing(nursery, tmp_path, chann
         await wait_until(lambda: not server.hub.rooms and not server.hub.connections)
         await wait_until(lambda: count_tasks(server.task) == baseline)
         assert client.execute_command("PUBSUB", "SHARDCHANNELS", f"{channel}:{{*") == []
+        # Every presence entry withdrawn, and its keys with it.
+        await wait_until(lambda: not client.keys(f"{channel}:*:presence")
+                         and not client.keys(f"{channel}:*:online"))
         server.shutdown()
     assert server.task is not None and not server.task.child_nurseries
     await wait_until(lambda: connections() == 0)

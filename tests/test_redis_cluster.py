@@ -9,6 +9,7 @@ other.
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
@@ -27,6 +28,7 @@ from redis.crc import key_slot
 from trio_chat.metrics import count_tasks
 
 from .conftest import chat_frame, node_config, open_ws, recv, start_server, wait_until, ws_url
+from .rawws import http_get
 
 MASTERS = 3
 
@@ -422,3 +424,19 @@ async def test_a_shard_dropping_a_subscription_is_a_lost_connection(
     assert views["a"] == views["b"], "one order, nothing missed or doubled across the loss"
     assert [i for i, _ in views["a"]] == list(range(1, len(sent) + 1))
     assert [c for _, c in views["a"]] == sent
+
+
+async def test_presence_on_every_shard(nodes, redis_cluster: Cluster) -> None:
+    a, b = await nodes(2)
+    for room in [ids[0] for ids in redis_cluster.rooms_by_shard(1).values()]:
+        async with open_ws(ws_url(a, room, "?author_id=1")) as one:
+            assert (await recv(one, events=True))["message_type"] == "chat_enter"
+            async with open_ws(ws_url(b, room, "?author_id=2")):
+                frame = await recv(one, events=True)
+                assert (frame["message_type"], frame["author_id"], frame["online"]) == (
+                    "chat_enter", 2, 2)
+                status, _, body = await http_get(b.port, f"/rooms/{room}/members")
+                assert status == 200 and json.loads(body)["members"] == [1, 2]
+            frame = await recv(one, events=True)
+            assert (frame["message_type"], frame["author_id"], frame["online"]) == (
+                "chat_exit", 2, 1)

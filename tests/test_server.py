@@ -12,18 +12,22 @@ from trio_websocket import ConnectionClosed
 
 from trio_chat.connection import ChatConnection
 
-from .conftest import chat_frame, make_config, open_ws, start_server, wait_until, ws_url
+from .conftest import (
+    chat_frame,
+    make_config,
+    open_ws,
+    recv,
+    recv_text,
+    start_server,
+    wait_until,
+    ws_url,
+)
 from .rawws import RawClient, client_frame, handshake_request, http_get, read_http_response
-
-
-async def recv(ws, timeout: float = 10) -> dict:
-    with trio.fail_after(timeout):
-        return json.loads(await ws.get_message())
 
 
 async def assert_silent(ws, seconds: float = 0.2) -> None:
     with trio.move_on_after(seconds):
-        message = await ws.get_message()
+        message = await recv_text(ws)
         raise AssertionError(f"unexpected frame: {message}")
 
 
@@ -48,7 +52,7 @@ async def test_one_message_one_frame(server) -> None:
         for i in range(20):
             await ws.send_message(chat_frame(f"m{i}", room_id=5))
         for i in range(20):
-            raw = await ws.get_message()
+            raw = await recv_text(ws)
             assert "\n" not in raw
             assert json.loads(raw)["content"] == f"m{i}"
 
@@ -99,7 +103,7 @@ async def test_oversized_frame_closes_with_1009_and_nothing_is_stored(nursery, d
             open_ws(ws_url(server, 9)) as watcher:
         await ws.send_message(chat_frame("x" * 2000, room_id=9))
         with pytest.raises(ConnectionClosed) as info, trio.fail_after(10):
-            await ws.get_message()
+            await recv_text(ws)
         assert info.value.reason.code == 1009
         await assert_silent(watcher)
     assert server.metrics.oversized_frames == 1
@@ -254,7 +258,7 @@ async def test_join_gets_recent_history_then_live_without_gap(nursery, db_path) 
 
         async def drain() -> None:
             while True:
-                await sender.get_message()
+                await recv_text(sender)
 
         with trio.fail_after(30):
             async with trio.open_nursery() as work:
@@ -316,7 +320,7 @@ async def test_exception_in_one_handler_leaves_others_alone(server, monkeypatch)
             open_ws(ws_url(server, 4)) as bystander:
         await victim.send_message(chat_frame("boom", room_id=4))
         with pytest.raises(ConnectionClosed) as info, trio.fail_after(10):
-            await victim.get_message()
+            await recv_text(victim)
         assert info.value.reason.code == 1011
         await bystander.send_message(chat_frame("fine", room_id=4))
         assert (await recv(bystander))["content"] == "fine"

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 import attrs
@@ -17,7 +18,8 @@ import psutil
 import pytest
 import trio
 
-from .rawws import read_http_response
+from .conftest import chat_frame, open_ws, recv
+from .rawws import http_get, read_http_response
 
 REDIS = {"host": "127.0.0.1", "port": 6379}
 # Generous: a loaded CI machine starts Python processes slowly.
@@ -65,11 +67,12 @@ class Cluster:
 
 
 @asynccontextmanager
-async def open_cluster(tmp_path: Path, count: int = 2) -> AsyncIterator[Cluster]:
+async def open_cluster(tmp_path: Path, count: int = 2, redis: dict[str, object] = REDIS
+                       ) -> AsyncIterator[Cluster]:
     """``serve --workers count`` in its own session (as a shell would start it), its
     output in a file; yields once every worker listens on the port."""
     port = free_port()
-    config = write_config(tmp_path, redis=REDIS, server={"port": port, "shutdownTimeout": 5})
+    config = write_config(tmp_path, redis=redis, server={"port": port, "shutdownTimeout": 5})
     log_path = tmp_path / "supervisor.log"
     workers: list[psutil.Process] = []
     with log_path.open("wb") as log_file:
@@ -189,3 +192,41 @@ async def test_workers_stop_when_the_supervisor_is_killed(tmp_path: Path) -> Non
         for index in (1, 2):
             assert f"[worker {index}/2] trio_chat: the supervisor (pid " \
                    f"{cluster.supervisor.pid}) is gone" in log
+
+
+def chatting_on(process: psutil.Process, port: int) -> int:
+    """Established connections of ``process`` on the shared ``port``."""
+    try:
+        return sum(1 for c in process.net_connections(kind="tcp")
+                   if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port)
+    except psutil.NoSuchProcess:
+        return 0
+
+
+async def test_clients_on_different_workers_chat_as_one_room(tmp_path: Path) -> None:
+    channel = f"trio-chat-test-{secrets.token_hex(4)}"
+    redis = {**REDIS, "listeningChannelName": channel, "publishChannelName": channel}
+    async with open_cluster(tmp_path, redis=redis) as cluster, AsyncExitStack() as stack:
+        url = f"ws://127.0.0.1:{cluster.port}/ws/31"
+        clients = []
+        # The kernel picks a worker for each connection by a hash of its addresses:
+        # connect until both workers hold some (16 all on one: 1 in 32768).
+        while len(clients) < 16 or not all(chatting_on(w, cluster.port) for w in cluster.workers):
+            assert len(clients) < 64, "SO_REUSEPORT put every connection on one worker"
+            clients.append(await stack.enter_async_context(
+                open_ws(f"{url}?author_id={len(clients)}")))
+        for n, ws in enumerate(clients):
+            await ws.send_message(chat_frame(f"from {n}", room_id=31, author_id=n))
+        views = [[(m["id"], m["content"]) for m in [await recv(ws) for _ in clients]]
+                 for ws in clients]
+        assert all(view == views[0] for view in views), "one order on both workers"
+        assert [i for i, _ in views[0]] == list(range(1, len(clients) + 1))
+        assert sorted(c for _, c in views[0]) == sorted(f"from {n}" for n in range(len(clients)))
+        # Either worker answers, with every author from both.
+        with trio.fail_after(20):
+            while True:
+                status, _, body = await http_get(cluster.port, "/rooms/31/members")
+                assert status == 200, body
+                if json.loads(body)["members"] == list(range(len(clients))):
+                    break
+                await trio.sleep(0.05)

@@ -31,7 +31,7 @@ import json
 import logging
 import random
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any, Protocol
 
 import attrs
@@ -43,7 +43,7 @@ from redis.backoff import NoBackoff
 
 from . import bridge
 from .config import RedisConfig
-from .protocol import Draft, Message, accept, message_from_wire, utc_now
+from .protocol import Draft, Message, accept, message_from_wire, presence_event, utc_now
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,9 @@ class Subscriber(Protocol):
     last_id: int
 
     def deliver(self, message: Message) -> None: ...
+
+    def deliver_event(self, text: str) -> None:
+        """An event without an id (presence), in order with the messages around it."""
 
 
 class Broker(Protocol):
@@ -74,6 +77,19 @@ class Broker(Protocol):
     async def publish(self, draft: Draft) -> Message:
         """Assign an id to ``draft``; the room must have a subscriber on this node."""
 
+    def on_reconnect(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` each time the broker is back after losing its connection."""
+
+    async def presence(self, room_id: int, add: Collection[int], remove: Collection[int],
+                       ttl: float) -> list[int]:
+        """Register (``add``, also a refresh) or withdraw (``remove``) this node's presence
+        of authors in ``room_id``; entries not refreshed within ``ttl`` seconds expire.
+
+        An author's first entry on any node is announced to the room as
+        ``chat_enter``, its last one leaving (or expiring) as ``chat_exit``.
+        Returns the authors online in the room on every node.
+        """
+
 
 @attrs.define(eq=False)
 class _LocalRoom:
@@ -85,6 +101,7 @@ class _LocalRoom:
 class LocalBroker:
     _store: Store
     _rooms: dict[int, _LocalRoom] = attrs.field(init=False, factory=dict)
+    _online: dict[int, set[int]] = attrs.field(init=False, factory=dict)
 
     async def subscribe(self, room_id: int, subscriber: Subscriber) -> None:
         room = self._rooms.get(room_id)
@@ -116,6 +133,33 @@ class LocalBroker:
             subscriber.deliver(message)
         return message
 
+    def on_reconnect(self, callback: Callable[[], None]) -> None:
+        pass  # it never loses a connection
+
+    async def presence(self, room_id: int, add: Collection[int], remove: Collection[int],
+                       ttl: float) -> list[int]:
+        # One node: its own entries are all there is, and they never outlive it.
+        online = self._online.setdefault(room_id, set())
+        events = []
+        for author_id in remove:
+            if author_id in online:
+                online.discard(author_id)
+                events.append(presence_event("chat_exit", room_id, author_id, len(online),
+                                             utc_now()))
+        for author_id in add:
+            if author_id not in online:
+                online.add(author_id)
+                events.append(presence_event("chat_enter", room_id, author_id, len(online),
+                                             utc_now()))
+        if not online:
+            del self._online[room_id]
+        room = self._rooms.get(room_id)
+        if room is not None:
+            for text in events:
+                for subscriber in room.subscribers:
+                    subscriber.deliver_event(text)
+        return sorted(online)
+
 
 # KEYS: the room's counter, the room's recent list (one hash slot: both carry the
 # room's {hash tag}, and so does the shard channel, as a Redis Cluster requires of
@@ -136,6 +180,54 @@ redis.call('EXPIRE', KEYS[1], ARGV[5])
 redis.call('EXPIRE', KEYS[2], ARGV[5])
 redis.call('SPUBLISH', ARGV[1], payload)
 return id
+"""
+
+# KEYS: the room's presence entries (a sorted set of "author|node", scored by expiry
+# in ms of Redis's clock, so nodes' clocks do not matter) and its online authors (a
+# hash: author -> how many nodes have an entry). Both carry the room's {hash tag}.
+# ARGV: the shard channel, this node, the entries' ttl in ms, the event time, the
+# room id, how many authors to remove, then those authors, then the authors to add
+# (or refresh). Expired entries (a node that died) are purged first. Every change
+# that makes an author appear or vanish is published on the room's channel, after
+# the messages before it and before those after it. Returns the online authors.
+_PRESENCE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local function announce(kind, author)
+    redis.call('SPUBLISH', ARGV[1], '{"message_type":"' .. kind .. '","author_id":' ..
+        author .. ',"room_id":' .. ARGV[5] .. ',"content":"","create_at":"' .. ARGV[4] ..
+        '","online":' .. redis.call('HLEN', KEYS[2]) .. '}')
+end
+local function withdraw(author)
+    if redis.call('HINCRBY', KEYS[2], author, -1) <= 0 then
+        redis.call('HDEL', KEYS[2], author)
+        announce('chat_exit', author)
+    end
+end
+for _, entry in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)) do
+    redis.call('ZREM', KEYS[1], entry)
+    withdraw(string.match(entry, '^[^|]+'))
+end
+local removals = tonumber(ARGV[6])
+for i = 7, 6 + removals do
+    if redis.call('ZREM', KEYS[1], ARGV[i] .. '|' .. ARGV[2]) == 1 then
+        withdraw(ARGV[i])
+    end
+end
+local ttl = tonumber(ARGV[3])
+for i = 7 + removals, #ARGV do
+    if redis.call('ZADD', KEYS[1], now + ttl, ARGV[i] .. '|' .. ARGV[2]) == 1 and
+            redis.call('HINCRBY', KEYS[2], ARGV[i], 1) == 1 then
+        announce('chat_enter', ARGV[i])
+    end
+end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+    redis.call('PEXPIRE', KEYS[1], 2 * ttl)
+    redis.call('PEXPIRE', KEYS[2], 2 * ttl)
+else
+    redis.call('DEL', KEYS[2])
+end
+return redis.call('HKEYS', KEYS[2])
 """
 
 KEY_TTL = 7 * 24 * 3600
@@ -160,6 +252,7 @@ class RedisBroker:
     _client: Any = attrs.field(init=False, default=None)
     _pubsub: Any = attrs.field(init=False, default=None)
     _script: Any = attrs.field(init=False, default=None)
+    _presence_script: Any = attrs.field(init=False, default=None)
     _connected: trio.Event = attrs.field(init=False, factory=trio.Event)
     down_since: float | None = attrs.field(init=False, default=None)
     # Cluster mode: whether the last connection found a Redis Cluster, and the
@@ -174,12 +267,17 @@ class RedisBroker:
     # Cluster mode: SUNSUBSCRIBEs sent and not yet confirmed, per channel. Any other
     # sunsubscribe is the cluster dropping a subscription (its slot moved).
     _leaving: dict[str, int] = attrs.field(init=False, factory=dict)
+    _reconnected: list[Callable[[], None]] = attrs.field(init=False, factory=list)
 
     def _seq_key(self, room_id: int) -> str:
         return f"{self._config.publish_channel_name}:{{{room_id}}}:seq"
 
     def _recent_key(self, room_id: int) -> str:
         return f"{self._config.publish_channel_name}:{{{room_id}}}:recent"
+
+    def _presence_keys(self, room_id: int) -> list[str]:
+        prefix = f"{self._config.publish_channel_name}:{{{room_id}}}"
+        return [f"{prefix}:presence", f"{prefix}:online"]
 
     def _publish_channel(self, room_id: int) -> str:
         return f"{self._config.publish_channel_name}:{{{room_id}}}"
@@ -216,6 +314,7 @@ class RedisBroker:
         if not await self._aio_connect_node():
             await self._aio_connect_cluster()
         self._script = self._client.register_script(_PUBLISH)
+        self._presence_script = self._client.register_script(_PRESENCE)
         # In cluster mode ClusterPubSub sends one SSUBSCRIBE per channel, each to its
         # slot's node (one command may not name channels of different slots).
         await self._pubsub.ssubscribe(*channels)
@@ -470,11 +569,14 @@ class RedisBroker:
             await self._recover(room_id)
         for message in early:
             self._dispatch(message["channel"], message["data"])
+        back = self.down_since is not None
         if self.down_since is not None:
             log.warning("Redis is back after %.1fs; resubscribed %d rooms",
                         trio.current_time() - self.down_since, len(self._rooms))
             self.down_since = None
         self._connected.set()
+        for callback in self._reconnected if back else ():
+            callback()
         ready()
         while True:
             for message in await next_batch():
@@ -491,6 +593,10 @@ class RedisBroker:
         room_id = self._room_of(channel)
         subscribers = self._rooms.get(room_id) if room_id is not None else None
         if not subscribers:
+            return
+        if not data.startswith('{"id":'):
+            for subscriber in subscribers:  # an event, already in its wire form
+                subscriber.deliver_event(data)
             return
         message = message_from_wire(json.loads(data))
         for subscriber in subscribers:
@@ -612,3 +718,20 @@ class RedisBroker:
             raise BrokerUnavailable(f"Redis is unreachable: {exc}") from exc
         # Delivery comes back through the subscription, like everyone else's.
         return accept(draft, int(message_id), received_at)
+
+    def on_reconnect(self, callback: Callable[[], None]) -> None:
+        self._reconnected.append(callback)
+
+    async def presence(self, room_id: int, add: Collection[int], remove: Collection[int],
+                       ttl: float) -> list[int]:
+        if not self.connected:
+            raise BrokerUnavailable("Redis is unreachable")
+        args = [self._publish_channel(room_id), self.node, max(1, round(ttl * 1000)),
+                utc_now(), room_id, len(remove), *remove, *add]
+        try:
+            with trio.fail_after(self.timeout):
+                online = await bridge.call(self._presence_script,
+                                           keys=self._presence_keys(room_id), args=args)
+        except UNAVAILABLE as exc:
+            raise BrokerUnavailable(f"Redis is unreachable: {exc}") from exc
+        return sorted(int(author_id) for author_id in online)

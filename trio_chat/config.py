@@ -62,6 +62,7 @@ class ServerConfig:
     shutdown_timeout: float = _opt("shutdownTimeout", 10.0, float, low=0.0, high=3600)
     store_buffer: int = _opt("storeBuffer", 100_000, int, low=1, high=10_000_000)
     store_batch: int = _opt("storeBatch", 1000, int, low=1, high=100_000)
+    presence_ttl: float = _opt("presenceTtl", 30.0, float, low=0.1, high=86400)
 
 
 @attrs.frozen

@@ -18,6 +18,7 @@ from .broker import BrokerUnavailable
 from .hub import Hub
 from .metrics import Metrics
 from .protocol import FrameError, encode_error, parse_chat_frame, text_frame
+from .room import Room
 from .store import StoreUnavailable
 from .websocket import MESSAGE_TOO_BIG, TRY_AGAIN_LATER, Limits, WebSocket
 
@@ -30,7 +31,10 @@ class ChatConnection:
     remote: str
     _hub: Hub
     _metrics: Metrics
+    # Who is connected: from the upgrade URL's author_id, else the first valid frame's.
+    author_id: int | None = None
     ws: WebSocket = attrs.field(init=False)
+    room: Room | None = attrs.field(init=False, default=None)
     # Live frames kept back while a resume reads history from the store.
     _held: list[bytes] | None = attrs.field(init=False, default=None)
 
@@ -71,6 +75,8 @@ class ChatConnection:
             self._metrics.bad_frames += 1
             self._error(exc.code, exc.detail)
             return
+        if self.author_id is None and self.room is not None:
+            self._hub.identify(self.room, self, draft.author_id)
         try:
             await self._hub.publish(draft)
         except StoreUnavailable as exc:
@@ -81,9 +87,9 @@ class ChatConnection:
 
 async def serve_connection(stream: trio.abc.Stream, *, hub: Hub, metrics: Metrics,
                            limits: Limits, room_id: int, remote: str, since: int | None = None,
-                           trailing_data: bytes = b"") -> None:
+                           author_id: int | None = None, trailing_data: bytes = b"") -> None:
     """Run one upgraded connection to its end. The caller closes ``stream``."""
-    connection = ChatConnection(room_id, remote, hub, metrics)
+    connection = ChatConnection(room_id, remote, hub, metrics, author_id)
 
     def on_slow() -> None:
         metrics.slow_consumer_disconnects += 1
@@ -101,6 +107,7 @@ async def serve_connection(stream: trio.abc.Stream, *, hub: Hub, metrics: Metric
             ws.close(TRY_AGAIN_LATER, "room unavailable, try again later")
             await ws.serve(connection.on_message)
             return
+        connection.room = room
         try:
             await ws.serve(connection.on_message)
         finally:

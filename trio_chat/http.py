@@ -26,8 +26,9 @@ import h11
 import trio
 from wsproto.utilities import generate_accept_token
 
+from .broker import BrokerUnavailable
 from .connection import serve_connection
-from .protocol import INT64_MAX, parse_room_id
+from .protocol import INT64_MAX, INT64_MIN, parse_room_id
 
 if TYPE_CHECKING:
     from .server import Server
@@ -152,6 +153,17 @@ async def _history(server: Server, request: Request, match: re.Match[str]) -> Re
                                 "next": next_page})
 
 
+async def _members(server: Server, request: Request, match: re.Match[str]) -> Response:
+    room_id = _room_id(match)
+    try:
+        members = await server.hub.presence.members(room_id)
+    except BrokerUnavailable as exc:
+        raise HttpError(error(503, "sync_unavailable", str(exc),
+                              (("retry-after", "1"),))) from None
+    return json_response(200, {"room_id": room_id, "online": len(members),
+                                "members": members})
+
+
 async def _ws_without_upgrade(server: Server, request: Request,
                               match: re.Match[str]) -> Response:
     return error(426, "upgrade_required", "this endpoint speaks WebSocket only",
@@ -164,6 +176,7 @@ ROUTES: list[Route] = [
     Route("GET", re.compile(r"/metrics\Z"), _metrics),
     Route("GET", re.compile(r"/ws/(?P<room>[^/]*)\Z"), _ws_without_upgrade),
     Route("GET", re.compile(r"/rooms/(?P<room>[^/]*)/messages\Z"), _history),
+    Route("GET", re.compile(r"/rooms/(?P<room>[^/]*)/members\Z"), _members),
 ]
 
 
@@ -285,6 +298,7 @@ async def serve_http(server: Server, stream: trio.abc.Stream, remote: str) -> No
                 try:
                     room_id = _room_id(match)
                     since = _query_int(request, "since", low=0)
+                    author_id = _query_int(request, "author_id", low=INT64_MIN)
                     response = _check_handshake(request.headers)
                 except HttpError as exc:
                     response = exc.response
@@ -311,7 +325,8 @@ async def serve_http(server: Server, stream: trio.abc.Stream, remote: str) -> No
             trailing, _ = conn.trailing_data
             await serve_connection(stream, hub=server.hub, metrics=server.metrics,
                                    limits=server.limits, room_id=upgrade_to, remote=remote,
-                                   since=since, trailing_data=trailing)
+                                   since=since, author_id=author_id,
+                                   trailing_data=trailing)
             return
         if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
             return

@@ -1,20 +1,27 @@
 """The hub (the seed's Hub, LINE's ChatSupervisor): which rooms are alive, who is connected.
 
-Owns the registry of live rooms and open connections, and the nursery the
-rooms run in (:meth:`Hub.run`). A room is created when its first member
-joins and removed from the registry the moment its last member leaves, so a
-new joiner never lands in a room that is shutting down.
+Owns the registry of live rooms and open connections, who is online in each
+room, and the nursery the rooms run in (:meth:`Hub.run`). A room is created
+when its first member joins and removed from the registry the moment its last
+member leaves, so a new joiner never lands in a room that is shutting down.
+
+Presence (:class:`Presence`) counts this node's connections per author and
+room and keeps the broker's registry, shared by every node, in step: an author
+is online in a room while any node has a connection of theirs there. Its task
+runs in the hub's nursery beside the rooms.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 import attrs
 import trio
 
-from .broker import Broker
+from .broker import Broker, BrokerUnavailable
 from .metrics import Metrics
 from .protocol import Draft, Message
 from .room import Member, Room
@@ -28,6 +35,115 @@ class Connection(Member, Protocol):
 
 
 @attrs.define(eq=False)
+class Presence:
+    """This node's share of who is online: connections per (room, author), kept
+    registered with the broker.
+
+    :meth:`add` and :meth:`remove` only count; :meth:`run` sends the changes,
+    coalesced (an author who comes and goes between two updates is never
+    announced), and every ``ttl / 3`` seconds re-registers every entry of this
+    node, which also purges the expired entries of nodes that died. When the
+    broker is unreachable it retries every second, re-registering everything
+    once it answers.
+    """
+
+    _broker: Broker
+    _metrics: Metrics
+    # The rooms alive on this node: refreshed even without an author here, so a
+    # dead node's entries are purged (and announced) while anyone is listening.
+    _live_rooms: Callable[[], Iterable[int]]
+    ttl: float = 30.0
+    _local: dict[int, Counter[int]] = attrs.field(init=False, factory=dict)
+    _registered: dict[int, frozenset[int]] = attrs.field(init=False, factory=dict)
+    _dirty: set[int] = attrs.field(init=False, factory=set)
+    _wake: trio.Event = attrs.field(init=False, factory=trio.Event)
+    _lock: trio.Lock = attrs.field(init=False, factory=trio.Lock)
+    _full: bool = attrs.field(init=False, default=False)
+
+    def __attrs_post_init__(self) -> None:
+        # Redis may have lost every entry (a restart): register them all again.
+        self._broker.on_reconnect(self.refresh_soon)
+
+    def refresh_soon(self) -> None:
+        """Re-register every entry of this node at the next wake-up."""
+        self._full = True
+        self._wake.set()
+
+    def add(self, room_id: int, author_id: int) -> None:
+        authors = self._local.setdefault(room_id, Counter())
+        authors[author_id] += 1
+        if authors[author_id] == 1:
+            self._changed(room_id)
+
+    def remove(self, room_id: int, author_id: int) -> None:
+        authors = self._local[room_id]
+        authors[author_id] -= 1
+        if not authors[author_id]:
+            del authors[author_id]
+            if not authors:
+                del self._local[room_id]
+            self._changed(room_id)
+
+    def _changed(self, room_id: int) -> None:
+        self._dirty.add(room_id)
+        self._wake.set()
+
+    @property
+    def entries(self) -> int:
+        """(room, author) pairs with a connection on this node."""
+        return sum(len(authors) for authors in self._local.values())
+
+    async def members(self, room_id: int) -> list[int]:
+        """The authors online in ``room_id`` on every node."""
+        return await self._broker.presence(room_id, (), (), self.ttl)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        task_status.started()
+        refresh_at = trio.current_time() + self.ttl / 3
+        while True:
+            with trio.move_on_at(refresh_at):
+                await self._wake.wait()
+            self._wake = trio.Event()
+            full, self._full = self._full or trio.current_time() >= refresh_at, False
+            if full:
+                refresh_at = trio.current_time() + self.ttl / 3
+            try:
+                await self._sync(full)
+            except BrokerUnavailable as exc:
+                self._metrics.presence_failures += 1
+                log.debug("presence update failed: %s", exc)
+                await trio.sleep(1)
+                self.refresh_soon()
+
+    async def flush(self) -> None:
+        """Send what changed now (graceful shutdown: withdraw before exiting)."""
+        await self._sync(full=False)
+
+    async def _sync(self, full: bool) -> None:
+        async with self._lock:
+            rooms = set(self._dirty)
+            if full:
+                rooms.update(self._registered, self._live_rooms())
+            for room_id in rooms:
+                self._dirty.discard(room_id)
+                want = frozenset(self._local.get(room_id, ()))
+                had = self._registered.get(room_id, frozenset())
+                add, remove = (want if full else want - had), had - want
+                if not (full or add or remove):
+                    continue
+                try:
+                    await self._broker.presence(room_id, add, remove, self.ttl)
+                except BaseException:
+                    self._dirty.add(room_id)
+                    raise
+                if want:
+                    self._registered[room_id] = want
+                else:
+                    self._registered.pop(room_id, None)
+
+
+@attrs.define(eq=False)
 class Hub:
     _store: Store
     _broker: Broker
@@ -35,13 +151,20 @@ class Hub:
     _history_size: int
     _replay_limit: int
     rooms: dict[int, Room] = attrs.field(init=False, factory=dict)
+    presence_ttl: float = 30.0
     connections: set[Connection] = attrs.field(init=False, factory=set)
+    presence: Presence = attrs.field(init=False)
     _nursery: trio.Nursery | None = attrs.field(init=False, default=None)
+
+    def __attrs_post_init__(self) -> None:
+        self.presence = Presence(self._broker, self._metrics, self.rooms.keys,
+                                 self.presence_ttl)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
-        """Hold the rooms' nursery open until cancelled."""
+        """Hold the rooms' nursery open, with the presence task in it, until cancelled."""
         async with trio.open_nursery() as nursery:
+            await nursery.start(self.presence.run)
             self._nursery = nursery
             task_status.started()
             await trio.sleep_forever()
@@ -70,11 +193,23 @@ class Hub:
         try:
             await room.join(member, since)
         except BaseException:
-            self.leave(room, member)
+            self._leave_room(room, member)
             raise
+        if member.author_id is not None:
+            self.presence.add(room_id, member.author_id)
         return room
 
+    def identify(self, room: Room, member: Member, author_id: int) -> None:
+        """``member``, in ``room`` and not yet known, turns out to be ``author_id``."""
+        member.author_id = author_id
+        self.presence.add(room.id, author_id)
+
     def leave(self, room: Room, member: Member) -> None:
+        if member.author_id is not None:
+            self.presence.remove(room.id, member.author_id)
+        self._leave_room(room, member)
+
+    def _leave_room(self, room: Room, member: Member) -> None:
         if room.leave(member) and self.rooms.get(room.id) is room:
             del self.rooms[room.id]
 

@@ -32,6 +32,8 @@ class Metrics:
     connections_total: int = 0
     messages_received: int = 0
     messages_delivered: int = 0
+    events_delivered: int = 0
+    presence_failures: int = 0
     slow_consumer_disconnects: int = 0
     bad_frames: int = 0
     oversized_frames: int = 0
@@ -65,6 +67,8 @@ _COUNTERS: Iterable[tuple[str, str]] = (
     ("connections_total", "WebSocket connections accepted since start."),
     ("messages_received", "Chat messages accepted from clients."),
     ("messages_delivered", "Frames queued for room members by fan-out."),
+    ("events_delivered", "Event frames (chat_enter, chat_exit) queued for room members."),
+    ("presence_failures", "Presence updates that failed (each retried)."),
     ("slow_consumer_disconnects", "Connections closed because they could not keep up."),
     ("bad_frames", "Client frames refused with an error frame."),
     ("oversized_frames", "Connections closed for a frame over the size limit (1009)."),

@@ -167,6 +167,19 @@ def encode_event(message_type: str, **fields: Any) -> str:
     return _dumps({"message_type": message_type, **fields})
 
 
+PRESENCE_EVENTS = ("chat_enter", "chat_exit")
+
+
+def presence_event(kind: str, room_id: int, author_id: int, online: int, at: str) -> str:
+    """A ``chat_enter``/``chat_exit`` event: the seed's message fields (``content`` empty)
+    without an ``id``, plus how many authors are online in the room after it.
+
+    The Redis broker's presence script writes the same shape; keep them in step.
+    """
+    return _dumps({"message_type": kind, "author_id": author_id, "room_id": room_id,
+                   "content": "", "create_at": at, "online": online})
+
+
 def text_frame(text: str) -> bytes:
     """One unmasked, final WebSocket text frame (server to client)."""
     payload = text.encode("utf-8")

@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 
 
 class Member(Protocol):
+    # Who this member is, once known (from the upgrade URL or the first message).
+    author_id: int | None
+
     def send_frame(self, frame: bytes) -> None: ...
 
     def send_history(self, frames: list[bytes]) -> None:
@@ -100,6 +103,15 @@ class Room:
         for member in self.members:
             member.send_frame(frame)
         self._metrics.messages_delivered += len(self.members)
+
+    def deliver_event(self, text: str) -> None:
+        """Fan an event without an id (presence) out to every member; not kept for replay."""
+        if self._early is not None:
+            return  # the room is still loading: it has no members to tell
+        frame = text_frame(text)
+        for member in self.members:
+            member.send_frame(frame)
+        self._metrics.events_delivered += len(self.members)
 
     async def join(self, member: Member, since: int | None = None) -> None:
         """Make ``member`` a member, sending history first: no gap, no repeat.

@@ -18,7 +18,7 @@ import attrs
 import trio
 
 from .bridge import open_bridge
-from .broker import Broker, LocalBroker, RedisBroker
+from .broker import Broker, BrokerUnavailable, LocalBroker, RedisBroker
 from .config import Config
 from .http import load_demo_page, serve_http
 from .hub import Hub
@@ -87,7 +87,7 @@ class Server:
         broker: LocalBroker | RedisBroker = (
             RedisBroker(config.redis, store, recent_size=max(100, s.history_on_join))
             if config.redis is not None else LocalBroker(store))
-        hub = Hub(store, broker, metrics, s.history_on_join, s.replay_limit)
+        hub = Hub(store, broker, metrics, s.history_on_join, s.replay_limit, s.presence_ttl)
         limits = Limits(max_message_bytes=s.max_frame_bytes,
                         queue_frames=s.send_queue_messages, queue_bytes=s.send_queue_bytes,
                         write_wait=s.write_wait, ping_period=s.ping_period,
@@ -97,6 +97,9 @@ class Server:
                           lambda: len(hub.connections))
         metrics.add_gauge("rooms_live", "Rooms with members on this node.",
                           lambda: len(hub.rooms))
+        metrics.add_gauge("presence_entries",
+                          "Authors online in a room through a connection to this node.",
+                          lambda: hub.presence.entries)
         metrics.add_gauge("trio_tasks", "Live trio tasks in this process.", count_tasks)
         metrics.add_gauge("store_lag_messages", "Accepted messages not yet written.",
                           lambda: store.lag)
@@ -153,6 +156,12 @@ class Server:
                 # Grace for the close handshakes; half the budget, the rest is the flush's.
                 connections.cancel_scope.deadline = started + s.shutdown_timeout / 2
             with trio.move_on_at(started + s.shutdown_timeout) as flush_scope:
+                try:
+                    # Withdraw at once; otherwise other nodes see us online until it expires.
+                    await self.hub.presence.flush()
+                except BrokerUnavailable:
+                    log.warning("could not withdraw presence; it expires in %gs",
+                                s.presence_ttl)
                 await self.store.flush()
             if flush_scope.cancelled_caught:
                 log.error("shutdown deadline passed with %d messages not stored",
