@@ -199,3 +199,21 @@ async def test_node_shutdown_after_churn_leaves_nothing(nursery, tmp_path, chann
         server.shutdown()
     assert server.task is not None and not server.task.child_nurseries
     await wait_until(lambda: connections() == 0)
+
+
+async def test_a_redis_blip_holds_sends_instead_of_refusing_them(nodes, redis_server) -> None:
+    port = redis_server()
+    (a,) = await nodes(1, port=port)
+    a.broker.outage_hold = 30  # generous: a loaded machine restarts Redis slowly
+    async with open_ws(ws_url(a, 12)) as ws:
+        await ws.send_message(chat_frame("before", room_id=12))
+        assert (await recv(ws))["id"] == 1
+        process = redis_server.processes[-1]  # type: ignore[attr-defined]
+        process.kill()
+        process.wait()
+        await wait_until(lambda: not a.broker.connected)
+        await ws.send_message(chat_frame("during", room_id=12))
+        await trio.sleep(0.3)
+        redis_server()  # empty: the counter restarts from the node's last id
+        frame = await recv(ws, timeout=40)
+        assert (frame["content"], frame["id"]) == ("during", 2)

@@ -246,6 +246,8 @@ class RedisBroker:
     _store: Store
     recent_size: int = 100
     timeout: float = 5.0
+    # How long a send waits for a lost Redis to come back before it is refused.
+    outage_hold: float = 3.0
     node: str = attrs.field(factory=lambda: secrets.token_hex(4))
     _rooms: dict[int, list[Subscriber]] = attrs.field(init=False, factory=dict)
     _confirmations: dict[str, trio.Event] = attrs.field(init=False, factory=dict)
@@ -699,14 +701,19 @@ class RedisBroker:
         return sorted(merged.values(), key=lambda m: m.id)
 
     async def publish(self, draft: Draft) -> Message:
+        if not self.connected:
+            # A blip (a Redis restart, a failover) should not reach the users: hold
+            # the send until the reconnection, within reason.
+            with trio.move_on_after(self.outage_hold):
+                await self._connected.wait()
+            if not self.connected:
+                raise BrokerUnavailable("Redis is unreachable")
         subscribers = self._rooms.get(draft.room_id, ())
         floor = max((s.last_id for s in subscribers), default=0)
         received_at = utc_now()
         wire = accept(draft, 0, received_at).to_wire()
         del wire["id"]
         body = json.dumps(wire, ensure_ascii=False, separators=(",", ":"))[1:]
-        if not self.connected:
-            raise BrokerUnavailable("Redis is unreachable")
         try:
             with trio.fail_after(self.timeout):
                 message_id = await bridge.call(
