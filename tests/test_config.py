@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from trio_chat.config import ConfigError, load_config, parse_config
+from trio_chat.store import SCHEMA_VERSION
 
 EXAMPLE = Path(__file__).parent.parent / "config.json.example"
 
@@ -139,7 +140,8 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 def test_migrate_creates_and_reports_the_schema(tmp_path: Path, mysql_db) -> None:
     result = _cli("migrate", "--sqlite", str(tmp_path / "m.db"))
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == f"SQLite {tmp_path / 'm.db'}: schema at version 1"
+    schema = f"schema at version {SCHEMA_VERSION}"
+    assert result.stdout.strip() == f"SQLite {tmp_path / 'm.db'}: {schema}"
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"db": {"host": mysql_db.host, "port": str(mysql_db.port),
                                        "id": mysql_db.id, "password": mysql_db.password,
@@ -147,7 +149,7 @@ def test_migrate_creates_and_reports_the_schema(tmp_path: Path, mysql_db) -> Non
     for _ in range(2):  # and again: nothing left to do, same version
         result = _cli("migrate", str(path))
         assert result.returncode == 0, result.stderr
-        assert result.stdout.strip().endswith(f"/{mysql_db.database}: schema at version 1")
+        assert result.stdout.strip().endswith(f"/{mysql_db.database}: {schema}")
 
 
 def test_unreachable_database_is_one_line_naming_it(tmp_path: Path) -> None:

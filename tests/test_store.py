@@ -12,7 +12,16 @@ from trio_chat.bridge import open_bridge
 from trio_chat.config import DbConfig
 from trio_chat.metrics import Metrics
 from trio_chat.protocol import Message
-from trio_chat.store import SCHEMA_VERSION, Backend, MysqlBackend, SqliteBackend, Store
+from trio_chat.store import (
+    SCHEMA_VERSION,
+    Backend,
+    Ban,
+    MysqlBackend,
+    NameTaken,
+    RoomInfo,
+    SqliteBackend,
+    Store,
+)
 
 from .conftest import mysql_rows
 
@@ -170,3 +179,66 @@ async def test_full_buffer_refuses(tmp_path: Path) -> None:
     from trio_chat.store import StoreUnavailable
     with pytest.raises(StoreUnavailable):
         store.check_capacity()
+
+
+STAMP = "2026-01-02T03:04:05.678Z"
+
+
+async def test_rooms_create_read_update_delete(backend: Backend) -> None:
+    await backend.insert([message(5, 1)])  # a room the seed's way: by chatting in it
+    general = await backend.create_room("general", False, STAMP)
+    assert general == RoomInfo(6, "general", False, STAMP), "next id after the highest"
+    secret = await backend.create_room("비밀 😀", True, STAMP)
+    assert secret.id == 7 and await backend.room(7) == secret
+    with pytest.raises(NameTaken):
+        await backend.create_room("general", True, STAMP)
+    assert [r.id for r in await backend.rooms(None, 10)] == [5, 6, 7]
+    assert [r.id for r in await backend.rooms(5, 1)] == [6]
+    assert await backend.rooms(7, 10) == []
+    assert (await backend.room(5)).name is None
+
+    renamed = await backend.update_room(6, "lobby", None)
+    assert renamed == RoomInfo(6, "lobby", False, STAMP)
+    assert await backend.update_room(6, None, True) == RoomInfo(6, "lobby", True, STAMP)
+    with pytest.raises(NameTaken):
+        await backend.update_room(7, "lobby", None)
+    assert await backend.update_room(99, "nowhere", None) is None
+
+    await backend.insert([message(6, 1), message(6, 2)])
+    assert await backend.delete_room(6, purge=False)
+    assert await backend.room(6) is None
+    assert await backend.last_id(6) == 2, "history kept"
+    assert await backend.delete_room(5, purge=True)
+    assert await backend.last_id(5) == 0, "history purged"
+    assert not await backend.delete_room(5, purge=True)
+
+
+async def test_bans_end_when_they_say(backend: Backend) -> None:
+    await backend.ban(Ban(1, 7, "2026-01-02T00:00:00.000Z", "spam"))
+    await backend.ban(Ban(1, 8, None, "for good"))
+    assert await backend.ban_of(1, 7, "2026-01-01T23:59:59.999Z") == Ban(
+        1, 7, "2026-01-02T00:00:00.000Z", "spam")
+    assert await backend.ban_of(1, 7, "2026-01-02T00:00:00.000Z") is None, "over"
+    assert await backend.ban_of(1, 8, "2099-01-01T00:00:00.000Z") == Ban(1, 8, None, "for good")
+    assert await backend.ban_of(2, 8, STAMP) is None, "per room"
+    await backend.ban(Ban(1, 8, "2026-01-03T00:00:00.000Z", "shortened"))
+    assert (await backend.ban_of(1, 8, STAMP)).reason == "shortened"
+    await backend.insert([message(1, 1)])
+    await backend.delete_room(1, purge=False)
+    assert await backend.ban_of(1, 8, STAMP) is None, "a deleted room's bans go with it"
+
+
+async def test_purge_drops_buffered_messages_too(tmp_path: Path) -> None:
+    backend = SqliteBackend(str(tmp_path / "purge.db"))
+    store = Store(backend, Metrics())
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.run)
+        store.append(message(3, 1))
+        await store.flush()
+        store.append(message(3, 2))
+        store.append(message(4, 1))
+        assert await store.purge(3)
+        await store.flush()
+        assert await store.last_id(3) == 0
+        assert await store.last_id(4) == 1
+        nursery.cancel_scope.cancel()

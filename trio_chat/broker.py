@@ -61,6 +61,9 @@ class Subscriber(Protocol):
     def deliver_event(self, text: str) -> None:
         """An event without an id (presence), in order with the messages around it."""
 
+    def control(self, command: dict[str, Any]) -> None:
+        """An operator's command for the room on this node (close some connections)."""
+
 
 class Broker(Protocol):
     async def subscribe(self, room_id: int, subscriber: Subscriber) -> None:
@@ -79,6 +82,12 @@ class Broker(Protocol):
 
     def on_reconnect(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` each time the broker is back after losing its connection."""
+
+    async def control(self, room_id: int, command: dict[str, Any]) -> None:
+        """Hand ``command`` to ``room_id`` on every node where it is alive."""
+
+    async def forget(self, room_id: int) -> None:
+        """Drop what the broker keeps of ``room_id`` (its history was purged)."""
 
     async def presence(self, room_id: int, add: Collection[int], remove: Collection[int],
                        ttl: float) -> list[int]:
@@ -135,6 +144,14 @@ class LocalBroker:
 
     def on_reconnect(self, callback: Callable[[], None]) -> None:
         pass  # it never loses a connection
+
+    async def forget(self, room_id: int) -> None:
+        pass  # it keeps nothing beyond a live room's counter
+
+    async def control(self, room_id: int, command: dict[str, Any]) -> None:
+        room = self._rooms.get(room_id)
+        for subscriber in list(room.subscribers) if room is not None else ():
+            subscriber.control(command)
 
     async def presence(self, room_id: int, add: Collection[int], remove: Collection[int],
                        ttl: float) -> list[int]:
@@ -230,6 +247,10 @@ end
 return redis.call('HKEYS', KEYS[2])
 """
 
+# KEYS: the room's counter (only so that a cluster client runs this on the room's
+# shard). ARGV: the shard channel, the command.
+_CONTROL = "return redis.call('SPUBLISH', ARGV[1], ARGV[2])"
+
 KEY_TTL = 7 * 24 * 3600
 RECONNECT_MAX_DELAY = 5.0
 # What an unreachable (or refusing) Redis raises. redis-py's cluster client raises
@@ -255,6 +276,7 @@ class RedisBroker:
     _pubsub: Any = attrs.field(init=False, default=None)
     _script: Any = attrs.field(init=False, default=None)
     _presence_script: Any = attrs.field(init=False, default=None)
+    _control_script: Any = attrs.field(init=False, default=None)
     _connected: trio.Event = attrs.field(init=False, factory=trio.Event)
     down_since: float | None = attrs.field(init=False, default=None)
     # Cluster mode: whether the last connection found a Redis Cluster, and the
@@ -317,6 +339,7 @@ class RedisBroker:
             await self._aio_connect_cluster()
         self._script = self._client.register_script(_PUBLISH)
         self._presence_script = self._client.register_script(_PRESENCE)
+        self._control_script = self._client.register_script(_CONTROL)
         # In cluster mode ClusterPubSub sends one SSUBSCRIBE per channel, each to its
         # slot's node (one command may not name channels of different slots).
         await self._pubsub.ssubscribe(*channels)
@@ -596,6 +619,11 @@ class RedisBroker:
         subscribers = self._rooms.get(room_id) if room_id is not None else None
         if not subscribers:
             return
+        if data.startswith('{"control":'):
+            command = json.loads(data)
+            for subscriber in list(subscribers):
+                subscriber.control(command)
+            return
         if not data.startswith('{"id":'):
             for subscriber in subscribers:  # an event, already in its wire form
                 subscriber.deliver_event(data)
@@ -728,6 +756,21 @@ class RedisBroker:
 
     def on_reconnect(self, callback: Callable[[], None]) -> None:
         self._reconnected.append(callback)
+
+    async def forget(self, room_id: int) -> None:
+        await self._command("delete", self._seq_key(room_id), self._recent_key(room_id))
+
+    async def control(self, room_id: int, command: dict[str, Any]) -> None:
+        if not self.connected:
+            raise BrokerUnavailable("Redis is unreachable")
+        data = json.dumps(command, ensure_ascii=False, separators=(",", ":"))
+        assert data.startswith('{"control":'), "the command's first key is control"
+        try:
+            with trio.fail_after(self.timeout):
+                await bridge.call(self._control_script, keys=[self._seq_key(room_id)],
+                                  args=[self._publish_channel(room_id), data])
+        except UNAVAILABLE as exc:
+            raise BrokerUnavailable(f"Redis is unreachable: {exc}") from exc
 
     async def presence(self, room_id: int, add: Collection[int], remove: Collection[int],
                        ttl: float) -> list[int]:

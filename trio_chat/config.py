@@ -63,6 +63,8 @@ class ServerConfig:
     store_buffer: int = _opt("storeBuffer", 100_000, int, low=1, high=10_000_000)
     store_batch: int = _opt("storeBatch", 1000, int, low=1, high=100_000)
     presence_ttl: float = _opt("presenceTtl", 30.0, float, low=0.1, high=86400)
+    room_policy: str = _opt("roomPolicy", "auto", str,
+                            choices={"auto": "auto", "strict": "strict"})
 
 
 @attrs.frozen

@@ -20,7 +20,7 @@ from .metrics import Metrics
 from .protocol import FrameError, encode_error, parse_chat_frame, text_frame
 from .room import Room
 from .store import StoreUnavailable
-from .websocket import MESSAGE_TOO_BIG, TRY_AGAIN_LATER, Limits, WebSocket
+from .websocket import BANNED, MESSAGE_TOO_BIG, TRY_AGAIN_LATER, Limits, WebSocket
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,18 @@ class ChatConnection:
     def _error(self, code: str, detail: str) -> None:
         self.ws.send_frame(text_frame(encode_error(code, detail)))
 
+    async def _banned(self, author_id: int) -> bool:
+        """Close the connection if ``author_id``, now known, is banned from the room."""
+        try:
+            ban = await self._hub.ban_of(self.room_id, author_id)
+        except Exception as exc:
+            # The ban was checked at the upgrade whenever the author was known then.
+            log.warning("%s: cannot check bans in room %d: %r", self.remote, self.room_id, exc)
+            return False
+        if ban is not None:
+            self.ws.close(BANNED, ban.reason or "banned")
+        return ban is not None
+
     async def on_message(self, message: str | bytes) -> None:
         if isinstance(message, bytes):
             self._metrics.bad_frames += 1
@@ -76,6 +88,8 @@ class ChatConnection:
             self._error(exc.code, exc.detail)
             return
         if self.author_id is None and self.room is not None:
+            if await self._banned(draft.author_id):
+                return
             self._hub.identify(self.room, self, draft.author_id)
         try:
             await self._hub.publish(draft)

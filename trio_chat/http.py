@@ -15,6 +15,7 @@ import binascii
 import json
 import logging
 import re
+import unicodedata
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from importlib import resources
@@ -28,7 +29,17 @@ from wsproto.utilities import generate_accept_token
 
 from .broker import BrokerUnavailable
 from .connection import serve_connection
-from .protocol import INT64_MAX, INT64_MIN, parse_room_id
+from .protocol import (
+    INT64_MAX,
+    INT64_MIN,
+    FrameError,
+    parse_chat_frame,
+    parse_room_id,
+    utc_after,
+    utc_now,
+)
+from .store import Ban, NameTaken, RoomInfo, StoreUnavailable
+from .websocket import BANNED, KICKED, ROOM_DELETED
 
 if TYPE_CHECKING:
     from .server import Server
@@ -164,6 +175,197 @@ async def _members(server: Server, request: Request, match: re.Match[str]) -> Re
                                 "members": members})
 
 
+ROOMS_LIMIT_DEFAULT = 50
+ROOMS_LIMIT_MAX = 500
+ROOM_NAME_MAX = 50
+REASON_MAX = 500
+BAN_MAX_SECONDS = 10 * 365 * 86400
+
+
+def _json_object(request: Request, allowed: set[str]) -> dict[str, Any]:
+    """The request body as a JSON object with only ``allowed`` keys, or a 400/422."""
+    try:
+        body = json.loads(request.body)
+    except (ValueError, RecursionError):
+        raise HttpError(error(400, "bad_json", "the body must be a JSON object")) from None
+    if not isinstance(body, dict):
+        raise HttpError(error(400, "bad_json", "the body must be a JSON object"))
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise HttpError(invalid(unknown[0], "is not a field of this request"))
+    return body
+
+
+def invalid(field: str, detail: str) -> Response:
+    return json_response(422, {"error": "invalid_field", "field": field,
+                               "detail": f"{field} {detail}"})
+
+
+def _room_name(body: dict[str, Any], *, required: bool) -> str | None:
+    if "name" not in body:
+        if required:
+            raise HttpError(invalid("name", "is required"))
+        return None
+    name = body["name"]
+    if not isinstance(name, str):
+        raise HttpError(invalid("name", "must be a string"))
+    if not name.strip() or len(name) > ROOM_NAME_MAX:
+        raise HttpError(invalid("name", f"must be 1 to {ROOM_NAME_MAX} characters, "
+                                        "not only spaces"))
+    if any(unicodedata.category(c) == "Cc" for c in name):
+        raise HttpError(invalid("name", "must not contain control characters"))
+    return name
+
+
+def _flag(body: dict[str, Any], field: str) -> bool | None:
+    if field not in body:
+        return None
+    if not isinstance(body[field], bool):
+        raise HttpError(invalid(field, "must be true or false"))
+    return body[field]
+
+
+def _author(body: dict[str, Any]) -> int:
+    value = body.get("author_id")
+    if isinstance(value, bool) or not isinstance(value, int) or \
+            not INT64_MIN <= value <= INT64_MAX:
+        raise HttpError(invalid("author_id", "must be a 64-bit integer"))
+    return value
+
+
+def _reason(body: dict[str, Any]) -> str:
+    reason = body.get("reason", "")
+    if not isinstance(reason, str) or len(reason) > REASON_MAX:
+        raise HttpError(invalid("reason", f"must be a string of at most {REASON_MAX} "
+                                          "characters"))
+    return reason
+
+
+async def _existing_room(server: Server, room_id: int) -> RoomInfo:
+    room = await server.store.backend.room(room_id)
+    if room is None:
+        raise HttpError(error(404, "room_not_found", f"no room {room_id}"))
+    return room
+
+
+async def _online(server: Server, room_id: int) -> int | None:
+    try:
+        return len(await server.hub.presence.members(room_id))
+    except BrokerUnavailable:
+        return None
+
+
+async def _create_room(server: Server, request: Request, match: re.Match[str]) -> Response:
+    body = _json_object(request, {"name", "private"})
+    name = _room_name(body, required=True)
+    assert name is not None
+    try:
+        room = await server.store.backend.create_room(name, bool(_flag(body, "private")),
+                                                      utc_now())
+    except NameTaken:
+        raise HttpError(error(409, "name_taken", f"a room is already named {name!r}")) from None
+    return json_response(201, {**room.to_wire(), "online": 0},
+                         (("location", f"/rooms/{room.id}"),))
+
+
+async def _list_rooms(server: Server, request: Request, match: re.Match[str]) -> Response:
+    after = _query_int(request, "after", low=INT64_MIN)
+    limit = _query_int(request, "limit", low=1, high=ROOMS_LIMIT_MAX) or ROOMS_LIMIT_DEFAULT
+    rooms = await server.store.backend.rooms(after, limit)
+    next_page = f"/rooms?after={rooms[-1].id}&limit={limit}" if len(rooms) == limit else None
+    return json_response(200, {"rooms": [r.to_wire() for r in rooms], "next": next_page})
+
+
+async def _get_room(server: Server, request: Request, match: re.Match[str]) -> Response:
+    room = await _existing_room(server, _room_id(match))
+    return json_response(200, {**room.to_wire(), "online": await _online(server, room.id)})
+
+
+async def _patch_room(server: Server, request: Request, match: re.Match[str]) -> Response:
+    room_id = _room_id(match)
+    body = _json_object(request, {"name", "private"})
+    name, private = _room_name(body, required=False), _flag(body, "private")
+    try:
+        room = await server.store.backend.update_room(room_id, name, private)
+    except NameTaken:
+        raise HttpError(error(409, "name_taken", f"a room is already named {name!r}")) from None
+    if room is None:
+        raise HttpError(error(404, "room_not_found", f"no room {room_id}"))
+    return json_response(200, {**room.to_wire(), "online": await _online(server, room.id)})
+
+
+async def _close_members(server: Server, room_id: int, author_id: int | None, code: int,
+                         reason: str) -> None:
+    try:
+        await server.broker.control(room_id, {"control": "close", "author_id": author_id,
+                                              "code": code, "reason": reason})
+    except BrokerUnavailable as exc:
+        raise HttpError(error(503, "sync_unavailable", str(exc),
+                              (("retry-after", "1"),))) from None
+
+
+async def _delete_room(server: Server, request: Request, match: re.Match[str]) -> Response:
+    room_id = _room_id(match)
+    purge = (request.query.get("purge") or ["false"])[-1]
+    if purge not in ("true", "false"):
+        raise HttpError(error(400, "bad_parameter", f"purge must be true or false, got "
+                              f"{purge[:40]!r}"))
+    await _existing_room(server, room_id)
+    await _close_members(server, room_id, None, ROOM_DELETED, "room deleted")
+    if purge == "true":
+        with trio.fail_after(30):
+            await server.store.purge(room_id)
+        await server.broker.forget(room_id)
+    else:
+        await server.store.backend.delete_room(room_id, purge=False)
+    return json_response(200, {"id": room_id, "deleted": True, "purged": purge == "true"})
+
+
+async def _kick(server: Server, request: Request, match: re.Match[str]) -> Response:
+    room_id = _room_id(match)
+    body = _json_object(request, {"author_id", "reason"})
+    author_id, reason = _author(body), _reason(body)
+    await _close_members(server, room_id, author_id, KICKED, reason or "kicked")
+    return json_response(200, {"room_id": room_id, "author_id": author_id, "kicked": True})
+
+
+async def _ban(server: Server, request: Request, match: re.Match[str]) -> Response:
+    room_id = _room_id(match)
+    body = _json_object(request, {"author_id", "reason", "duration"})
+    author_id, reason = _author(body), _reason(body)
+    duration = body.get("duration")
+    if duration is not None and (isinstance(duration, bool) or
+                                 not isinstance(duration, (int, float)) or
+                                 not 0 < duration <= BAN_MAX_SECONDS):
+        raise HttpError(invalid("duration", f"must be a number of seconds from 1 to "
+                                            f"{BAN_MAX_SECONDS}, or null for good"))
+    until = None if duration is None else utc_after(duration)
+    ban = Ban(room_id, author_id, until, reason)
+    await server.store.backend.ban(ban)
+    await _close_members(server, room_id, author_id, BANNED, reason or "banned")
+    return json_response(200, ban.to_wire())
+
+
+async def _announce(server: Server, request: Request, match: re.Match[str]) -> Response:
+    room_id = _room_id(match)
+    if server.config.server.room_policy == "strict":
+        await _existing_room(server, room_id)
+    try:
+        draft = parse_chat_frame(request.body.decode("utf-8"), room_id)
+    except UnicodeDecodeError:
+        raise HttpError(error(400, "bad_json", "the body must be UTF-8 JSON")) from None
+    except FrameError as exc:
+        status = 400 if exc.code in ("invalid_json", "not_an_object") else 422
+        raise HttpError(error(status, exc.code, exc.detail)) from None
+    try:
+        message = await server.hub.announce(draft)
+    except StoreUnavailable as exc:
+        raise HttpError(error(503, "persistence_unavailable", str(exc))) from None
+    except BrokerUnavailable as exc:
+        raise HttpError(error(503, "sync_unavailable", str(exc))) from None
+    return json_response(201, message.to_wire())
+
+
 async def _ws_without_upgrade(server: Server, request: Request,
                               match: re.Match[str]) -> Response:
     return error(426, "upgrade_required", "this endpoint speaks WebSocket only",
@@ -177,6 +379,14 @@ ROUTES: list[Route] = [
     Route("GET", re.compile(r"/ws/(?P<room>[^/]*)\Z"), _ws_without_upgrade),
     Route("GET", re.compile(r"/rooms/(?P<room>[^/]*)/messages\Z"), _history),
     Route("GET", re.compile(r"/rooms/(?P<room>[^/]*)/members\Z"), _members),
+    Route("POST", re.compile(r"/rooms\Z"), _create_room),
+    Route("GET", re.compile(r"/rooms\Z"), _list_rooms),
+    Route("GET", re.compile(r"/rooms/(?P<room>[^/]*)\Z"), _get_room),
+    Route("PATCH", re.compile(r"/rooms/(?P<room>[^/]*)\Z"), _patch_room),
+    Route("DELETE", re.compile(r"/rooms/(?P<room>[^/]*)\Z"), _delete_room),
+    Route("POST", re.compile(r"/rooms/(?P<room>[^/]*)/kick\Z"), _kick),
+    Route("POST", re.compile(r"/rooms/(?P<room>[^/]*)/ban\Z"), _ban),
+    Route("POST", re.compile(r"/rooms/(?P<room>[^/]*)/messages\Z"), _announce),
 ]
 
 
@@ -303,6 +513,8 @@ async def serve_http(server: Server, stream: trio.abc.Stream, remote: str) -> No
                 except HttpError as exc:
                     response = exc.response
                 if response is None:
+                    response = await _admit(server, room_id, author_id)
+                if response is None:
                     upgrade_to = room_id
                     await _accept_upgrade(stream, conn, request)
                 else:
@@ -331,6 +543,26 @@ async def serve_http(server: Server, stream: trio.abc.Stream, remote: str) -> No
         if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
             return
         conn.start_next_cycle()
+
+
+async def _admit(server: Server, room_id: int, author_id: int | None) -> Response | None:
+    """Room policy and bans, before the upgrade: an error response, or None to go on."""
+    try:
+        if server.config.server.room_policy == "strict" and \
+                await server.store.backend.room(room_id) is None:
+            return error(404, "room_not_found", f"no room {room_id}")
+        if author_id is not None:
+            ban = await server.hub.ban_of(room_id, author_id)
+            if ban is not None:
+                return json_response(403, {"error": "banned", "until": ban.until,
+                                           "detail": f"author {author_id} is banned from "
+                                                     f"room {room_id}" +
+                                                     (f": {ban.reason}" if ban.reason else "")})
+    except Exception as exc:
+        log.warning("cannot check room %d for a join: %r", room_id, exc)
+        return error(503, "store_unavailable", "room data is unavailable, try again later",
+                     (("retry-after", "1"),))
+    return None
 
 
 async def _accept_upgrade(stream: trio.abc.Stream, conn: h11.Connection,

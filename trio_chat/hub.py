@@ -23,9 +23,9 @@ import trio
 
 from .broker import Broker, BrokerUnavailable
 from .metrics import Metrics
-from .protocol import Draft, Message
+from .protocol import Draft, Message, utc_now
 from .room import Member, Room
-from .store import Store
+from .store import Ban, Store
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +152,8 @@ class Hub:
     _replay_limit: int
     rooms: dict[int, Room] = attrs.field(init=False, factory=dict)
     presence_ttl: float = 30.0
+    # "auto": a room joined for the first time is created (the seed's way).
+    room_policy: str = "auto"
     connections: set[Connection] = attrs.field(init=False, factory=set)
     presence: Presence = attrs.field(init=False)
     _nursery: trio.Nursery | None = attrs.field(init=False, default=None)
@@ -181,6 +183,8 @@ class Hub:
                         self._replay_limit)
             self.rooms[room_id] = room
             try:
+                if self.room_policy == "auto":
+                    await self._store.backend.ensure_room(room_id, utc_now())
                 await self._nursery.start(room.run)
             except BaseException:
                 if self.rooms.get(room_id) is room:
@@ -221,6 +225,42 @@ class Hub:
         self._metrics.messages_received += 1
         return message
 
+    async def ban_of(self, room_id: int, author_id: int) -> Ban | None:
+        """The ban in force for ``author_id`` in ``room_id``, if any."""
+        return await self._store.backend.ban_of(room_id, author_id, utc_now())
+
+    async def announce(self, draft: Draft) -> Message:
+        """Publish ``draft`` for the server itself (the HTTP API), opening the room here
+        for the moment if it is not alive on this node."""
+        announcer = _Announcer()
+        room = await self.join(draft.room_id, announcer)
+        try:
+            return await self.publish(draft)
+        finally:
+            self.leave(room, announcer)
+
     def close_all(self, code: int, reason: str) -> None:
         for connection in list(self.connections):
             connection.close(code, reason)
+
+
+@attrs.define(eq=False)
+class _Announcer:
+    """A member that receives nothing: the server, publishing through the HTTP API."""
+
+    author_id: int | None = None
+
+    def send_frame(self, frame: bytes) -> None:
+        pass
+
+    def send_history(self, frames: list[bytes]) -> None:
+        pass
+
+    def hold(self) -> None:
+        pass
+
+    def release(self, history: list[bytes]) -> None:
+        pass
+
+    def close(self, code: int, reason: str) -> None:
+        pass

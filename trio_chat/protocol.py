@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import attrs
@@ -76,8 +76,16 @@ def accept(draft: Draft, message_id: int, received_at: str) -> Message:
 
 def utc_now() -> str:
     """The server's receive time, in the same shape as JavaScript's ``toISOString()``."""
-    now = datetime.now(timezone.utc)
-    return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
+    return _iso(datetime.now(timezone.utc))
+
+
+def utc_after(seconds: float) -> str:
+    """:func:`utc_now` plus ``seconds``."""
+    return _iso(datetime.now(timezone.utc) + timedelta(seconds=seconds))
+
+
+def _iso(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
 def parse_room_id(text: str) -> int | None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from typing import Protocol
+from typing import Any, Protocol
 
 import attrs
 import trio
@@ -30,6 +30,8 @@ class Member(Protocol):
     author_id: int | None
 
     def send_frame(self, frame: bytes) -> None: ...
+
+    def close(self, code: int, reason: str) -> None: ...
 
     def send_history(self, frames: list[bytes]) -> None:
         """Queue already-sent messages, before anything live; exempt from the queue limits."""
@@ -112,6 +114,17 @@ class Room:
         for member in self.members:
             member.send_frame(frame)
         self._metrics.events_delivered += len(self.members)
+
+    def control(self, command: dict[str, Any]) -> None:
+        """An operator's ``{"control": "close", "author_id": A, "code": C, "reason": R}``:
+        close the members who are author A (every member if A is null)."""
+        if command.get("control") != "close":
+            log.warning("room %d: unknown control command %r", self.id, command)
+            return
+        author_id = command.get("author_id")
+        for member in list(self.members):
+            if author_id is None or member.author_id == author_id:
+                member.close(command["code"], command["reason"])
 
     async def join(self, member: Member, since: int | None = None) -> None:
         """Make ``member`` a member, sending history first: no gap, no repeat.

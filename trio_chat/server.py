@@ -87,7 +87,8 @@ class Server:
         broker: LocalBroker | RedisBroker = (
             RedisBroker(config.redis, store, recent_size=max(100, s.history_on_join))
             if config.redis is not None else LocalBroker(store))
-        hub = Hub(store, broker, metrics, s.history_on_join, s.replay_limit, s.presence_ttl)
+        hub = Hub(store, broker, metrics, s.history_on_join, s.replay_limit, s.presence_ttl,
+                  s.room_policy)
         limits = Limits(max_message_bytes=s.max_frame_bytes,
                         queue_frames=s.send_queue_messages, queue_bytes=s.send_queue_bytes,
                         write_wait=s.write_wait, ping_period=s.ping_period,

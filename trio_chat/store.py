@@ -1,6 +1,7 @@
-"""Message history: the write-behind buffer and its backends (SQLite, MySQL/MariaDB).
+"""Persistence: message history (write-behind), rooms and bans, on SQLite or MySQL/MariaDB.
 
-Owns persistence. :class:`Store` is what the rest of the server sees: ``append``
+Owns persistence. Rooms and bans are small and rare: they are read and written
+straight through to the backend. :class:`Store` is what the rest of the server sees: ``append``
 never waits (a full buffer refuses the message instead), one writer task
 (:meth:`Store.run`) moves messages to the backend in batches and retries with
 backoff when it fails, and reads merge what is still buffered so a message is
@@ -23,6 +24,7 @@ from typing import Any, Protocol, TypeVar
 
 import aiomysql
 import attrs
+import pymysql
 import trio
 
 from . import bridge
@@ -32,11 +34,41 @@ from .protocol import Message
 
 T = TypeVar("T")
 
+DUPLICATE_KEY = 1062  # MySQL's ER_DUP_ENTRY
+
 log = logging.getLogger(__name__)
 
 
 class StoreUnavailable(Exception):
     """The write-behind buffer is full: persistence cannot keep up or is down."""
+
+
+class NameTaken(Exception):
+    """Another room has this name."""
+
+
+@attrs.frozen
+class RoomInfo:
+    id: int
+    name: str | None
+    private: bool
+    created_at: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"id": self.id, "name": self.name, "private": self.private,
+                "created_at": self.created_at}
+
+
+@attrs.frozen
+class Ban:
+    room_id: int
+    author_id: int
+    until: str | None  # ISO UTC like received_at; None bans for good
+    reason: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"room_id": self.room_id, "author_id": self.author_id, "until": self.until,
+                "reason": self.reason}
 
 
 class Backend(Protocol):
@@ -50,6 +82,21 @@ class Backend(Protocol):
     async def last_id(self, room_id: int) -> int: ...
     async def page(self, room_id: int, *, before: int | None, after: int | None,
                    limit: int, newest_first: bool) -> list[Message]: ...
+    async def create_room(self, name: str, private: bool, created_at: str) -> RoomInfo:
+        """A new room with the next free id; :class:`NameTaken` if the name is in use."""
+    async def room(self, room_id: int) -> RoomInfo | None: ...
+    async def rooms(self, after: int | None, limit: int) -> list[RoomInfo]:
+        """Up to ``limit`` rooms with ``id > after``, by id."""
+    async def update_room(self, room_id: int, name: str | None, private: bool | None
+                          ) -> RoomInfo | None:
+        """Rename and/or change privacy (``None``: keep); :class:`NameTaken` on a clash."""
+    async def delete_room(self, room_id: int, purge: bool) -> bool:
+        """Forget the room (and its bans); with ``purge`` its messages too."""
+    async def ensure_room(self, room_id: int, created_at: str) -> None:
+        """Create ``room_id`` (unnamed, public) unless it exists."""
+    async def ban(self, ban: Ban) -> None: ...
+    async def ban_of(self, room_id: int, author_id: int, now: str) -> Ban | None:
+        """The ban of ``author_id`` in ``room_id`` still in force at ``now``, if any."""
 
 
 @attrs.define(eq=False)
@@ -64,7 +111,13 @@ class Store:
     _inflight: list[Message] = attrs.field(init=False, factory=list)
     _wakeup: trio.Event = attrs.field(init=False, factory=trio.Event)
     _drained: trio.Event = attrs.field(init=False, factory=trio.Event)
+    _batch_written: trio.Event = attrs.field(init=False, factory=trio.Event)
     failing_since: float | None = attrs.field(init=False, default=None)
+
+    @property
+    def backend(self) -> Backend:
+        """Rooms and bans are read and written straight through."""
+        return self._backend
 
     @property
     def lag(self) -> int:
@@ -127,6 +180,8 @@ class Store:
                 delay = 0.05
                 self._metrics.store_written += len(self._inflight)
                 self._inflight = []
+                self._batch_written.set()
+                self._batch_written = trio.Event()
         finally:
             with trio.move_on_after(5, shield=True):
                 await self._backend.close()
@@ -157,6 +212,14 @@ class Store:
             merged.update((m.id, m) for m in extra)
             rows = sorted(merged.values(), key=lambda m: m.id, reverse=newest_first)[:limit]
         return rows
+
+    async def purge(self, room_id: int) -> bool:
+        """Delete the room with its messages, including those still waiting to be written."""
+        self._pending = deque(m for m in self._pending if m.room_id != room_id)
+        # A batch being written may hold some: let it land first, then delete them.
+        while any(m.room_id == room_id for m in self._inflight):
+            await self._batch_written.wait()
+        return await self._backend.delete_room(room_id, purge=True)
 
     async def recent(self, room_id: int, limit: int) -> list[Message]:
         """The last ``limit`` messages of a room, oldest first."""
@@ -208,6 +271,26 @@ MIGRATIONS: list[tuple[int, str, dict[str, list[str]]]] = [
             ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin""",
         ],
     }),
+    (2, "bans", {
+        "sqlite": [
+            """CREATE TABLE IF NOT EXISTS bans (
+                room_id INTEGER NOT NULL,
+                author_id INTEGER NOT NULL,
+                ends_at TEXT NULL,
+                reason TEXT NOT NULL,
+                PRIMARY KEY (room_id, author_id)
+            ) WITHOUT ROWID""",
+        ],
+        "mysql": [
+            """CREATE TABLE IF NOT EXISTS bans (
+                room_id BIGINT NOT NULL,
+                author_id BIGINT NOT NULL,
+                ends_at DATETIME(3) NULL,
+                reason VARCHAR(500) NOT NULL,
+                PRIMARY KEY (room_id, author_id)
+            ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin""",
+        ],
+    }),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -229,14 +312,138 @@ def _page_sql(mark: str, *, before: int | None, after: int | None, limit: int,
     return sql, args
 
 
+class _Rooms:
+    """Rooms and bans, in SQL both dialects understand; a backend supplies :meth:`_sql`."""
+
+    _mark: str
+
+    async def _sql(self, sql: str, args: tuple[object, ...]) -> tuple[list[tuple[Any, ...]], int]:
+        """Run one statement: (rows, rows affected)."""
+        raise NotImplementedError
+
+    def _stamp_in(self, stamp: str) -> object:
+        return stamp
+
+    def _stamp_out(self, value: Any) -> str:
+        return str(value)
+
+    def _is_name_clash(self, exc: Exception) -> bool:
+        raise NotImplementedError
+
+    def _is_duplicate(self, exc: Exception) -> bool:
+        raise NotImplementedError
+
+    def _room_of(self, row: tuple[Any, ...]) -> RoomInfo:
+        return RoomInfo(int(row[0]), row[1], bool(row[2]), self._stamp_out(row[3]))
+
+    async def create_room(self, name: str, private: bool, created_at: str) -> RoomInfo:
+        m = self._mark
+        for _ in range(10):
+            rows, _ = await self._sql("SELECT COALESCE(MAX(id), 0) + 1 FROM rooms", ())
+            room = RoomInfo(int(rows[0][0]), name, private, created_at)
+            try:
+                await self._sql(f"INSERT INTO rooms (id, name, private, created_at) "
+                                f"VALUES ({m}, {m}, {m}, {m})",
+                                (room.id, name, private, self._stamp_in(created_at)))
+            except Exception as exc:
+                if self._is_name_clash(exc):
+                    raise NameTaken(name) from None
+                if self._is_duplicate(exc):
+                    continue  # another node took this id first
+                raise
+            return room
+        raise RuntimeError("could not find a free room id")
+
+    async def room(self, room_id: int) -> RoomInfo | None:
+        rows, _ = await self._sql(f"SELECT id, name, private, created_at FROM rooms "
+                                  f"WHERE id = {self._mark}", (room_id,))
+        return self._room_of(rows[0]) if rows else None
+
+    async def rooms(self, after: int | None, limit: int) -> list[RoomInfo]:
+        m = self._mark
+        where, args = (f"WHERE id > {m} ", (after,)) if after is not None else ("", ())
+        rows, _ = await self._sql(f"SELECT id, name, private, created_at FROM rooms {where}"
+                                  f"ORDER BY id LIMIT {m}", (*args, limit))
+        return [self._room_of(row) for row in rows]
+
+    async def update_room(self, room_id: int, name: str | None, private: bool | None
+                          ) -> RoomInfo | None:
+        m = self._mark
+        sets, args = [], []
+        if name is not None:
+            sets.append(f"name = {m}")
+            args.append(name)
+        if private is not None:
+            sets.append(f"private = {m}")
+            args.append(private)
+        if sets:
+            try:
+                await self._sql(f"UPDATE rooms SET {', '.join(sets)} WHERE id = {m}",
+                                (*args, room_id))
+            except Exception as exc:
+                if self._is_name_clash(exc):
+                    raise NameTaken(name) from None
+                raise
+        return await self.room(room_id)
+
+    async def delete_room(self, room_id: int, purge: bool) -> bool:
+        m = self._mark
+        _, deleted = await self._sql(f"DELETE FROM rooms WHERE id = {m}", (room_id,))
+        await self._sql(f"DELETE FROM bans WHERE room_id = {m}", (room_id,))
+        if purge:
+            _, messages = await self._sql(f"DELETE FROM messages WHERE room_id = {m}",
+                                          (room_id,))
+            deleted += messages
+        return deleted > 0
+
+    async def ban(self, ban: Ban) -> None:
+        m = self._mark
+        args = (ban.room_id, ban.author_id)
+        await self._sql(f"DELETE FROM bans WHERE room_id = {m} AND author_id = {m}", args)
+        await self._sql(f"INSERT INTO bans (room_id, author_id, ends_at, reason) "
+                        f"VALUES ({m}, {m}, {m}, {m})",
+                        (*args, None if ban.until is None else self._stamp_in(ban.until),
+                         ban.reason))
+
+    async def ban_of(self, room_id: int, author_id: int, now: str) -> Ban | None:
+        m = self._mark
+        rows, _ = await self._sql(
+            f"SELECT ends_at, reason FROM bans WHERE room_id = {m} AND author_id = {m} "
+            f"AND (ends_at IS NULL OR ends_at > {m})",
+            (room_id, author_id, self._stamp_in(now)))
+        if not rows:
+            return None
+        until = None if rows[0][0] is None else self._stamp_out(rows[0][0])
+        return Ban(room_id, author_id, until, rows[0][1])
+
+
 @attrs.define(eq=False)
-class SqliteBackend:
+class SqliteBackend(_Rooms):
     """SQLite in a file; every query runs in a worker thread, one at a time."""
 
     path: str
     _db: sqlite3.Connection | None = attrs.field(init=False, default=None)
     _limiter: trio.CapacityLimiter = attrs.field(init=False,
                                                  factory=lambda: trio.CapacityLimiter(1))
+    _mark = "?"
+
+    def _execute(self, sql: str, args: tuple[object, ...]) -> tuple[list[tuple[Any, ...]], int]:
+        assert self._db is not None
+        cursor = self._db.execute(sql, args)
+        return cursor.fetchall(), cursor.rowcount
+
+    async def _sql(self, sql: str, args: tuple[object, ...]) -> tuple[list[tuple[Any, ...]], int]:
+        return await self._call(self._execute, sql, args)
+
+    def _is_name_clash(self, exc: Exception) -> bool:
+        return isinstance(exc, sqlite3.IntegrityError) and "rooms.name" in str(exc)
+
+    async def ensure_room(self, room_id: int, created_at: str) -> None:
+        await self._sql("INSERT OR IGNORE INTO rooms (id, created_at) VALUES (?, ?)",
+                        (room_id, created_at))
+
+    def _is_duplicate(self, exc: Exception) -> bool:
+        return isinstance(exc, sqlite3.IntegrityError)
 
     async def _call(self, fn, *args):  # type: ignore[no-untyped-def]
         return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
@@ -316,7 +523,7 @@ def _from_datetime(value: datetime) -> str:
 
 
 @attrs.define(eq=False)
-class MysqlBackend:
+class MysqlBackend(_Rooms):
     """MySQL or MariaDB through aiomysql, over the asyncio bridge.
 
     Every method is trio-flavoured; the asyncio work is in the ``_aio_*``
@@ -326,6 +533,32 @@ class MysqlBackend:
     config: DbConfig
     timeout: float = 10.0
     _pool: Any = attrs.field(init=False, default=None)
+    _mark = "%s"
+
+    async def _sql(self, sql: str, args: tuple[object, ...]) -> tuple[list[tuple[Any, ...]], int]:
+        async def work(cur: Any) -> tuple[list[tuple[Any, ...]], int]:
+            """Asyncio flavour."""
+            count = await cur.execute(sql, args)
+            return list(await cur.fetchall()), count
+
+        return await self._run(work)
+
+    def _stamp_in(self, stamp: str) -> object:
+        return _to_datetime(stamp)
+
+    def _stamp_out(self, value: Any) -> str:
+        return _from_datetime(value)
+
+    def _is_name_clash(self, exc: Exception) -> bool:
+        return (isinstance(exc, pymysql.IntegrityError) and exc.args[0] == DUPLICATE_KEY
+                and "'name'" in str(exc))
+
+    def _is_duplicate(self, exc: Exception) -> bool:
+        return isinstance(exc, pymysql.IntegrityError) and exc.args[0] == DUPLICATE_KEY
+
+    async def ensure_room(self, room_id: int, created_at: str) -> None:
+        await self._sql("INSERT INTO rooms (id, created_at) VALUES (%s, %s) "
+                        "ON DUPLICATE KEY UPDATE id = id", (room_id, _to_datetime(created_at)))
 
     async def _aio_connect(self) -> Any:
         """Asyncio flavour. Create the database if needed, then a connection pool."""
