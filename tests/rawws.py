@@ -6,6 +6,7 @@ import base64
 import json
 import os
 import struct
+from typing import Any
 
 import trio
 from wsproto.connection import Connection, ConnectionType
@@ -64,6 +65,26 @@ async def http_get(port: int, path: str, headers: str = "") -> tuple[int, dict[s
         await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{headers}"
                               "Connection: close\r\n\r\n".encode())
         return await read_http_response(stream)
+
+
+async def http_call(port: int, method: str, path: str, body: object = None, *,
+                    raw: bytes | None = None, headers: dict[str, str] | None = None
+                    ) -> tuple[int, Any]:
+    """One request; ``body`` is sent as JSON (or ``raw`` as is). Returns the status and
+    the decoded JSON answer (which every API answer must be)."""
+    data = raw if raw is not None else b"" if body is None else json.dumps(body).encode()
+    head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+    head += f"Content-Length: {len(data)}\r\n"
+    if body is not None:
+        head += "Content-Type: application/json\r\n"
+    for name, value in (headers or {}).items():
+        head += f"{name}: {value}\r\n"
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(head.encode() + b"\r\n" + data)
+        status, response_headers, answer = await read_http_response(stream)
+    assert response_headers["content-type"] == "application/json", response_headers
+    return status, json.loads(answer)
 
 
 class RawClient:
