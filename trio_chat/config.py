@@ -38,9 +38,11 @@ class ConfigError(Exception):
 
 
 def _opt(key: str, default: Any, kind: type, *, low: float | None = None,
-         high: float | None = None, choices: Mapping[str, Any] | None = None) -> Any:
-    """An attrs field that remembers its JSON key, type and bounds."""
-    return attrs.field(default=default, metadata={
+         high: float | None = None, choices: Mapping[str, Any] | None = None,
+         secret: bool = False) -> Any:
+    """An attrs field that remembers its JSON key, type and bounds (a secret stays out
+    of reprs, and so out of logs and tracebacks)."""
+    return attrs.field(default=default, repr=not secret, metadata={
         "key": key, "kind": kind, "low": low, "high": high, "choices": choices})
 
 
@@ -77,7 +79,7 @@ class DbConfig:
     """MySQL/MariaDB, as the seed names it: ``id`` is the user name."""
 
     id: str = _opt("id", "root", str)
-    password: str = _opt("password", "", str)
+    password: str = _opt("password", "", str, secret=True)
     host: str = _opt("host", "", str)
     port: int = _opt("port", 3306, int, low=1, high=65535)
     database: str = _opt("database", "chat", str)
@@ -90,7 +92,7 @@ class MqConfig:
     host: str = _opt("host", "", str)
     port: str = _opt("port", "", str)
     id: str = _opt("id", "", str)
-    password: str = _opt("password", "", str)
+    password: str = _opt("password", "", str, secret=True)
     listening_queue_name: str = _opt("listeningQueueName", "", str)
 
 
@@ -99,12 +101,40 @@ class RedisConfig:
     """Redis, as the seed names it: ``id`` is the ACL user name."""
 
     id: str = _opt("id", "", str)
-    password: str = _opt("password", "", str)
+    password: str = _opt("password", "", str, secret=True)
     host: str = _opt("host", "", str)
     port: int = _opt("port", 6379, int, low=1, high=65535)
     database: int = _opt("database", 0, int, low=0, high=1_000_000)
     listening_channel_name: str = _opt("listeningChannelName", "trio-chat", str)
     publish_channel_name: str = _opt("publishChannelName", "trio-chat", str)
+
+
+@attrs.frozen
+class AuthConfig:
+    """Identity and the management API. Secrets may come from the environment instead."""
+
+    mode: str = _opt("mode", "off", str, choices={"off": "off", "token": "token"})
+    secret: str = _opt("secret", "", str, secret=True)
+    admin_key: str = _opt("adminKey", "", str, secret=True)
+    # Origins allowed to open WebSockets from a browser; none: the server's own host.
+    allowed_origins: tuple[str, ...] = _opt("allowedOrigins", (), tuple)
+
+
+@attrs.frozen
+class LimitsConfig:
+    """Abuse limits, per connection and per client address."""
+
+    messages_per_second: float = _opt("messagesPerSecond", 20.0, float, low=0.01,
+                                      high=1_000_000)
+    message_burst: int = _opt("messageBurst", 40, int, low=1, high=1_000_000)
+    # Refused messages in a row (over the rate) before the connection is closed (1008).
+    flood_limit: int = _opt("floodLimit", 20, int, low=1, high=1_000_000)
+    connections_per_ip: int = _opt("connectionsPerIp", 1000, int, low=1, high=10_000_000)
+
+
+SECRET_ENV = "TRIO_CHAT_AUTH_SECRET"
+ADMIN_KEY_ENV = "TRIO_CHAT_ADMIN_KEY"
+MIN_SECRET = 32
 
 
 @attrs.frozen
@@ -120,6 +150,8 @@ class Config:
     mq: MqConfig | None = None
     redis: RedisConfig | None = None
     logger: LoggerConfig = LoggerConfig()
+    auth: AuthConfig = AuthConfig()
+    limits: LimitsConfig = LimitsConfig()
     source: str = "<embedded default>"
     warnings: tuple[str, ...] = ()
 
@@ -131,6 +163,8 @@ _SECTIONS: dict[str, type] = {
     "mq": MqConfig,
     "redis": RedisConfig,
     "logger": LoggerConfig,
+    "auth": AuthConfig,
+    "limits": LimitsConfig,
 }
 # Sections that only exist when configured: an empty host means "not configured".
 _OPTIONAL = {"db", "redis"}
@@ -153,6 +187,13 @@ def _convert(where: str, value: Any, field: attrs.Attribute) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {_describe(value)}")
         return value
+    if kind is tuple:
+        # A list of strings, or (as the seed writes every value) one comma-separated string.
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: expected a list of strings, got {_describe(value)}")
+        return tuple(value)
     expected = "an integer" if kind is int else "a number"
     number: Any = value
     if isinstance(value, str):
@@ -193,8 +234,10 @@ def _section(source: str, name: str, raw: Any, cls: type, warnings: list[str]) -
     return cls(**values)
 
 
-def parse_config(data: Any, source: str = "<config>") -> Config:
-    """Validate already-decoded JSON ``data``; pure, for tests and :func:`load_config`."""
+def parse_config(data: Any, source: str = "<config>",
+                 environ: Mapping[str, str] | None = None) -> Config:
+    """Validate already-decoded JSON ``data``; pure but for the secrets it may take from
+    ``environ`` (default: the process environment)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a JSON object at the top level, "
                           f"got {_describe(data)}")
@@ -207,11 +250,26 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
             continue
         sections[name] = _section(source, name, raw, cls, warnings)
     config = Config(**sections, source=source, warnings=tuple(warnings))
+    config = attrs.evolve(config, auth=_auth_secrets(config.auth, source,
+                                                     os.environ if environ is None else environ))
     server = config.server
     if server.ping_period >= server.pong_wait:
         raise ConfigError(f"{source}: server.pingPeriod: expected less than server.pongWait "
                           f"({server.pong_wait:g}), got {server.ping_period:g}")
     return config
+
+
+def _auth_secrets(auth: AuthConfig, source: str, environ: Mapping[str, str]) -> AuthConfig:
+    auth = attrs.evolve(auth, secret=auth.secret or environ.get(SECRET_ENV, ""),
+                        admin_key=auth.admin_key or environ.get(ADMIN_KEY_ENV, ""))
+    if auth.mode == "token" and len(auth.secret.encode()) < MIN_SECRET:
+        raise ConfigError(f"{source}: auth.secret: expected at least {MIN_SECRET} bytes "
+                          f"(or set {SECRET_ENV}) when auth.mode is token, got "
+                          f"{len(auth.secret.encode())}")
+    if auth.admin_key and len(auth.admin_key) < 16:
+        raise ConfigError(f"{source}: auth.adminKey: expected at least 16 characters, got "
+                          f"{len(auth.admin_key)}")
+    return auth
 
 
 def load_config(path: str | os.PathLike[str] | None) -> Config:
