@@ -106,6 +106,14 @@ async def _demo_page(server: Server, request: Request, match: re.Match[str]) -> 
                     (("cache-control", "no-cache"),))
 
 
+# Read once at import: it is part of the package and never changes while serving.
+_OPENAPI = resources.files("trio_chat").joinpath("static/openapi.json").read_bytes()
+
+
+async def _openapi(server: Server, request: Request, match: re.Match[str]) -> Response:
+    return Response(200, _OPENAPI)
+
+
 async def _healthz(server: Server, request: Request, match: re.Match[str]) -> Response:
     return json_response(200, {"status": "ok", "connections": len(server.hub.connections),
                                "rooms": len(server.hub.rooms)})
@@ -376,6 +384,7 @@ ROUTES: list[Route] = [
     Route("GET", re.compile(r"/\Z"), _demo_page),
     Route("GET", re.compile(r"/healthz\Z"), _healthz),
     Route("GET", re.compile(r"/metrics\Z"), _metrics),
+    Route("GET", re.compile(r"/openapi\.json\Z"), _openapi),
     Route("GET", re.compile(r"/ws/(?P<room>[^/]*)\Z"), _ws_without_upgrade),
     Route("GET", re.compile(r"/rooms/(?P<room>[^/]*)/messages\Z"), _history),
     Route("GET", re.compile(r"/rooms/(?P<room>[^/]*)/members\Z"), _members),
