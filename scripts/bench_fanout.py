@@ -22,16 +22,31 @@ The load generator must cost less per delivery than the server it measures,
 so it is not asyncio: each process runs a plain epoll loop over non-blocking
 sockets, does the HTTP upgrade itself, and reads runs of frames with regex
 scans instead of decoding JSON (the id leads every message frame; the send
-time leads the content). The server and the load generator share the
-machine's cores: by default the server is pinned to CPU 0 and the load
-generator to the others (``--no-pin`` to let the scheduler decide); the CPU
-each side used during the measured window is printed with every step, so a
-step limited by the load generator shows as such.
+time leads the content). Frames without an id whose message_type is
+chat_enter or chat_exit (presence events) are counted apart, not as messages.
+The server and the load generator share the machine's cores: by default the
+server is pinned to CPU 0 and the load generator to the others (``--no-pin``
+to let the scheduler decide); the CPU each side used during the measured
+window is printed with every step, so a step limited by the load generator
+shows as such.
+
+Several nodes: ``--nodes N`` starts N trio-chat processes sharing the room
+through Redis (a channel name of the run's own, each node its own SQLite
+file), all pinned to the server's CPU; client i connects to node i % N and the
+senders are spread the same way. Each receiver splits its latency into
+messages from a sender on its own node and from one on another node, so the
+cost of the hop between nodes shows (with Redis even the sender's own node
+gets its messages back from Redis). ``--redis`` runs one node through Redis,
+the baseline for that; ``--server-workers N`` runs one ``serve --workers N``
+(the kernel spreads the clients over the workers) and pins nothing, so the
+workers may use every core. redis-server's CPU is shown apart.
 
 Usage::
 
     .venv/bin/python scripts/bench_fanout.py --quick
     .venv/bin/python scripts/bench_fanout.py --server trio-chat --rate 2000
+    .venv/bin/python scripts/bench_fanout.py --nodes 2 --rate 100
+    .venv/bin/python scripts/bench_fanout.py --server-workers 2 --quick
     .venv/bin/python scripts/bench_fanout.py --websockets-server 0   # the comparison server
 """
 
@@ -50,6 +65,7 @@ import multiprocessing as mp
 import os
 import random
 import re
+import secrets
 import select
 import signal
 import socket
@@ -84,6 +100,7 @@ SERVER_STOP_TIMEOUT = 15.0
 FULL_LADDER = (200, 400, 800, 1200, 1600, 2000, 2500, 3000, 3600, 4300, 5000, 6000, 7000,
                8000, 10000, 12000, 15000, 20000)
 QUICK_LADDER = (200, 400, 800, 1600, 3200, 6400, 12800, 25600)
+MIN_RATE = 5  # msg/s: the search halves a failing rate no lower than this
 
 _LISTENING = re.compile(rb"listening on http://127\.0\.0\.1:(\d+)/")
 
@@ -99,6 +116,9 @@ _BIN_NS = _FINE_US * 1000  # what a receiver counts in; folded into buckets at t
 # Message frames as both servers lay them out: the id first, the content after.
 _IDS = re.compile(rb'\x81(?:\x7e..|[\x00-\x7d])\{"id":(\d+),', re.S)
 _MEASURED = re.compile(rb'"content":"m(\d+):')
+_MEASURED_FROM = re.compile(rb'"content":"m(\d+):s(\d+):')  # send time and sender
+# Presence events carry no id; they are counted, not taken for messages.
+_EVENT = re.compile(rb'"message_type":"chat_(?:enter|exit)"')
 _ASCII = bytes(range(128))
 
 
@@ -161,6 +181,10 @@ class Tally:
         self.clients = clients
         self.finished = 0  # clients that got everything or whose connection ended
         self.lat: Counter[int] = Counter()  # latency in _BIN_NS bins
+        # With several nodes: receivers on the sender's node, and on another node.
+        self.lat_same: Counter[int] = Counter()
+        self.lat_cross: Counter[int] = Counter()
+        self.events = 0  # chat_enter / chat_exit frames
         self.other_frames = 0
         self.other_samples: list[str] = []
 
@@ -168,10 +192,12 @@ class Tally:
     def done(self) -> bool:
         return self.finished >= self.clients
 
-    def histogram(self) -> dict[int, int]:
+    @staticmethod
+    def histogram(*bins: Counter[int]) -> dict[int, int]:
         hist: Counter[int] = Counter()
-        for b, n in self.lat.items():
-            hist[_bucket(b * _BIN_NS // 1000)] += n
+        for counter in bins:
+            for b, n in counter.items():
+                hist[_bucket(b * _BIN_NS // 1000)] += n
         return dict(hist)
 
     def other(self, payload: bytes) -> None:
@@ -186,13 +212,16 @@ class Client:
     It does the HTTP upgrade itself, parses server frames with a few slices each
     and sends masked frames. Message frames are not JSON-decoded: the id is the
     number after ``{"id":`` (both servers put it first) and the send time is read
-    from the content, ``<phase><time_ns>:...``, where phase ``m`` marks a
-    measured message.
+    from the content, ``<phase><time_ns>:s<sender>:...``, where phase ``m`` marks
+    a measured message. ``same``, with several nodes, holds the senders (their
+    numbers as bytes) on this client's node, to split latency by hop.
     """
 
-    def __init__(self, load: Load, path: str, port: int, timed: bool = True) -> None:
+    def __init__(self, load: Load, path: str, port: int, timed: bool = True,
+                 same: frozenset[bytes] | None = None) -> None:
         self.load = load
         self.timed = timed  # whether this client's latencies go into the histogram
+        self.same = same
         self.tally = load.tally
         self.key = base64.b64encode(random.randbytes(16))
         self.request = (f"GET {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\n"
@@ -320,7 +349,13 @@ class Client:
             self.first_id = first
         self.last_id = first + frames - 1
         self.frames += frames
-        if self.timed:
+        if self.timed and self.same is not None:
+            found = _MEASURED_FROM.findall(data, 0, end)
+            measured = len(found)
+            same, lat_same, lat_cross = self.same, self.tally.lat_same, self.tally.lat_cross
+            for t, s in found:
+                (lat_same if s in same else lat_cross)[(now - int(t)) // _BIN_NS] += 1
+        elif self.timed:
             sent_at = _MEASURED.findall(data, 0, end)
             measured = len(sent_at)
             if measured:
@@ -369,6 +404,9 @@ class Client:
         return pos
 
     def _message(self, data: bytes, start: int, end: int, now: int) -> None:
+        if not data.startswith(b'{"id":', start, end) and _EVENT.search(data, start, end):
+            self.tally.events += 1
+            return
         comma = data.find(b",", start + 6, end)
         try:
             if not data.startswith(b'{"id":', start, end) or comma < 0:
@@ -390,7 +428,11 @@ class Client:
         if at > 10 and data[at] == 0x6D:  # "m": a measured message
             colon = data.find(b":", at + 1, end)
             if self.timed and colon > 0 and data[at + 1:colon].isdigit():
-                self.tally.lat[(now - int(data[at + 1:colon])) // _BIN_NS] += 1
+                lat = self.tally.lat
+                if self.same is not None:
+                    sender = data[colon + 2:data.find(b":", colon + 2, end)]
+                    lat = self.tally.lat_same if sender in self.same else self.tally.lat_cross
+                lat[(now - int(data[at + 1:colon])) // _BIN_NS] += 1
             self.last_rx_ns = now
             self.count += 1
             if self.count >= self.tally.expected:
@@ -535,12 +577,16 @@ class Load:
         path = f"/ws/{spec['room']}"
         deadline = time.monotonic() + CONNECT_TIMEOUT
         errors = []
+        same = spec["same"]
         for k in range(spec["clients"]):
             timed = (spec["first_client"] + k) % spec["latency_every"] == 0
-            client = Client(self, path, spec["port"], timed)
+            node = spec["client_nodes"][k]
+            port = spec["ports"][node]
+            client = Client(self, path, port, timed,
+                            None if same is None else frozenset(same[node]))
             self.clients.append(client)
             try:
-                client.connect(spec["port"], max(0.1, deadline - time.monotonic()))
+                client.connect(port, max(0.1, deadline - time.monotonic()))
             except OSError as exc:
                 client.end(f"connect: {exc}")
         while time.monotonic() < deadline:
@@ -561,7 +607,7 @@ class Load:
         rate, nsend = spec["rate"], spec["senders"]
         warm_n, total = spec["warm_n"], spec["warm_n"] + spec["measure_n"]
         room, size = spec["room"], spec["content_size"]
-        senders = {s: self.clients[k] for k, s in enumerate(spec["sender_ids"])}
+        senders = {s: self.clients[k] for s, k in spec["sender_slots"]}
         due_list = [g for g in range(total) if g % nsend in senders]
         lag_hist = [0] * HIST_SIZE
         sent = sent_measured = 0
@@ -606,7 +652,11 @@ class Load:
         clients = self.clients
         return {
             "sent": sent, "sent_measured": sent_measured, "first_send": first_send,
-            "last_send": last_send, "hist": tally.histogram(), "lag_hist": _sparse(lag_hist),
+            "last_send": last_send,
+            "hist": tally.histogram(tally.lat, tally.lat_same, tally.lat_cross),
+            "hist_same": tally.histogram(tally.lat_same),
+            "hist_cross": tally.histogram(tally.lat_cross), "lag_hist": _sparse(lag_hist),
+            "events": tally.events,
             "other_frames": tally.other_frames, "other_samples": tally.other_samples,
             "per_client": [(c.first_id, c.last_id, c.frames, c.count) for c in clients],
             "received": sum(c.count for c in clients),
@@ -714,20 +764,29 @@ def run_websockets_server(port: int) -> None:
 # --- servers under test -----------------------------------------------------------------
 
 class ServerProcess:
+    """One server process: a trio-chat node, a ``serve --workers N`` supervisor, or the
+    ``websockets`` comparison server. ``tag`` names its log and SQLite files."""
+
     def __init__(self, name: str, workdir: Path, cpus: set[int] | None,
-                 config: str | None = None) -> None:
+                 config: str | None = None, *, tag: str | None = None, port: int = 0,
+                 workers: int | None = None) -> None:
         self.name = name
-        self.log_path = workdir / f"{name}.log"
+        self.tag = tag or name
+        self.log_path = workdir / f"{self.tag}.log"
         self.cpus = cpus
+        self.workers = workers
         if name == "trio-chat":
             exe = Path(sys.executable).parent / "trio-chat"
             cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "trio_chat.cli"]
-            self.argv = [*cmd, "serve", *([config] if config else []), "--port", "0",
-                         "--sqlite", str(workdir / "bench.db")]
+            db = workdir / ("bench.db" if tag is None else f"{tag}.db")
+            self.argv = [*cmd, "serve", *([config] if config else []), "--port", str(port),
+                         "--sqlite", str(db),
+                         *(["--workers", str(workers)] if workers is not None else [])]
         else:
             self.argv = [sys.executable, str(Path(__file__).resolve()),
                          "--websockets-server", "0"]
         self.proc: subprocess.Popen[bytes] | None = None
+        self.children: list[Any] = []  # psutil.Process of each worker, with --workers
         self.port = 0
         self.exit_code: int | None = None
         self.killed = False
@@ -741,9 +800,10 @@ class ServerProcess:
             _pin(self.proc.pid, self.cpus)
         deadline = time.monotonic() + SERVER_START_TIMEOUT
         while time.monotonic() < deadline:
-            match = _LISTENING.search(self.log_path.read_bytes())
-            if match:
-                self.port = int(match.group(1))
+            # Every worker of a supervisor says it is listening.
+            ports = _LISTENING.findall(self.log_path.read_bytes())
+            if len(ports) >= (self.workers or 1):
+                self.port = int(ports[0])
                 break
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.proc.returncode} "
@@ -758,10 +818,17 @@ class ServerProcess:
                 raise RuntimeError(f"GET /healthz answered {status}")
         if self.cpus:  # again: threads started while it was booting
             _pin(self.proc.pid, self.cpus)
+        if self.workers and psutil is not None:
+            with contextlib.suppress(psutil.Error):
+                self.children = psutil.Process(self.proc.pid).children(recursive=True)
 
     @property
     def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        return (self.proc is not None and self.proc.poll() is None
+                and all(c.is_running() for c in self.children))
+
+    def pids(self) -> list[int]:
+        return ([self.proc.pid] if self.proc else []) + [c.pid for c in self.children]
 
     def stop(self) -> None:
         proc = self.proc
@@ -777,6 +844,13 @@ class ServerProcess:
                 proc.kill()
                 proc.wait(5)
         self.exit_code = proc.returncode
+        # Workers run in sessions of their own: make sure none outlives its supervisor.
+        if self.children:
+            _gone, alive = psutil.wait_procs(self.children, timeout=5)
+            for child in alive:
+                self.killed = True
+                with contextlib.suppress(psutil.Error):
+                    child.kill()
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -812,6 +886,37 @@ class ServerProcess:
         return counts, samples
 
 
+class Nodes:
+    """The server under test: one process, or several trio-chat nodes sharing rooms
+    through Redis (each client connects to ``ports[client % len(ports)]``)."""
+
+    def __init__(self, label: str, procs: list[ServerProcess]) -> None:
+        self.name = label
+        self.procs = procs
+
+    @property
+    def ports(self) -> list[int]:
+        return [p.port for p in self.procs]
+
+    @property
+    def alive(self) -> bool:
+        return all(p.alive for p in self.procs)
+
+    def pids(self) -> list[int]:
+        return [pid for p in self.procs for pid in p.pids()]
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.stop()
+
+    def exit_note(self) -> str:
+        for p in self.procs:
+            if p.proc is not None and p.proc.poll() is not None:
+                who = "server" if len(self.procs) == 1 else p.tag
+                return f"{who} exited with {p.proc.returncode}"
+        return "a worker exited"
+
+
 def _pin(pid: int, cpus: set[int]) -> None:
     tids = [pid]
     if psutil is not None:
@@ -840,13 +945,17 @@ def _http_get_status(port: int, path: str) -> int:
 # --- one step ---------------------------------------------------------------------------
 
 class CpuProbe:
-    """CPU seconds used by the server and by the load generator, and system idle."""
+    """CPU seconds used by the server, the load generator and redis-server, and system idle."""
 
-    def __init__(self, server_pid: int, load_pids: list[int]) -> None:
+    def __init__(self, server_pids: list[int], load_pids: list[int],
+                 redis_pid: int | None = None) -> None:
         self.procs: dict[str, list[Any]] = {"server": [], "load": []}
+        if redis_pid is not None:
+            self.procs["redis"] = []
         if psutil is None:
             return
-        for kind, pids in (("server", [server_pid]), ("load", load_pids)):
+        for kind, pids in (("server", server_pids), ("load", load_pids),
+                           ("redis", [redis_pid] if redis_pid else [])):
             for pid in pids:
                 with contextlib.suppress(psutil.Error):
                     self.procs[kind].append(psutil.Process(pid))
@@ -868,18 +977,21 @@ class CpuProbe:
         return sample
 
     def finish(self) -> dict[str, float | None]:
-        """CPU use in % of one core (server, load generator, everything else), idle in %."""
+        """CPU use in % of one core (server, load generator, redis-server if watched,
+        everything else), idle in %."""
         if psutil is None:
-            return {"server": None, "load": None, "other": None, "idle": None}
+            return {"server": None, "load": None, "redis": None, "other": None, "idle": None}
         end = self._sample()
         wall = max(end["wall"] - self.start["wall"], 1e-6)
         total = max(end["all"] - self.start["all"], 1e-6)
         idle = end["idle"] - self.start["idle"]
         server = end["server"] - self.start["server"]
         load = end["load"] - self.start["load"]
+        rds = end["redis"] - self.start["redis"] if "redis" in end else None
         busy = total - idle
         return {"server": 100 * server / wall, "load": 100 * load / wall,
-                "other": 100 * max(0.0, busy - server - load) / wall,
+                "redis": None if rds is None else 100 * rds / wall,
+                "other": 100 * max(0.0, busy - server - load - (rds or 0.0)) / wall,
                 "idle": 100 * idle / total}
 
 
@@ -908,25 +1020,61 @@ def _sleep_until(t: float) -> None:
         time.sleep(delay)
 
 
-def run_step(server: ServerProcess, rate: float, args: argparse.Namespace,
+def _placement(sizes: list[int], senders: int, nodes: int
+               ) -> tuple[list[list[int]], list[list[tuple[int, int]]], list[int]]:
+    """Which node each client connects to, and which clients send.
+
+    Client i (counted across load-generator processes) goes to node i % nodes;
+    sender s is a client of process s % len(sizes) on node s % nodes where there
+    is one, so senders are spread over the nodes as evenly as the clients.
+    Returns, per process, each client's node and the (sender, client index)
+    pairs; and each sender's node.
+    """
+    nworkers = len(sizes)
+    client_nodes, slots, sender_node = [], [], [0] * senders
+    first = 0
+    for w, size in enumerate(sizes):
+        nodes_of = [(first + k) % nodes for k in range(size)]
+        free = list(range(size))
+        mine = []
+        for s in range(w, senders, nworkers):
+            k = next((k for k in free if nodes_of[k] == s % nodes), free[0])
+            free.remove(k)
+            mine.append((s, k))
+            sender_node[s] = nodes_of[k]
+        client_nodes.append(nodes_of)
+        slots.append(mine)
+        first += size
+    return client_nodes, slots, sender_node
+
+
+def run_step(server: Nodes, rate: float, args: argparse.Namespace,
              cpu_split: tuple[set[int], set[int]] | None) -> dict[str, Any]:
     step: dict[str, Any] = {"server": server.name, "rate": rate,
                             "offered": rate * args.clients, "error": None,
-                            "load_cpus": len(cpu_split[1]) if cpu_split else None}
+                            "load_cpus": len(cpu_split[1]) if cpu_split else None,
+                            "server_cpus": len(cpu_split[0]) if cpu_split else None,
+                            "server_loops": args.server_workers or args.nodes}
     room = random.randrange(10**9, 2**53)
     nworkers = max(1, min(args.workers, args.clients))
     sizes = [args.clients // nworkers + (i < args.clients % nworkers) for i in range(nworkers)]
     warm_n = round(rate * WARMUP)
     measure_n = round(rate * args.duration)
     firsts = [sum(sizes[:w]) for w in range(nworkers)]
+    ports = server.ports
+    client_nodes, slots, sender_node = _placement(sizes, args.senders, len(ports))
+    same = None
+    if len(ports) > 1:
+        same = [[str(s).encode() for s in range(args.senders) if sender_node[s] == n]
+                for n in range(len(ports))]
     ctx = mp.get_context("spawn")
     pipes, procs = [], []
     try:
         for w in range(nworkers):
-            sender_ids = [s for s in range(args.senders) if s % nworkers == w]
-            spec = {"port": server.port, "room": room, "clients": sizes[w],
+            spec = {"ports": ports, "client_nodes": client_nodes[w], "same": same,
+                    "room": room, "clients": sizes[w],
                     "first_client": firsts[w], "latency_every": args.latency_every,
-                    "sender_ids": sender_ids, "senders": args.senders, "rate": rate,
+                    "sender_slots": slots[w], "senders": args.senders, "rate": rate,
                     "warm_n": warm_n, "measure_n": measure_n,
                     "content_size": args.content_size,
                     "read_interval": args.read_interval / 1000, "nice": args.nice,
@@ -958,8 +1106,8 @@ def run_step(server: ServerProcess, rate: float, args: argparse.Namespace,
             pipe.send(("go", t0))
         measure_start = t0 + WARMUP
         _sleep_until(measure_start)
-        probe = CpuProbe(server.proc.pid if server.proc else 0,
-                         [os.getpid(), *(p.pid for p in procs)])
+        probe = CpuProbe(server.pids(), [os.getpid(), *(p.pid for p in procs)],
+                         args.redis_pid)
         _sleep_until(measure_start + args.duration)
         step["cpu"] = probe.finish()
         results = []
@@ -972,7 +1120,7 @@ def run_step(server: ServerProcess, rate: float, args: argparse.Namespace,
                 results.append(message[1])
         _aggregate(step, results, measure_start, args)
         if not server.alive:
-            step["error"] = f"server exited with {server.proc.returncode if server.proc else '?'}"
+            step["error"] = server.exit_note()
         return step
     finally:
         for proc in procs:
@@ -1003,11 +1151,15 @@ def _aggregate(step: dict[str, Any], results: list[dict[str, Any]], measure_star
         step["error"] = errors[0]
         return
     hist: Counter[int] = Counter()
+    hist_same: Counter[int] = Counter()
+    hist_cross: Counter[int] = Counter()
     lag: Counter[int] = Counter()
     closes: Counter[str] = Counter()
     per_client = []
     for r in results:
         hist.update(r["hist"])
+        hist_same.update(r["hist_same"])
+        hist_cross.update(r["hist_cross"])
         lag.update(r["lag_hist"])
         closes.update(r["closes"])
         per_client.extend(r["per_client"])
@@ -1033,6 +1185,9 @@ def _aggregate(step: dict[str, Any], results: list[dict[str, Any]], measure_star
                    if last_send > first_send else 0.0),
         p50=_percentile(hist, 0.50), p99=_percentile(hist, 0.99),
         max=_bucket_ms(max(hist)) if hist else None,
+        same_p50=_percentile(hist_same, 0.50), same_p99=_percentile(hist_same, 0.99),
+        cross_p50=_percentile(hist_cross, 0.50), cross_p99=_percentile(hist_cross, 0.99),
+        events=sum(r["events"] for r in results),
         lag_p99=_percentile(lag, 0.99),
         violations=sum(r["violations"] for r in results),
         gaps=sum(r["gaps"] for r in results), mismatched=mismatched,
@@ -1077,9 +1232,15 @@ def bound(step: dict[str, Any]) -> str:
     server, load = cpu.get("server"), cpu.get("load")
     if server is None or load is None:
         return ""
-    server_bound = server >= 90
+    # Pinned: its cores are (nearly) full. Unpinned: each of its event loops (one per
+    # process) is, or the machine is and it used a good part.
+    full = (cpu.get("idle") or 0) < 10
+    cores = step.get("server_cpus")
+    loops = step.get("server_loops") or 1
+    server_bound = (server >= 90 * cores if cores
+                    else server >= 90 * loops or (full and server >= 50))
     cores = step.get("load_cpus")
-    load_bound = load >= 90 * cores if cores else (cpu.get("idle") or 0) < 10 and load >= 50
+    load_bound = load >= 90 * cores if cores else full and load >= 50
     if server_bound and load_bound:
         return "both"
     return "server" if server_bound else "generator" if load_bound else ""
@@ -1090,6 +1251,18 @@ def bound(step: dict[str, Any]) -> str:
 COLUMNS = (("server", 10), ("msg/s", 6), ("offered/s", 9), ("achieved/s", 10),
            ("p50 ms", 7), ("p99 ms", 7), ("max ms", 7), ("lost", 8), ("order", 5),
            ("srv cpu", 7), ("gen cpu", 7), ("other", 5), ("lag99", 6), ("result", 0))
+# With several nodes: latency of receivers on the sender's node and on another node.
+SPLIT_COLUMNS = (("same50", 7), ("same99", 7), ("cross50", 7), ("cross99", 7))
+
+
+def columns(split: bool, redis: bool) -> tuple[tuple[str, int], ...]:
+    cols = list(COLUMNS)
+    if split:
+        at = cols.index(("max ms", 7)) + 1
+        cols[at:at] = SPLIT_COLUMNS
+    if redis:
+        cols.insert(cols.index(("gen cpu", 7)) + 1, ("rds cpu", 7))
+    return tuple(cols)
 
 
 def _fmt(value: Any, spec: str = ".1f") -> str:
@@ -1098,26 +1271,35 @@ def _fmt(value: Any, spec: str = ".1f") -> str:
     return format(value, spec)
 
 
-def print_header() -> None:
-    print(" ".join(name.rjust(w) if w else name for name, w in COLUMNS), flush=True)
+def print_header(cols: tuple[tuple[str, int], ...] = COLUMNS) -> None:
+    print(" ".join(name.rjust(w) if w else name for name, w in cols), flush=True)
 
 
-def print_row(step: dict[str, Any], note: str = "") -> None:
+def print_row(step: dict[str, Any], note: str = "",
+              cols: tuple[tuple[str, int], ...] = COLUMNS) -> None:
     why = verdict(step)
     cpu = step.get("cpu") or {}
     error = bool(step.get("error"))
-    cells = [step["server"], f"{step['rate']:.0f}", f"{step['offered']:.0f}",
-             "-" if error else f"{step['achieved']:.0f}",
-             "-" if error else _fmt(step["p50"], ".2f"),
-             "-" if error else _fmt(step["p99"], ".2f"),
-             "-" if error else _fmt(step["max"], ".1f"),
-             "-" if error else str(step["lost"]),
-             "-" if error else str(step["violations"]),
-             _fmt(cpu.get("server"), ".0f") + "%", _fmt(cpu.get("load"), ".0f") + "%",
-             _fmt(cpu.get("other"), ".0f") + "%",
-             "-" if error else _fmt(step["lag_p99"], ".1f"),
-             ("pass" if not why else "FAIL " + ", ".join(why)) + _bound_note(step) + note]
-    print(" ".join(c.rjust(w) if w else c for c, (_, w) in zip(cells, COLUMNS, strict=True)),
+
+    def ms(key: str, spec: str = ".2f") -> str:
+        return "-" if error else _fmt(step.get(key), spec)
+
+    cells = {"server": step["server"], "msg/s": f"{step['rate']:.0f}",
+             "offered/s": f"{step['offered']:.0f}",
+             "achieved/s": "-" if error else f"{step['achieved']:.0f}",
+             "p50 ms": ms("p50"), "p99 ms": ms("p99"), "max ms": ms("max", ".1f"),
+             "same50": ms("same_p50"), "same99": ms("same_p99"),
+             "cross50": ms("cross_p50"), "cross99": ms("cross_p99"),
+             "lost": "-" if error else str(step["lost"]),
+             "order": "-" if error else str(step["violations"]),
+             "srv cpu": _fmt(cpu.get("server"), ".0f") + "%",
+             "gen cpu": _fmt(cpu.get("load"), ".0f") + "%",
+             "rds cpu": _fmt(cpu.get("redis"), ".0f") + "%",
+             "other": _fmt(cpu.get("other"), ".0f") + "%",
+             "lag99": ms("lag_p99", ".1f"),
+             "result": ("pass" if not why else "FAIL " + ", ".join(why)) + _bound_note(step)
+             + note}
+    print(" ".join(cells[name].rjust(w) if w else cells[name] for name, w in cols),
           flush=True)
     if step.get("other_samples"):
         print(f"    unexpected frames, e.g. {step['other_samples'][0]}", flush=True)
@@ -1142,7 +1324,7 @@ def _summary_part(name: str, outcome: dict[str, Any], args: argparse.Namespace) 
         return (f"{name} {step['rate']:.0f} msg/s: offered {step['offered']:.0f}, achieved "
                 f"{step['achieved']:.0f} deliveries/s p50 {_fmt(step['p50'], '.2f')} ms "
                 f"p99 {_fmt(step['p99'], '.1f')} ms lost {step['lost']} "
-                f"({'pass' if not why else 'FAIL ' + ', '.join(why)})")
+                f"({'pass' if not why else 'FAIL ' + ', '.join(why)}){_hop(step)}")
     if best is None:
         if not outcome["steps"]:
             return f"{name}: no steps"
@@ -1157,7 +1339,17 @@ def _summary_part(name: str, outcome: dict[str, Any], args: argparse.Namespace) 
     elif outcome.get("ladder_exhausted"):
         suffix = ", top of the ladder"
     return (f"{name} max {best['offered']:.0f} deliveries/s ({best['rate']:.0f} msg/s) "
-            f"p99 {_fmt(best['p99'], '.1f')} ms lost {best['lost']}{suffix}")
+            f"p99 {_fmt(best['p99'], '.1f')} ms lost {best['lost']}{_hop(best)}{suffix}")
+
+
+def _hop(step: dict[str, Any]) -> str:
+    """What the cross-node hop adds, when receivers were on several nodes."""
+    same, cross = step.get("same_p50"), step.get("cross_p50")
+    if same is None or cross is None:
+        return ""
+    return (f"; same-node p50 {same:.2f} p99 {_fmt(step['same_p99'], '.1f')} ms, "
+            f"cross-node p50 {cross:.2f} p99 {_fmt(step['cross_p99'], '.1f')} ms: "
+            f"the hop adds {cross - same:+.2f} ms at p50")
 
 
 # --- the search -------------------------------------------------------------------------
@@ -1171,7 +1363,7 @@ def _cpu_split(args: argparse.Namespace) -> tuple[set[int], set[int]] | None:
     return {cpus[0]}, set(cpus[1:])
 
 
-def _try(server: ServerProcess, rate: float, args: argparse.Namespace,
+def _try(server: Nodes, rate: float, args: argparse.Namespace,
          cpu_split: tuple[set[int], set[int]] | None, outcome: dict[str, Any]) -> bool:
     """Run one step, print it, and record it as the best pass or the lowest failure.
 
@@ -1189,7 +1381,7 @@ def _try(server: ServerProcess, rate: float, args: argparse.Namespace,
                  and not step.get("error"))
         note = ("  (other work on the CPU: run again)" if retry
                 else "  (other work on the CPU)" if step["noisy"] else "")
-        print_row(step, note)
+        print_row(step, note, args.columns)
         time.sleep(0.5)
         if not retry:
             break
@@ -1204,14 +1396,18 @@ def bench_server(name: str, args: argparse.Namespace,
                  cpu_split: tuple[set[int], set[int]] | None,
                  outcome: dict[str, Any]) -> None:
     """Search one server's limit, filling in ``outcome`` as it goes."""
-    outcome.update({"server": name, "steps": [], "best": None, "limit": None})
     with tempfile.TemporaryDirectory(prefix="bench_fanout_") as tmp:
-        server = ServerProcess(name, Path(tmp), cpu_split[0] if cpu_split else None,
-                               config=args.config)
+        server = _servers(name, args, Path(tmp), cpu_split[0] if cpu_split else None)
+        name = server.name
+        outcome.update({"server": name, "steps": [], "best": None, "limit": None})
         try:
-            server.start()
-            print(f"# {name}: {' '.join(server.argv)} (port {server.port}, pid "
-                  f"{server.proc.pid if server.proc else '?'})", flush=True)
+            for node in server.procs:
+                node.start()
+                label = name if node.tag == node.name else f"{name} {node.tag}"
+                print(f"# {label}: {' '.join(node.argv)} (port {node.port}, pid "
+                      f"{node.proc.pid if node.proc else '?'}"
+                      f"{', workers ' if node.children else ''}"
+                      f"{','.join(str(c.pid) for c in node.children)})", flush=True)
             if args.rate is not None:
                 ladder: tuple[float, ...] = (args.rate,)
             else:
@@ -1219,12 +1415,10 @@ def bench_server(name: str, args: argparse.Namespace,
             for rate in ladder:
                 if not _try(server, rate, args, cpu_split, outcome):
                     break
-            # Nothing passed: halve the rate a few times to find a floor.
-            for _ in range(3 if args.rate is None else 0):
-                if outcome["best"] is not None or not server.alive:
-                    break
-                if _try(server, round(outcome["limit"]["rate"] / 2), args, cpu_split,
-                        outcome):
+            # Nothing passed: halve the rate, down to MIN_RATE, to find a floor.
+            while args.rate is None and outcome["best"] is None and server.alive:
+                rate = round(outcome["limit"]["rate"] / 2)
+                if rate < MIN_RATE or _try(server, rate, args, cpu_split, outcome):
                     break
             # Bisect between the best passing rate and the lowest failing one.
             for _ in range(args.refine if args.rate is None else 0):
@@ -1241,22 +1435,93 @@ def bench_server(name: str, args: argparse.Namespace,
             print(f"# {name}: {outcome['error']}", file=sys.stderr, flush=True)
         finally:
             server.stop()
-            counts, samples = server.log_problems()
-            outcome["server_exit"] = server.exit_code
-            outcome["server_killed"] = server.killed
-            outcome["server_log_counts"] = dict(counts)
-            note = (f"# {name}: stopped with exit code {server.exit_code}"
-                    f"{' (SIGKILL after 15 s)' if server.killed else ''}; log: "
-                    + (", ".join(f"{k} x{n}" for k, n in counts.items()) or "nothing notable"))
-            print(note, flush=True)
-            for line in samples[:10]:
-                print(f"#   {line}", flush=True)
-            if args.keep_logs:
-                kept = Path(args.keep_logs) / f"{name}.log"
-                kept.parent.mkdir(parents=True, exist_ok=True)
-                with contextlib.suppress(OSError):
-                    kept.write_bytes(server.log_path.read_bytes())
-                    print(f"# {name}: log kept in {kept}", flush=True)
+            events = sum(step.get("events") or 0 for step in outcome["steps"])
+            if events:
+                print(f"# {name}: {events} chat_enter/chat_exit event frames received "
+                      "(counted apart from messages)", flush=True)
+            for node in server.procs:
+                _report_stop(name, node, outcome, args)
+
+
+def _servers(kind: str, args: argparse.Namespace, workdir: Path, cpus: set[int] | None
+             ) -> Nodes:
+    """The processes that make up the server under test (not started yet)."""
+    if kind != "trio-chat" or not args.via_redis:
+        return Nodes(kind, [ServerProcess(kind, workdir, cpus, config=args.config)])
+    config = workdir / "bench.json"
+    config.write_text(json.dumps(_redis_config(args)))
+    if args.server_workers:
+        return Nodes(args.label, [ServerProcess(kind, workdir, None, str(config),
+                                                port=_free_port(),
+                                                workers=args.server_workers)])
+    return Nodes(args.label, [
+        ServerProcess(kind, workdir, cpus, str(config),
+                      tag=f"node{i}" if args.nodes > 1 else None)
+        for i in range(1, args.nodes + 1)])
+
+
+def _redis_config(args: argparse.Namespace) -> dict[str, Any]:
+    """``--config`` (if any) with a redis section on a channel of this run's own."""
+    config: dict[str, Any] = {}
+    if args.config:
+        config = json.loads(Path(args.config).read_text())
+    config["redis"] = {**config.get("redis", {}), "host": args.redis_host,
+                       "port": args.redis_port, "listeningChannelName": args.channel,
+                       "publishChannelName": args.channel}
+    return config
+
+
+def _free_port() -> int:
+    """A port that is free now, for ``serve --workers``, which refuses port 0."""
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def _redis_client(args: argparse.Namespace) -> Any:
+    import redis
+
+    return redis.Redis(host=args.redis_host, port=args.redis_port, socket_timeout=5,
+                       socket_connect_timeout=5)
+
+
+def _redis_cleanup(args: argparse.Namespace) -> None:
+    """Delete the keys this run left behind (they would expire in a week anyway)."""
+    try:
+        client = _redis_client(args)
+        keys = list(client.scan_iter(match=f"{args.channel}:*", count=1000))
+        if keys:
+            client.delete(*keys)
+        client.close()
+    except Exception as exc:  # the results are printed already; say why and go on
+        print(f"# could not delete this run's Redis keys ({args.channel}:*): {exc}",
+              file=sys.stderr, flush=True)
+
+
+def _report_stop(name: str, server: ServerProcess, outcome: dict[str, Any],
+                 args: argparse.Namespace) -> None:
+    """Print how one server process stopped and what its log says; keep the log if asked."""
+    counts, samples = server.log_problems()
+    label = name if server.tag == server.name else f"{name} {server.tag}"
+    if server.tag == server.name:
+        outcome["server_exit"] = server.exit_code
+        outcome["server_killed"] = server.killed
+        outcome["server_log_counts"] = dict(counts)
+    else:
+        outcome.setdefault("nodes", {})[server.tag] = {
+            "exit": server.exit_code, "killed": server.killed, "log_counts": dict(counts)}
+    note = (f"# {label}: stopped with exit code {server.exit_code}"
+            f"{' (SIGKILL after 15 s)' if server.killed else ''}; log: "
+            + (", ".join(f"{k} x{n}" for k, n in counts.items()) or "nothing notable"))
+    print(note, flush=True)
+    for line in samples[:10]:
+        print(f"#   {line}", flush=True)
+    if args.keep_logs:
+        kept = Path(args.keep_logs) / f"{server.tag}.log"
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(OSError):
+            kept.write_bytes(server.log_path.read_bytes())
+            print(f"# {label}: log kept in {kept}", flush=True)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -1293,6 +1558,18 @@ def _parser() -> argparse.ArgumentParser:
                    "machine to stop (30)")
     p.add_argument("--config", metavar="PATH",
                    help="config.json for trio-chat (e.g. with a db section for MySQL history)")
+    p.add_argument("--nodes", type=int, default=1, metavar="N",
+                   help="trio-chat as N node processes sharing the room through Redis, "
+                   "clients and senders spread round-robin across them, all nodes pinned "
+                   "to the server's CPU (1)")
+    p.add_argument("--redis", action="store_true",
+                   help="trio-chat through Redis even as one node (implied by --nodes > 1 "
+                   "and --server-workers)")
+    p.add_argument("--server-workers", type=int, default=None, metavar="N",
+                   help="trio-chat as one 'serve --workers N' (N processes on one port, "
+                   "through Redis); nothing is pinned, so the workers can use every core")
+    p.add_argument("--redis-host", default=HOST, help="Redis for --nodes/--redis (127.0.0.1)")
+    p.add_argument("--redis-port", type=int, default=6379, help="its port (6379)")
     p.add_argument("--keep-logs", metavar="DIR", help="copy the server logs to DIR")
     p.add_argument("--json", action="store_true", help="also print the results as a JSON line")
     p.add_argument("--websockets-server", type=int, metavar="PORT", default=None,
@@ -1325,16 +1602,51 @@ def main(argv: list[str] | None = None) -> int:
     if args.content_size < 48:
         print("bench_fanout: --content-size must be at least 48", file=sys.stderr)
         return 2
+    if args.nodes < 1 or (args.server_workers is not None and args.server_workers < 1):
+        print("bench_fanout: --nodes and --server-workers must be at least 1", file=sys.stderr)
+        return 2
+    if args.nodes > 1 and args.server_workers is not None:
+        print("bench_fanout: --nodes and --server-workers do not go together", file=sys.stderr)
+        return 2
+    args.via_redis = args.redis or args.nodes > 1 or args.server_workers is not None
+    if args.via_redis and args.server == "websockets":
+        print("bench_fanout: --nodes, --redis and --server-workers are for trio-chat",
+              file=sys.stderr)
+        return 2
+    args.redis_pid = None
+    if args.via_redis:
+        args.channel = f"bench-fanout-{secrets.token_hex(4)}"
+        n = args.server_workers
+        args.label = (f"{n} worker{'s' if n > 1 else ''}" if n is not None
+                      else f"redis {args.nodes}n")
+        try:
+            client = _redis_client(args)
+            args.redis_pid = int(client.info("server")["process_id"])
+            client.close()
+        except Exception as exc:
+            print(f"bench_fanout: Redis at {args.redis_host}:{args.redis_port}: {exc}",
+                  file=sys.stderr)
+            return 2
     # SIGTERM cleans up like Ctrl-C: the servers run in their own sessions and must be stopped.
     signal.signal(signal.SIGTERM, _terminate)
-    cpu_split = _cpu_split(args)
+    # The workers of one supervisor are there to use every core: pinning them together
+    # would defeat the test, so with --server-workers nothing is pinned.
+    cpu_split = None if args.server_workers is not None else _cpu_split(args)
     ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    server_desc = "server"
+    if args.server_workers is not None:
+        n = args.server_workers
+        server_desc = f"trio-chat ({n} worker{'s' if n > 1 else ''})"
+    elif args.nodes > 1:
+        server_desc = f"the {args.nodes} trio-chat nodes"
     if cpu_split:
         load_cpus = ",".join(map(str, sorted(cpu_split[1])))
-        placement = (f"server pinned to CPU {min(cpu_split[0])}, load generator "
+        placement = (f"{server_desc} pinned to CPU {min(cpu_split[0])}, load generator "
                      f"({args.workers} processes) to CPU {load_cpus}")
     else:
-        placement = f"server and load generator ({args.workers} processes) unpinned"
+        placement = f"{server_desc} and load generator ({args.workers} processes) unpinned"
+    if args.via_redis:
+        placement += f"; redis-server (pid {args.redis_pid}) unpinned"
     print(f"# fan-out: {args.clients} clients in one room, {args.senders} of them sending; "
           f"{args.duration:g} s measured per step after {WARMUP:g} s warm-up; pass = no loss, "
           f"p99 <= {P99_LIMIT_MS:g} ms", flush=True)
@@ -1348,9 +1660,26 @@ def main(argv: list[str] | None = None) -> int:
           "the generator sent, ms", flush=True)
     if psutil is None:
         print("# psutil is not installed: no CPU figures", flush=True)
-    names = SERVERS if args.server == "both" else (args.server,)
+    if args.via_redis:
+        how = (f"one 'serve --workers {args.server_workers}' (the kernel spreads clients "
+               "over the workers)" if args.server_workers is not None
+               else f"{args.nodes} node{'s' if args.nodes > 1 else ''}, each with its own "
+               "SQLite file" + (", clients and senders round-robin" if args.nodes > 1
+                                else ""))
+        print(f"# trio-chat through Redis {args.redis_host}:{args.redis_port} (channel "
+              f"{args.channel}): {how}", flush=True)
+        if args.nodes > 1:
+            print("# same50/99, cross50/99: latency of receivers on the sender's node and "
+                  "on another node, ms", flush=True)
+        print("# rds cpu: redis-server, % of one core (included in no other column)",
+              flush=True)
+    if args.via_redis:
+        names: tuple[str, ...] = ("trio-chat",)
+    else:
+        names = SERVERS if args.server == "both" else (args.server,)
     outcomes: dict[str, dict[str, Any]] = {}
-    print_header()
+    args.columns = columns(args.nodes > 1, args.via_redis)
+    print_header(args.columns)
     try:
         for name in names:
             outcomes[name] = {}
@@ -1359,14 +1688,20 @@ def main(argv: list[str] | None = None) -> int:
         print("# interrupted", file=sys.stderr)
         if outcomes:
             outcomes[list(outcomes)[-1]]["interrupted"] = True
-    parts = [_summary_part(name, outcomes[name], args) for name in names if name in outcomes]
+    finally:
+        if args.via_redis:
+            _redis_cleanup(args)
+    parts = [_summary_part(outcomes[name].get("server", name), outcomes[name], args)
+             for name in names if name in outcomes]
     tail = (f"{args.clients} clients, {args.senders} senders, {ncpu} cores shared with the "
-            f"load generator")
+            f"load generator" + (" and redis-server" if args.via_redis else ""))
     print("fanout: " + " | ".join([*parts, tail]), flush=True)
     if args.json:
+        setup = ({"nodes": args.nodes, "server_workers": args.server_workers,
+                  "redis": f"{args.redis_host}:{args.redis_port}"} if args.via_redis else {})
         print(json.dumps({"clients": args.clients, "senders": args.senders,
                           "duration": args.duration, "cpus": ncpu,
-                          "pinned": cpu_split is not None, "workers": args.workers,
+                          "pinned": cpu_split is not None, "workers": args.workers, **setup,
                           "results": outcomes}, default=str), flush=True)
     if any(o.get("interrupted") for o in outcomes.values()):
         return 130
