@@ -104,3 +104,13 @@ def test_text_frame_decodes_with_a_real_websocket_parser(size: int) -> None:
     received = [event.data for event in client.events()]
     assert "".join(received[:-1]) == text
     assert received[-1] == "next"
+
+
+def test_lone_surrogate_content_is_refused_but_pairs_are_text() -> None:
+    with pytest.raises(FrameError) as info:
+        parse_chat_frame(chat_frame("\ud800", room_id=1), 1)
+    assert info.value.code == "invalid_field" and "surrogate" in info.value.detail
+    assert parse_chat_frame(chat_frame("😀", room_id=1), 1).content == "😀"
+    assert parse_chat_frame('{"message_type":"chat_txt","author_id":1,"content":'
+                            '"\\ud83d\\ude00","create_at":"2022-06-05T12:00:00.000Z"}',
+                            1).content == "😀"

@@ -363,8 +363,11 @@ class RedisBroker:
         other nodes may be up).
         """
         c = self._config
-        self._client = redis.asyncio.Redis(host=c.host, port=c.port, db=c.database,
-                                           **self._client_options())
+        # A blocking pool: a burst of publishes waits for a connection rather than
+        # failing with "Too many connections" (which would read as Redis being down).
+        self._client = redis.asyncio.Redis.from_pool(redis.asyncio.BlockingConnectionPool(
+            host=c.host, port=c.port, db=c.database, max_connections=CLUSTER_NODE_CONNECTIONS,
+            timeout=None, **self._client_options()))
         try:
             cluster = bool((await self._client.info("cluster")).get("cluster_enabled"))
         except redis.ResponseError as exc:

@@ -33,12 +33,13 @@ from .protocol import (
     INT64_MAX,
     INT64_MIN,
     FrameError,
+    encodable,
     parse_chat_frame,
     parse_room_id,
     utc_after,
     utc_now,
 )
-from .store import Ban, NameTaken, RoomInfo, StoreUnavailable
+from .store import Ban, NameTaken, NoRoomId, RoomInfo, StoreUnavailable
 from .websocket import BANNED, KICKED, ROOM_DELETED
 
 if TYPE_CHECKING:
@@ -201,6 +202,9 @@ def _json_object(request: Request, allowed: set[str]) -> dict[str, Any]:
     unknown = sorted(set(body) - allowed)
     if unknown:
         raise HttpError(invalid(unknown[0], "is not a field of this request"))
+    for field, value in body.items():
+        if isinstance(value, str) and not encodable(value):
+            raise HttpError(invalid(field, "holds a lone surrogate, which is not text"))
     return body
 
 
@@ -272,6 +276,8 @@ async def _create_room(server: Server, request: Request, match: re.Match[str]) -
                                                       utc_now())
     except NameTaken:
         raise HttpError(error(409, "name_taken", f"a room is already named {name!r}")) from None
+    except NoRoomId as exc:
+        raise HttpError(error(503, "no_room_id", str(exc))) from None
     return json_response(201, {**room.to_wire(), "online": 0},
                          (("location", f"/rooms/{room.id}"),))
 

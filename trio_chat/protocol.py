@@ -147,6 +147,9 @@ def parse_chat_frame(text: str, url_room_id: int) -> Draft:
         raise FrameError("invalid_field", f"content must be a string, got {_kind(content)}")
     if not content:
         raise FrameError("invalid_field", "content must not be empty")
+    if ("\\ud" in text or "\\uD" in text) and not encodable(content):
+        raise FrameError("invalid_field", "content holds a lone surrogate (\\ud800 to "
+                                          "\\udfff not in a pair), which is not text")
     create_at = frame["create_at"]
     if not isinstance(create_at, str) or not _ISO_UTC.match(create_at):
         raise FrameError("invalid_field",
@@ -157,6 +160,16 @@ def parse_chat_frame(text: str, url_room_id: int) -> Draft:
     except ValueError:
         raise FrameError("invalid_field", "create_at is not a real date and time") from None
     return Draft(url_room_id, author_id, message_type, content, create_at)
+
+
+def encodable(text: str) -> bool:
+    """Whether ``text`` is real Unicode text; JSON's ``\\ud800`` escapes can make a lone
+    surrogate, which nothing downstream (UTF-8, the database) can hold."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _dumps(obj: dict[str, Any]) -> str:

@@ -47,6 +47,15 @@ class NameTaken(Exception):
     """Another room has this name."""
 
 
+class NoRoomId(Exception):
+    """Every id a created room may get is taken."""
+
+
+# Rooms created through the API take ids below this; rooms joined by id (any int64)
+# above it cannot push them to the end of the range.
+CREATED_ROOM_IDS = 2**62
+
+
 @attrs.frozen
 class RoomInfo:
     id: int
@@ -339,8 +348,11 @@ class _Rooms:
     async def create_room(self, name: str, private: bool, created_at: str) -> RoomInfo:
         m = self._mark
         for _ in range(10):
-            rows, _ = await self._sql("SELECT COALESCE(MAX(id), 0) + 1 FROM rooms", ())
-            room = RoomInfo(int(rows[0][0]), name, private, created_at)
+            rows, _ = await self._sql(f"SELECT MAX(id) FROM rooms WHERE id < {m}",
+                                      (CREATED_ROOM_IDS,))
+            room = RoomInfo(max(int(rows[0][0] or 0), 0) + 1, name, private, created_at)
+            if room.id >= CREATED_ROOM_IDS:
+                raise NoRoomId(f"every room id below {CREATED_ROOM_IDS} is taken")
             try:
                 await self._sql(f"INSERT INTO rooms (id, name, private, created_at) "
                                 f"VALUES ({m}, {m}, {m}, {m})",
@@ -352,7 +364,7 @@ class _Rooms:
                     continue  # another node took this id first
                 raise
             return room
-        raise RuntimeError("could not find a free room id")
+        raise NoRoomId("could not find a free room id")
 
     async def room(self, room_id: int) -> RoomInfo | None:
         rows, _ = await self._sql(f"SELECT id, name, private, created_at FROM rooms "
