@@ -22,7 +22,15 @@ import redis
 import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 
-from trio_chat.config import Config, DbConfig, RedisConfig, ServerConfig, SqliteConfig
+from trio_chat.config import (
+    AuthConfig,
+    Config,
+    DbConfig,
+    LimitsConfig,
+    RedisConfig,
+    ServerConfig,
+    SqliteConfig,
+)
 from trio_chat.protocol import PRESENCE_EVENTS
 from trio_chat.server import Server
 
@@ -34,9 +42,15 @@ MYSQL = {
 }
 
 
-def make_config(db_path: Path, *, db: DbConfig | None = None, **server: Any) -> Config:
+# Tests of other things send as fast as they can; the rate limit has tests of its own.
+UNLIMITED = LimitsConfig(messages_per_second=1_000_000, message_burst=1_000_000)
+
+
+def make_config(db_path: Path, *, db: DbConfig | None = None, limits: LimitsConfig = UNLIMITED,
+                auth: AuthConfig | None = None, **server: Any) -> Config:
     return Config(server=ServerConfig(host="127.0.0.1", port=0, **server),
-                  sqlite=SqliteConfig(path=str(db_path)), db=db)
+                  sqlite=SqliteConfig(path=str(db_path)), db=db, limits=limits,
+                  auth=auth or AuthConfig())
 
 
 @pytest.fixture

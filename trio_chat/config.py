@@ -127,7 +127,8 @@ class LimitsConfig:
     messages_per_second: float = _opt("messagesPerSecond", 20.0, float, low=0.01,
                                       high=1_000_000)
     message_burst: int = _opt("messageBurst", 40, int, low=1, high=1_000_000)
-    # Refused messages in a row (over the rate) before the connection is closed (1008).
+    # Refused messages since the client last slowed down enough to refill its burst,
+    # before the connection is closed (1008).
     flood_limit: int = _opt("floodLimit", 20, int, low=1, high=1_000_000)
     connections_per_ip: int = _opt("connectionsPerIp", 1000, int, low=1, high=10_000_000)
 

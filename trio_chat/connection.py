@@ -14,13 +14,22 @@ import logging
 import attrs
 import trio
 
+from .auth import TokenBucket
 from .broker import BrokerUnavailable
+from .config import LimitsConfig
 from .hub import Hub
 from .metrics import Metrics
 from .protocol import FrameError, encode_error, parse_chat_frame, text_frame
 from .room import Room
 from .store import StoreUnavailable
-from .websocket import BANNED, MESSAGE_TOO_BIG, TRY_AGAIN_LATER, Limits, WebSocket
+from .websocket import (
+    BANNED,
+    MESSAGE_TOO_BIG,
+    POLICY_VIOLATION,
+    TRY_AGAIN_LATER,
+    Limits,
+    WebSocket,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +42,10 @@ class ChatConnection:
     _metrics: Metrics
     # Who is connected: from the upgrade URL's author_id, else the first valid frame's.
     author_id: int | None = None
+    # A token proved author_id: a frame claiming anyone else is refused.
+    verified: bool = False
+    bucket: TokenBucket | None = None
+    flood_limit: int = 0
     ws: WebSocket = attrs.field(init=False)
     room: Room | None = attrs.field(init=False, default=None)
     # Live frames kept back while a resume reads history from the store.
@@ -76,6 +89,16 @@ class ChatConnection:
         return ban is not None
 
     async def on_message(self, message: str | bytes) -> None:
+        if self.bucket is not None and not self.bucket.take(trio.current_time()):
+            self._metrics.rate_limited += 1
+            if self.bucket.strikes >= self.flood_limit:
+                self._metrics.flood_disconnects += 1
+                log.info("%s: flooding room %d, disconnecting", self.remote, self.room_id)
+                self.ws.close(POLICY_VIOLATION, "flooding: too many messages")
+            else:
+                self._error("rate_limited", "too many messages; slow down (this one was "
+                                            "not accepted)")
+            return
         if isinstance(message, bytes):
             self._metrics.bad_frames += 1
             self._error("binary_frame", "binary frames are not accepted; send JSON as a "
@@ -86,6 +109,11 @@ class ChatConnection:
         except FrameError as exc:
             self._metrics.bad_frames += 1
             self._error(exc.code, exc.detail)
+            return
+        if self.verified and draft.author_id != self.author_id:
+            self._metrics.bad_frames += 1
+            self._error("author_mismatch", f"author_id {draft.author_id} is not you: your "
+                                           f"token is for author {self.author_id}")
             return
         if self.author_id is None and self.room is not None:
             if await self._banned(draft.author_id):
@@ -101,9 +129,13 @@ class ChatConnection:
 
 async def serve_connection(stream: trio.abc.Stream, *, hub: Hub, metrics: Metrics,
                            limits: Limits, room_id: int, remote: str, since: int | None = None,
-                           author_id: int | None = None, trailing_data: bytes = b"") -> None:
+                           author_id: int | None = None, verified: bool = False,
+                           rate: LimitsConfig | None = None, trailing_data: bytes = b"") -> None:
     """Run one upgraded connection to its end. The caller closes ``stream``."""
-    connection = ChatConnection(room_id, remote, hub, metrics, author_id)
+    connection = ChatConnection(room_id, remote, hub, metrics, author_id, verified)
+    if rate is not None:
+        connection.bucket = TokenBucket(rate.messages_per_second, rate.message_burst)
+        connection.flood_limit = rate.flood_limit
 
     def on_slow() -> None:
         metrics.slow_consumer_disconnects += 1

@@ -27,6 +27,7 @@ import h11
 import trio
 from wsproto.utilities import generate_accept_token
 
+from .auth import AuthError, Claims, authenticate, check_admin, check_origin
 from .broker import BrokerUnavailable
 from .connection import serve_connection
 from .protocol import (
@@ -96,6 +97,9 @@ class Route:
     method: str
     pattern: re.Pattern[str]
     handler: Handler
+    # "public"; "reader": a room's data (a user token for it, or the admin key, when
+    # tokens are on); "admin": management (the admin key).
+    access: str = "public"
 
 
 _WS_PATH = re.compile(r"/ws/(?P<room>[^/]*)")
@@ -392,21 +396,69 @@ ROUTES: list[Route] = [
     Route("GET", re.compile(r"/metrics\Z"), _metrics),
     Route("GET", re.compile(r"/openapi\.json\Z"), _openapi),
     Route("GET", re.compile(r"/ws/(?P<room>[^/]*)\Z"), _ws_without_upgrade),
-    Route("GET", re.compile(r"/rooms/(?P<room>[^/]*)/messages\Z"), _history),
-    Route("GET", re.compile(r"/rooms/(?P<room>[^/]*)/members\Z"), _members),
-    Route("POST", re.compile(r"/rooms\Z"), _create_room),
-    Route("GET", re.compile(r"/rooms\Z"), _list_rooms),
-    Route("GET", re.compile(r"/rooms/(?P<room>[^/]*)\Z"), _get_room),
-    Route("PATCH", re.compile(r"/rooms/(?P<room>[^/]*)\Z"), _patch_room),
-    Route("DELETE", re.compile(r"/rooms/(?P<room>[^/]*)\Z"), _delete_room),
-    Route("POST", re.compile(r"/rooms/(?P<room>[^/]*)/kick\Z"), _kick),
-    Route("POST", re.compile(r"/rooms/(?P<room>[^/]*)/ban\Z"), _ban),
-    Route("POST", re.compile(r"/rooms/(?P<room>[^/]*)/messages\Z"), _announce),
+    Route("GET", re.compile(r"/rooms/(?P<room>[^/]*)/messages\Z"), _history, "reader"),
+    Route("GET", re.compile(r"/rooms/(?P<room>[^/]*)/members\Z"), _members, "reader"),
+    Route("POST", re.compile(r"/rooms\Z"), _create_room, "admin"),
+    Route("GET", re.compile(r"/rooms\Z"), _list_rooms, "admin"),
+    Route("GET", re.compile(r"/rooms/(?P<room>[^/]*)\Z"), _get_room, "reader"),
+    Route("PATCH", re.compile(r"/rooms/(?P<room>[^/]*)\Z"), _patch_room, "admin"),
+    Route("DELETE", re.compile(r"/rooms/(?P<room>[^/]*)\Z"), _delete_room, "admin"),
+    Route("POST", re.compile(r"/rooms/(?P<room>[^/]*)/kick\Z"), _kick, "admin"),
+    Route("POST", re.compile(r"/rooms/(?P<room>[^/]*)/ban\Z"), _ban, "admin"),
+    Route("POST", re.compile(r"/rooms/(?P<room>[^/]*)/messages\Z"), _announce, "admin"),
 ]
 
 
 def load_demo_page() -> bytes:
     return _DEMO_PAGE.read_bytes()
+
+
+def _auth_error(server: Server, exc: AuthError) -> HttpError:
+    server.metrics.auth_failures += 1
+    return HttpError(error(exc.status, exc.code, exc.detail, exc.headers))
+
+
+async def _authorize(server: Server, request: Request, access: str,
+                     match: re.Match[str]) -> None:
+    """Raise :class:`HttpError` (401/403) unless the request may use a route of ``access``."""
+    auth = server.config.auth
+    tokens = auth.mode == "token"
+    if access == "public" or not (auth.admin_key or tokens):
+        return  # development: no key and no identities, open as the seed was
+    if access == "admin":
+        if not auth.admin_key:
+            raise _auth_error(server, AuthError(401, "admin_key_required",
+                                                "management needs auth.adminKey, and none "
+                                                "is configured"))
+        try:
+            check_admin(request.headers, auth.admin_key, auth.secret if tokens else None)
+        except AuthError as exc:
+            raise _auth_error(server, exc) from None
+        return
+    if not tokens:
+        return
+    if auth.admin_key:
+        try:
+            check_admin(request.headers, auth.admin_key, auth.secret)
+            return
+        except AuthError:
+            pass  # not the admin: a user token, then
+    try:
+        claims = authenticate(request.query, request.headers, auth.secret)
+    except AuthError as exc:
+        raise _auth_error(server, exc) from None
+    await _check_room_access(server, _room_id(match), claims)
+
+
+async def _check_room_access(server: Server, room_id: int, claims: Claims) -> None:
+    """A private room needs the room in the token's claims."""
+    if room_id in claims.rooms:
+        return
+    room = await server.store.backend.room(room_id)
+    if room is not None and room.private:
+        server.metrics.auth_failures += 1
+        raise HttpError(error(403, "room_forbidden", f"room {room_id} is private and the "
+                              "token does not grant it"))
 
 
 async def _route(server: Server, request: Request) -> Response:
@@ -417,6 +469,7 @@ async def _route(server: Server, request: Request) -> Response:
             continue
         if route.method == request.method:
             try:
+                await _authorize(server, request, route.access, match)
                 return await route.handler(server, request, match)
             except HttpError as exc:
                 return exc.response
@@ -499,85 +552,120 @@ async def _read_request(stream: trio.abc.Stream, conn: h11.Connection,
 
 async def serve_http(server: Server, stream: trio.abc.Stream, remote: str) -> None:
     """Serve one TCP connection: HTTP requests until close, or one WebSocket."""
-    config = server.config.server
-    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
-    while not server.shutting_down:
-        upgrade_to: int | None = None
-        with trio.move_on_after(config.handshake_timeout) as scope:
-            # Shutdown cancels this: an idle keep-alive connection must not hold it up.
-            with trio.CancelScope() as waiting:
-                server.waiting_for_request.add(waiting)
-                try:
-                    request = await _read_request(stream, conn, remote)
-                finally:
-                    server.waiting_for_request.discard(waiting)
-            if request is None or waiting.cancelled_caught:
-                return
-            if isinstance(request, Response):
-                server.metrics.handshake_failures += 1
-                if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                    await _send(stream, conn, request, close=True)
-                return
-            upgrade = _is_upgrade(request.headers)
-            if upgrade and (match := _WS_PATH.fullmatch(request.path)):
-                try:
-                    room_id = _room_id(match)
-                    since = _query_int(request, "since", low=0)
-                    author_id = _query_int(request, "author_id", low=INT64_MIN)
-                    response = _check_handshake(request.headers)
-                except HttpError as exc:
-                    response = exc.response
-                if response is None:
-                    response = await _admit(server, room_id, author_id)
-                if response is None:
-                    upgrade_to = room_id
-                    await _accept_upgrade(stream, conn, request)
-                else:
-                    server.metrics.handshake_failures += 1
-            else:
-                server.metrics.http_requests += 1
-                try:
-                    response = await _route(server, request)
-                except Exception:
-                    log.exception("%s: %s %s failed", remote, request.method, request.path)
-                    response = error(500, "internal_error", "internal server error")
-            if response is not None:
-                keep_alive = conn.their_state is h11.DONE and not upgrade
-                await _send(stream, conn, response, close=not keep_alive)
-        if scope.cancelled_caught:
-            # No complete request (or no room for our answer) within the time limit.
-            server.metrics.handshake_failures += 1
-            return
-        if upgrade_to is not None:
-            trailing, _ = conn.trailing_data
-            await serve_connection(stream, hub=server.hub, metrics=server.metrics,
-                                   limits=server.limits, room_id=upgrade_to, remote=remote,
-                                   since=since, author_id=author_id,
-                                   trailing_data=trailing)
-            return
-        if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
-            return
-        conn.start_next_cycle()
-
-
-async def _admit(server: Server, room_id: int, author_id: int | None) -> Response | None:
-    """Room policy and bans, before the upgrade: an error response, or None to go on."""
+    ip = remote.rpartition(":")[0] or remote
+    # Counted against the per-address limit from the upgrade until the connection ends.
+    held_ip: str | None = None
     try:
+        config = server.config.server
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+        while not server.shutting_down:
+            upgrade_to: int | None = None
+            with trio.move_on_after(config.handshake_timeout) as scope:
+                # Shutdown cancels this: an idle keep-alive connection must not hold it up.
+                with trio.CancelScope() as waiting:
+                    server.waiting_for_request.add(waiting)
+                    try:
+                        request = await _read_request(stream, conn, remote)
+                    finally:
+                        server.waiting_for_request.discard(waiting)
+                if request is None or waiting.cancelled_caught:
+                    return
+                if isinstance(request, Response):
+                    server.metrics.handshake_failures += 1
+                    if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                        await _send(stream, conn, request, close=True)
+                    return
+                upgrade = _is_upgrade(request.headers)
+                if upgrade and (match := _WS_PATH.fullmatch(request.path)):
+                    try:
+                        room_id = _room_id(match)
+                        since = _query_int(request, "since", low=0)
+                        author_id = _query_int(request, "author_id", low=INT64_MIN)
+                        response = _check_handshake(request.headers)
+                    except HttpError as exc:
+                        response = exc.response
+                    if response is None:
+                        response, author_id, verified = await _admit(server, request, room_id,
+                                                                     author_id)
+                    if response is None and not server.ip_limiter.acquire(ip):
+                        server.metrics.ip_limit_refusals += 1
+                        response = error(429, "too_many_connections",
+                                         f"at most {server.config.limits.connections_per_ip} "
+                                         f"connections from one address")
+                    elif response is None:
+                        held_ip = ip
+                        upgrade_to = room_id
+                        await _accept_upgrade(stream, conn, request)
+                    else:
+                        server.metrics.handshake_failures += 1
+                else:
+                    server.metrics.http_requests += 1
+                    try:
+                        response = await _route(server, request)
+                    except Exception:
+                        log.exception("%s: %s %s failed", remote, request.method, request.path)
+                        response = error(500, "internal_error", "internal server error")
+                if response is not None:
+                    keep_alive = conn.their_state is h11.DONE and not upgrade
+                    await _send(stream, conn, response, close=not keep_alive)
+            if scope.cancelled_caught:
+                # No complete request (or no room for our answer) within the time limit.
+                server.metrics.handshake_failures += 1
+                return
+            if upgrade_to is not None:
+                trailing, _ = conn.trailing_data
+                await serve_connection(stream, hub=server.hub, metrics=server.metrics,
+                                       limits=server.limits, room_id=upgrade_to, remote=remote,
+                                       since=since, author_id=author_id, verified=verified,
+                                       rate=server.config.limits, trailing_data=trailing)
+                return
+            if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                return
+            conn.start_next_cycle()
+    finally:
+        if held_ip is not None:
+            server.ip_limiter.release(held_ip)
+
+
+async def _admit(server: Server, request: Request, room_id: int, author_id: int | None
+                 ) -> tuple[Response | None, int | None, bool]:
+    """Origin, identity, room policy and bans, before the upgrade: an error response or
+    None, the author (a token's subject wins over ``?author_id``) and whether it was
+    verified (then every frame must carry it)."""
+    auth = server.config.auth
+    try:
+        check_origin(request.headers.get("origin"), request.headers.get("host"),
+                     auth.allowed_origins)
+    except AuthError as exc:
+        server.metrics.origin_refusals += 1
+        return error(exc.status, exc.code, exc.detail), None, False
+    verified = auth.mode == "token"
+    try:
+        if verified:
+            try:
+                claims = authenticate(request.query, request.headers, auth.secret)
+            except AuthError as exc:
+                raise _auth_error(server, exc) from None
+            author_id = claims.author_id
+            await _check_room_access(server, room_id, claims)
         if server.config.server.room_policy == "strict" and \
                 await server.store.backend.room(room_id) is None:
-            return error(404, "room_not_found", f"no room {room_id}")
+            return error(404, "room_not_found", f"no room {room_id}"), None, False
         if author_id is not None:
             ban = await server.hub.ban_of(room_id, author_id)
             if ban is not None:
                 return json_response(403, {"error": "banned", "until": ban.until,
                                            "detail": f"author {author_id} is banned from "
                                                      f"room {room_id}" +
-                                                     (f": {ban.reason}" if ban.reason else "")})
+                                                     (f": {ban.reason}" if ban.reason else "")}
+                                     ), None, False
+    except HttpError as exc:
+        return exc.response, None, False
     except Exception as exc:
         log.warning("cannot check room %d for a join: %r", room_id, exc)
         return error(503, "store_unavailable", "room data is unavailable, try again later",
-                     (("retry-after", "1"),))
-    return None
+                     (("retry-after", "1"),)), None, False
+    return None, author_id, verified
 
 
 async def _accept_upgrade(stream: trio.abc.Stream, conn: h11.Connection,

@@ -42,6 +42,11 @@ class Metrics:
     store_refusals: int = 0
     store_written: int = 0
     store_errors: int = 0
+    auth_failures: int = 0
+    origin_refusals: int = 0
+    ip_limit_refusals: int = 0
+    rate_limited: int = 0
+    flood_disconnects: int = 0
     # Gauges read at scrape time; the server plugs in its own readers.
     gauges: dict[str, tuple[str, Callable[[], float]]] = attrs.field(factory=dict)
 
@@ -77,4 +82,10 @@ _COUNTERS: Iterable[tuple[str, str]] = (
     ("store_refusals", "Messages refused because the store's buffer was full."),
     ("store_written", "Messages written to the message store."),
     ("store_errors", "Failed store writes (each retried)."),
+    ("auth_failures", "Requests and upgrades refused for a missing, bad or insufficient "
+                      "token or admin key."),
+    ("origin_refusals", "WebSocket upgrades refused for their Origin."),
+    ("ip_limit_refusals", "WebSocket upgrades refused: too many connections from the address."),
+    ("rate_limited", "Client frames refused for going over the message rate."),
+    ("flood_disconnects", "Connections closed (1008) for flooding past the rate limit."),
 )

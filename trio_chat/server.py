@@ -17,6 +17,7 @@ import socket
 import attrs
 import trio
 
+from .auth import IpLimiter
 from .bridge import open_bridge
 from .broker import Broker, BrokerUnavailable, LocalBroker, RedisBroker
 from .config import Config
@@ -77,6 +78,10 @@ class Server:
     # HTTP connections between requests, closed at once by a graceful shutdown.
     waiting_for_request: set[trio.CancelScope] = attrs.field(init=False, factory=set)
     _shutdown: trio.Event = attrs.field(init=False, factory=trio.Event)
+    ip_limiter: IpLimiter = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.ip_limiter = IpLimiter(self.config.limits.connections_per_ip)
 
     @classmethod
     def build(cls, config: Config) -> Server:
