@@ -1446,10 +1446,12 @@ def bench_server(name: str, args: argparse.Namespace,
 def _servers(kind: str, args: argparse.Namespace, workdir: Path, cpus: set[int] | None
              ) -> Nodes:
     """The processes that make up the server under test (not started yet)."""
-    if kind != "trio-chat" or not args.via_redis:
-        return Nodes(kind, [ServerProcess(kind, workdir, cpus, config=args.config)])
+    if kind != "trio-chat":
+        return Nodes(kind, [ServerProcess(kind, workdir, cpus)])
     config = workdir / "bench.json"
-    config.write_text(json.dumps(_redis_config(args)))
+    config.write_text(json.dumps(_bench_config(args)))
+    if not args.via_redis:
+        return Nodes(kind, [ServerProcess(kind, workdir, cpus, config=str(config))])
     if args.server_workers:
         return Nodes(args.label, [ServerProcess(kind, workdir, None, str(config),
                                                 port=_free_port(),
@@ -1460,11 +1462,17 @@ def _servers(kind: str, args: argparse.Namespace, workdir: Path, cpus: set[int] 
         for i in range(1, args.nodes + 1)])
 
 
-def _redis_config(args: argparse.Namespace) -> dict[str, Any]:
-    """``--config`` (if any) with a redis section on a channel of this run's own."""
+def _bench_config(args: argparse.Namespace) -> dict[str, Any]:
+    """``--config`` (if any); senders here are load generators, not people, so the
+    per-connection rate limit is lifted unless that file sets it; with Redis, a redis
+    section on a channel of this run's own."""
     config: dict[str, Any] = {}
     if args.config:
         config = json.loads(Path(args.config).read_text())
+    config["limits"] = {"messagesPerSecond": 1_000_000, "messageBurst": 1_000_000,
+                        **config.get("limits", {})}
+    if not args.via_redis:
+        return config
     config["redis"] = {**config.get("redis", {}), "host": args.redis_host,
                        "port": args.redis_port, "listeningChannelName": args.channel,
                        "publishChannelName": args.channel}

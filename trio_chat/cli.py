@@ -42,8 +42,8 @@ Run the chat server.
 
 Without CONFIG it runs the embedded default: one node on 127.0.0.1:8080,
 in-process broker, SQLite history in ./trio-chat.db. CONFIG is a chatAPI
-config.json (sections db, mq, redis, logger) plus an optional "server"
-section; see config.json.example and the README for every key.
+config.json (sections db, mq, redis, logger) plus optional "server", "sqlite",
+"auth" and "limits" sections; see config.json.example and the README for every key.
 
 SIGINT or SIGTERM stops it gracefully: it stops accepting, closes every
 WebSocket with 1001, stores every accepted message and exits 0 within
