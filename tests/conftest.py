@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -33,6 +34,9 @@ from trio_chat.config import (
 )
 from trio_chat.protocol import PRESENCE_EVENTS
 from trio_chat.server import Server
+
+# The Redis scripts/services starts; tests that stop Redis start their own (redis_server).
+REDIS_PORT = 6379
 
 MYSQL = {
     "host": os.environ.get("TRIO_CHAT_TEST_MYSQL_HOST", "127.0.0.1"),
@@ -194,6 +198,17 @@ def redis_server() -> Iterator[Callable[[], int]]:
     for process in processes:
         process.kill()
         process.wait()
+
+
+async def listening_port(process: trio.Process, timeout: float = 30) -> int:
+    """The port a ``trio-chat serve --port 0`` process (stderr piped) says it listens on."""
+    log = b""
+    with trio.fail_after(timeout):
+        while not (match := re.search(rb"listening on http://127.0.0.1:(\d+)/", log)):
+            chunk = await process.stderr.receive_some()
+            assert chunk, log.decode()
+            log += chunk
+    return int(match.group(1))
 
 
 async def recv_text(ws: WebSocketConnection, timeout: float = 15, *, events: bool = False

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import signal
 import socket
 import sqlite3
@@ -18,6 +17,7 @@ from trio_chat.metrics import count_tasks
 
 from .conftest import (
     chat_frame,
+    listening_port,
     make_config,
     open_ws,
     recv,
@@ -207,13 +207,7 @@ async def test_process_stops_on_signal_with_1001_and_exit_0(tmp_path, signum) ->
         [sys.executable, "-m", "trio_chat.cli", "serve", "--port", "0", "--sqlite", str(db)],
         stderr=subprocess.PIPE)
     try:
-        log = b""
-        with trio.fail_after(30):
-            while not (match := re.search(rb"listening on http://127.0.0.1:(\d+)/", log)):
-                chunk = await process.stderr.receive_some()
-                assert chunk, log.decode()
-                log += chunk
-        port = int(match.group(1))
+        port = await listening_port(process)
         async with open_ws(f"ws://127.0.0.1:{port}/ws/7") as ws:
             for i in range(30):
                 await ws.send_message(chat_frame(f"m{i}", room_id=7))

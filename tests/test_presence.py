@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import signal
 import subprocess
 import sys
@@ -17,7 +16,9 @@ import trio
 from trio_chat.protocol import presence_event
 
 from .conftest import (
+    REDIS_PORT,
     chat_frame,
+    listening_port,
     make_config,
     node_config,
     open_ws,
@@ -27,8 +28,6 @@ from .conftest import (
     ws_url,
 )
 from .rawws import handshake_request, http_get, read_http_response
-
-REDIS_PORT = 6379
 
 
 async def members(server: Any, room: int) -> dict[str, Any]:
@@ -159,13 +158,7 @@ async def start_node_process(tmp_path: Path, channel: str, **server: Any
     process = await trio.lowlevel.open_process(
         [sys.executable, "-m", "trio_chat.cli", "serve", str(config), "--sqlite",
          str(tmp_path / "node.db")], stderr=subprocess.PIPE)
-    log = b""
-    with trio.fail_after(30):
-        while not (match := re.search(rb"listening on http://127.0.0.1:(\d+)/", log)):
-            chunk = await process.stderr.receive_some()
-            assert chunk, log.decode()
-            log += chunk
-    return process, int(match.group(1))
+    return process, await listening_port(process)
 
 
 async def test_a_killed_node_leaves_no_ghosts(nursery, tmp_path, channel) -> None:

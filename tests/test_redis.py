@@ -12,6 +12,7 @@ import trio.testing
 from trio_chat.metrics import count_tasks
 
 from .conftest import (
+    REDIS_PORT,
     chat_frame,
     node_config,
     open_ws,
@@ -20,8 +21,6 @@ from .conftest import (
     wait_until,
     ws_url,
 )
-
-REDIS_PORT = 6379
 
 
 @pytest.fixture

@@ -9,10 +9,17 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed
 
-from .conftest import chat_frame, node_config, open_ws, recv, start_server, wait_until, ws_url
+from .conftest import (
+    REDIS_PORT,
+    chat_frame,
+    node_config,
+    open_ws,
+    recv,
+    start_server,
+    wait_until,
+    ws_url,
+)
 from .rawws import handshake_request, http_call, read_http_response
-
-REDIS_PORT = 6379
 
 
 @pytest.fixture
