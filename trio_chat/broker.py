@@ -253,6 +253,8 @@ _CONTROL = "return redis.call('SPUBLISH', ARGV[1], ARGV[2])"
 
 KEY_TTL = 7 * 24 * 3600
 RECONNECT_MAX_DELAY = 5.0
+# Most messages a room recovers from the history store after a reconnection.
+RECOVER_MAX = 10_000
 # What an unreachable (or refusing) Redis raises. redis-py's cluster client raises
 # RedisClusterException, which is not a RedisError, when no node answers.
 UNAVAILABLE = (redis.RedisError, redis.exceptions.RedisClusterException, OSError,
@@ -641,12 +643,21 @@ class RedisBroker:
             return
         last = min(s.last_id for s in subscribers)
         with trio.fail_after(self.timeout):
-            missed = await bridge.call(self._client.lrange, self._recent_key(room_id), 0, -1)
-        for data in missed:
-            message = message_from_wire(json.loads(data))
-            if message.id > last:
-                for subscriber in subscribers:
-                    subscriber.deliver(message)
+            listed = await bridge.call(self._client.lrange, self._recent_key(room_id), 0, -1)
+        missed = [m for m in map(message_from_wire, map(json.loads, listed)) if m.id > last]
+        if missed and missed[0].id > last + 1:
+            # More was published meanwhile than the recent list keeps: the rest is in
+            # the history store, if the nodes share one.
+            older = await self._store.page(room_id, after=last, before=missed[0].id,
+                                           limit=min(missed[0].id - last - 1, RECOVER_MAX),
+                                           newest_first=False)
+            missed = older + missed
+            if missed[0].id > last + 1:
+                log.warning("room %d: messages %d to %d are in no shared history; members "
+                            "here miss them", room_id, last + 1, missed[0].id - 1)
+        for message in missed:
+            for subscriber in subscribers:
+                subscriber.deliver(message)
 
     async def subscribe(self, room_id: int, subscriber: Subscriber) -> None:
         subscribers = self._rooms.setdefault(room_id, [])

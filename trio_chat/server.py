@@ -78,10 +78,8 @@ class Server:
     # HTTP connections between requests, closed at once by a graceful shutdown.
     waiting_for_request: set[trio.CancelScope] = attrs.field(init=False, factory=set)
     _shutdown: trio.Event = attrs.field(init=False, factory=trio.Event)
-    ip_limiter: IpLimiter = attrs.field(init=False)
-
-    def __attrs_post_init__(self) -> None:
-        self.ip_limiter = IpLimiter(self.config.limits.connections_per_ip)
+    ip_limiter: IpLimiter = attrs.field(init=False, default=attrs.Factory(
+        lambda self: IpLimiter(self.config.limits.connections_per_ip), takes_self=True))
 
     @classmethod
     def build(cls, config: Config) -> Server:
