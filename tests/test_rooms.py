@@ -238,7 +238,10 @@ async def test_kick_reaches_every_node(nursery, tmp_path, channel) -> None:
             for n in "ab"]
     async with open_ws(ws_url(b, 66, "?author_id=7")) as on_b, \
             open_ws(ws_url(a, 66, "?author_id=8")) as on_a:
-        await wait_until(lambda: 66 in a.hub.rooms and 66 in b.hub.rooms)
+        # Both rooms subscribed and holding their member: a kick sent earlier could
+        # pass a room that is still subscribing (a ban would not: it is stored).
+        await wait_until(lambda: all(66 in n.hub.rooms and n.hub.rooms[66].members
+                                     for n in (a, b)))
         assert (await call(a, "POST", "/rooms/66/kick", {"author_id": 7}))[0] == 200
         assert await closed_with(on_b) == 4004
         await on_a.send_message(chat_frame("left alone", room_id=66, author_id=8))
