@@ -334,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
             log.info("%s: the mq section is accepted for compatibility and not used",
                      config.source)
         log.info("trio-chat %s, config: %s", __version__, config.source)
+        if args.command == "serve" and config.auth.mode == "off" and not config.auth.admin_key:
+            log.warning("development mode: any client may claim any author_id and the rooms "
+                        "API needs no key; set auth.mode and auth.adminKey in production")
     try:
         if args.command == "migrate":
             version = trio.run(_migrate, config)
