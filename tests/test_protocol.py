@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import attrs
 import pytest
 from wsproto.connection import Connection, ConnectionType
 
@@ -14,8 +15,14 @@ from trio_chat.protocol import (
     accept,
     encode_error,
     encode_message,
-    parse_chat_frame,
+    Message,
+    Typing,
+    apply_change,
+    check_change,
+    encode_ack,
+    parse_frame,
     parse_room_id,
+    peek_client_msg_id,
     text_frame,
 )
 
@@ -31,16 +38,16 @@ SEED_FRAME = json.dumps({
 
 
 def test_seed_javascript_frame_parses() -> None:
-    draft = parse_chat_frame(SEED_FRAME, 123)
+    draft = parse_frame(SEED_FRAME, 123)
     assert draft == Draft(123, 11, "chat_txt", "hello", "2022-06-05T12:34:56.789Z")
 
 
 def test_room_id_may_be_omitted_and_is_taken_from_the_url() -> None:
-    assert parse_chat_frame(chat_frame(room_id=None), 77).room_id == 77
+    assert parse_frame(chat_frame(room_id=None), 77).room_id == 77
 
 
 def test_accepted_message_has_seed_fields_plus_id_and_receive_time() -> None:
-    message = accept(parse_chat_frame(SEED_FRAME, 123), 5, "2022-06-05T12:35:00.000Z")
+    message = accept(parse_frame(SEED_FRAME, 123), 5, "2022-06-05T12:35:00.000Z")
     wire = json.loads(encode_message(message))
     assert wire == {"id": 5, "message_type": "chat_txt", "author_id": 11, "room_id": 123,
                     "content": "hello", "create_at": "2022-06-05T12:34:56.789Z",
@@ -53,8 +60,17 @@ def test_accepted_message_has_seed_fields_plus_id_and_receive_time() -> None:
     ('"hi"', "not_an_object", "a string"),
     (json.dumps({"author_id": 1, "content": "x", "create_at": "2022-06-05T12:00:00Z"}),
      "missing_field", "message_type"),
-    (json.dumps({"message_type": "chat_txt"}), "missing_field",
-     "author_id, content, create_at"),
+    (json.dumps({"message_type": "chat_txt"}), "missing_field", "author_id, content"),
+    (json.dumps({"message_type": "chat_edit", "author_id": 1, "content": "x"}),
+     "missing_field", "target_id"),
+    (json.dumps({"message_type": "chat_delete", "author_id": 1}), "missing_field",
+     "target_id"),
+    (json.dumps({"message_type": "chat_delete", "author_id": 1, "target_id": "5"}),
+     "invalid_field", "target_id must be an integer"),
+    (json.dumps({"message_type": "typing"}), "missing_field", "author_id"),
+    (chat_frame(client_msg_id=5), "invalid_field", "client_msg_id must be a string"),
+    (chat_frame(client_msg_id=""), "invalid_field", "1 to 64 characters"),
+    (chat_frame(client_msg_id="x" * 65), "invalid_field", "1 to 64 characters"),
     (chat_frame(message_type="chat_video"), "unknown_message_type", "chat_video"),
     (chat_frame(message_type=5), "invalid_field", "message_type must be a string"),
     (chat_frame(author_id="11"), "invalid_field", "author_id must be an integer, got a string"),
@@ -71,7 +87,7 @@ def test_accepted_message_has_seed_fields_plus_id_and_receive_time() -> None:
 ])
 def test_bad_frames_are_named(text: str, code: str, detail_part: str) -> None:
     with pytest.raises(FrameError) as info:
-        parse_chat_frame(text, 123)
+        parse_frame(text, 123)
     assert info.value.code == code
     assert detail_part in info.value.detail
 
@@ -80,7 +96,7 @@ def test_bad_frames_are_named(text: str, code: str, detail_part: str) -> None:
     "2022-06-05T12:00:00Z", "2022-06-05T12:00:00.1Z", "2022-06-05T12:00:00.123456Z",
     "2022-06-05T12:00:00+00:00", "2022-06-05T12:00:00.000-0000"])
 def test_utc_timestamps_accepted(stamp: str) -> None:
-    assert parse_chat_frame(chat_frame(create_at=stamp), 123).create_at == stamp
+    assert parse_frame(chat_frame(create_at=stamp), 123).create_at == stamp
 
 
 @pytest.mark.parametrize(("text", "expected"), [
@@ -108,9 +124,94 @@ def test_text_frame_decodes_with_a_real_websocket_parser(size: int) -> None:
 
 def test_lone_surrogate_content_is_refused_but_pairs_are_text() -> None:
     with pytest.raises(FrameError) as info:
-        parse_chat_frame(chat_frame("\ud800", room_id=1), 1)
+        parse_frame(chat_frame("\ud800", room_id=1), 1)
     assert info.value.code == "invalid_field" and "surrogate" in info.value.detail
-    assert parse_chat_frame(chat_frame("😀", room_id=1), 1).content == "😀"
-    assert parse_chat_frame('{"message_type":"chat_txt","author_id":1,"content":'
+    assert parse_frame(chat_frame("😀", room_id=1), 1).content == "😀"
+    assert parse_frame('{"message_type":"chat_txt","author_id":1,"content":'
                             '"\\ud83d\\ude00","create_at":"2022-06-05T12:00:00.000Z"}',
                             1).content == "😀"
+
+
+def test_author_and_create_at_may_be_left_out_when_the_connection_knows_its_author() -> None:
+    draft = parse_frame('{"message_type":"chat_txt","content":"hi"}', 5, author_known=True)
+    assert draft == Draft(5, None, "chat_txt", "hi", None)
+    message = accept(attrs.evolve(draft, author_id=9), 1, "2022-06-05T12:35:00.000Z")
+    assert message.author_id == 9 and message.create_at == message.received_at
+
+
+def test_new_message_types_parse() -> None:
+    assert parse_frame('{"message_type":"typing","author_id":3}', 5) == Typing(5, 3)
+    edit = parse_frame('{"message_type":"chat_edit","target_id":4,"content":"fixed",'
+                       '"client_msg_id":"e-1"}', 5, author_known=True)
+    assert (edit.message_type, edit.target_id, edit.content, edit.client_msg_id) == (
+        "chat_edit", 4, "fixed", "e-1")
+    delete = parse_frame('{"message_type":"chat_delete","target_id":4}', 5, author_known=True)
+    assert (delete.target_id, delete.content) == (4, "")
+
+
+def test_a_refused_frame_names_its_client_msg_id() -> None:
+    with pytest.raises(FrameError) as info:
+        parse_frame(chat_frame(content="", client_msg_id="m-7"), 123)
+    assert info.value.client_msg_id == "m-7"
+    assert json.loads(encode_error("invalid_field", "x", "m-7"))["client_msg_id"] == "m-7"
+    assert peek_client_msg_id(chat_frame(client_msg_id="m-8")) == "m-8"
+    assert peek_client_msg_id(chat_frame()) is None
+    assert peek_client_msg_id('{"client_msg_id": 5}') is None
+
+
+def test_optional_fields_are_on_the_wire_only_when_set() -> None:
+    plain = accept(parse_frame(SEED_FRAME, 123), 5, "2022-06-05T12:35:00.000Z")
+    assert set(plain.to_wire()) == {"id", "message_type", "author_id", "room_id", "content",
+                                    "create_at", "received_at"}
+    tagged = accept(parse_frame(chat_frame(room_id=None, client_msg_id="c"), 1), 2,
+                    "2022-06-05T12:35:00.000Z")
+    assert tagged.to_wire()["client_msg_id"] == "c"
+
+
+def test_the_ack_is_the_same_bytes_for_the_same_message() -> None:
+    message = accept(parse_frame(chat_frame(client_msg_id="c-1"), 123), 8,
+                     "2022-06-05T12:35:00.000Z")
+    assert json.loads(encode_ack("c-1", message)) == {
+        "message_type": "ack", "client_msg_id": "c-1", "id": 8, "room_id": 123,
+        "received_at": "2022-06-05T12:35:00.000Z"}
+    assert encode_ack("c-1", message) == encode_ack("c-1", attrs.evolve(message))
+
+
+def _message(message_id: int, author_id: int = 1, message_type: str = "chat_txt",
+             **fields: object) -> Message:
+    return Message(message_id, 5, author_id, message_type, "text", "2022-06-05T12:00:00.000Z",
+                   f"2022-06-05T12:00:0{message_id}.000Z", **fields)  # type: ignore[arg-type]
+
+
+def test_edits_and_deletes_change_the_target() -> None:
+    target = _message(1)
+    edited = apply_change(target, _message(2, message_type="chat_edit", target_id=1))
+    assert (edited.content, edited.edited_at) == ("text", "2022-06-05T12:00:02.000Z")
+    deleted = apply_change(edited, _message(3, message_type="chat_delete", target_id=1))
+    assert (deleted.content, deleted.deleted_at) == ("", "2022-06-05T12:00:03.000Z")
+    # An edit that lost the race with a delete does not bring the text back.
+    assert apply_change(deleted, _message(4, message_type="chat_edit", target_id=1)) == deleted
+
+
+@pytest.mark.parametrize(("target", "kind", "author", "admin", "code"), [
+    (None, "chat_edit", 1, False, "message_not_found"),
+    (_message(1, message_type="chat_edit", target_id=0), "chat_edit", 1, False,
+     "message_not_found"),
+    (_message(1), "chat_edit", 2, False, "forbidden"),
+    (_message(1), "chat_delete", 2, False, "forbidden"),
+    (_message(1, deleted_at="2022-06-05T12:00:09.000Z"), "chat_delete", 1, False,
+     "message_deleted"),
+    (_message(1, message_type="chat_img"), "chat_edit", 1, False, "not_editable"),
+    (_message(1), "chat_edit", 1, False, None),
+    (_message(1), "chat_delete", 2, True, None),
+    (_message(1, message_type="chat_img"), "chat_delete", 1, False, None),
+])
+def test_who_may_change_what(target: Message | None, kind: str, author: int, admin: bool,
+                             code: str | None) -> None:
+    change = Draft(5, author, kind, "new", None, "c-9", target_id=1)
+    if code is None:
+        check_change(target, change, author, admin)
+        return
+    with pytest.raises(FrameError) as info:
+        check_change(target, change, author, admin)
+    assert (info.value.code, info.value.client_msg_id) == (code, "c-9")

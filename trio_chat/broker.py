@@ -31,6 +31,8 @@ import json
 import logging
 import random
 import secrets
+import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Collection
 from typing import Any, Protocol
 
@@ -43,7 +45,16 @@ from redis.backoff import NoBackoff
 
 from . import bridge
 from .config import RedisConfig
-from .protocol import Draft, Message, accept, message_from_wire, presence_event, utc_now
+from .protocol import (
+    Draft,
+    Message,
+    accept,
+    apply_change,
+    message_from_wire,
+    presence_event,
+    utc_after,
+    utc_now,
+)
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -77,8 +88,19 @@ class Broker(Protocol):
     async def history(self, room_id: int, after: int, before: int) -> list[Message]:
         """Every message with ``after < id < before``, oldest first."""
 
-    async def publish(self, draft: Draft) -> Message:
-        """Assign an id to ``draft``; the room must have a subscriber on this node."""
+    async def publish(self, draft: Draft, target: Message | None = None
+                      ) -> tuple[Message, bool]:
+        """Assign an id to ``draft`` (its author known); the room must have a subscriber
+        on this node. Returns the message and whether it is new.
+
+        A draft whose author sent its ``client_msg_id`` in the room within the
+        idempotency window is not published again: the message sent then comes
+        back, not new. ``target`` is, for a ``chat_edit``/``chat_delete``, the
+        message it changes as it is now, so the broker's recent copy can follow.
+        """
+
+    async def event(self, room_id: int, text: str) -> None:
+        """Hand an event without an id (typing) to ``room_id``'s members on every node."""
 
     def on_reconnect(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` each time the broker is back after losing its connection."""
@@ -109,8 +131,27 @@ class _LocalRoom:
 @attrs.define(eq=False)
 class LocalBroker:
     _store: Store
+    # Seconds a client_msg_id is remembered (server.idempotencyWindow).
+    idempotency_window: float = 600.0
     _rooms: dict[int, _LocalRoom] = attrs.field(init=False, factory=dict)
     _online: dict[int, set[int]] = attrs.field(init=False, factory=dict)
+    _sent: dict[tuple[int, int, str], Message] = attrs.field(init=False, factory=dict)
+    _sent_order: deque[tuple[float, tuple[int, int, str]]] = attrs.field(init=False,
+                                                                         factory=deque)
+    _started: float = attrs.field(init=False, factory=time.monotonic)
+
+    async def _sent_before(self, draft: Draft) -> Message | None:
+        """The message ``draft``'s author sent with its client_msg_id within the window."""
+        now = time.monotonic()
+        while self._sent_order and self._sent_order[0][0] <= now:
+            self._sent.pop(self._sent_order.popleft()[1], None)
+        assert draft.author_id is not None and draft.client_msg_id is not None
+        key = (draft.room_id, draft.author_id, draft.client_msg_id)
+        sent = self._sent.get(key)
+        if sent is None and now - self._started < self.idempotency_window:
+            # Sent before this process started (a restart): only the store knows.
+            sent = await self._store.client_message(*key, utc_after(-self.idempotency_window))
+        return sent
 
     async def subscribe(self, room_id: int, subscriber: Subscriber) -> None:
         room = self._rooms.get(room_id)
@@ -134,13 +175,27 @@ class LocalBroker:
         return await self._store.page(room_id, after=after, before=before,
                                       limit=max(0, before - after - 1), newest_first=False)
 
-    async def publish(self, draft: Draft) -> Message:
+    async def publish(self, draft: Draft, target: Message | None = None
+                      ) -> tuple[Message, bool]:
+        if draft.client_msg_id is not None:
+            sent = await self._sent_before(draft)
+            if sent is not None:
+                return sent, False
         room = self._rooms[draft.room_id]
         room.last_id += 1
         message = accept(draft, room.last_id, utc_now())
+        if message.client_msg_id is not None:
+            key = (message.room_id, message.author_id, message.client_msg_id)
+            self._sent[key] = message
+            self._sent_order.append((time.monotonic() + self.idempotency_window, key))
         for subscriber in room.subscribers:
             subscriber.deliver(message)
-        return message
+        return message, True
+
+    async def event(self, room_id: int, text: str) -> None:
+        room = self._rooms.get(room_id)
+        for subscriber in room.subscribers if room is not None else ():
+            subscriber.deliver_event(text)
 
     def on_reconnect(self, callback: Callable[[], None]) -> None:
         pass  # it never loses a connection
@@ -178,25 +233,50 @@ class LocalBroker:
         return sorted(online)
 
 
-# KEYS: the room's counter, the room's recent list (one hash slot: both carry the
-# room's {hash tag}, and so does the shard channel, as a Redis Cluster requires of
+# KEYS: the room's counter, the room's recent list and, for a message with a
+# client_msg_id, the key remembering it (one hash slot: all carry the room's
+# {hash tag}, and so does the shard channel, as a Redis Cluster requires of
 # SPUBLISH in a script; a cluster client runs it on that slot's node by KEYS).
 # ARGV: the shard channel, the floor for the counter (the publisher's last id,
 # which restores the counter if Redis lost it), the message JSON after its id, the
-# recent list's length, the keys' idle expiry in seconds.
+# recent list's length, the keys' idle expiry in seconds, the idempotency window in
+# seconds, and for an edit or delete the id of the message it changes and that
+# message's JSON after the change (else two empty strings).
+# Returns {1, id} for a new message, {0, JSON of the message sent before} for a
+# client_msg_id seen within the window (nothing is published then).
 _PUBLISH = """
+if KEYS[3] then
+    local sent = redis.call('GET', KEYS[3])
+    if sent then
+        return {0, sent}
+    end
+end
 local floor = tonumber(ARGV[2])
 if tonumber(redis.call('GET', KEYS[1]) or '0') < floor then
     redis.call('SET', KEYS[1], floor)
 end
 local id = redis.call('INCR', KEYS[1])
 local payload = '{"id":' .. id .. ',' .. ARGV[3]
+if ARGV[7] ~= '' then
+    local prefix = '{"id":' .. ARGV[7] .. ','
+    for i, item in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
+        if string.sub(item, 1, #prefix) == prefix then
+            if not string.find(item, '"deleted_at":', 1, true) then
+                redis.call('LSET', KEYS[2], i - 1, ARGV[8])
+            end
+            break
+        end
+    end
+end
 redis.call('RPUSH', KEYS[2], payload)
 redis.call('LTRIM', KEYS[2], -tonumber(ARGV[4]), -1)
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 redis.call('EXPIRE', KEYS[2], ARGV[5])
+if KEYS[3] then
+    redis.call('SET', KEYS[3], payload, 'EX', ARGV[6])
+end
 redis.call('SPUBLISH', ARGV[1], payload)
-return id
+return {1, id}
 """
 
 # KEYS: the room's presence entries (a sorted set of "author|node", scored by expiry
@@ -248,8 +328,8 @@ return redis.call('HKEYS', KEYS[2])
 """
 
 # KEYS: the room's counter (only so that a cluster client runs this on the room's
-# shard). ARGV: the shard channel, the command.
-_CONTROL = "return redis.call('SPUBLISH', ARGV[1], ARGV[2])"
+# shard). ARGV: the shard channel, an operator's command or an event (typing).
+_RELAY = "return redis.call('SPUBLISH', ARGV[1], ARGV[2])"
 
 KEY_TTL = 7 * 24 * 3600
 RECONNECT_MAX_DELAY = 5.0
@@ -263,6 +343,10 @@ UNAVAILABLE = (redis.RedisError, redis.exceptions.RedisClusterException, OSError
 CLUSTER_NODE_CONNECTIONS = 1000
 
 
+def _json(obj: dict[str, Any]) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
 @attrs.define(eq=False)
 class RedisBroker:
     _config: RedisConfig
@@ -271,6 +355,7 @@ class RedisBroker:
     timeout: float = 5.0
     # How long a send waits for a lost Redis to come back before it is refused.
     outage_hold: float = 3.0
+    idempotency_window: float = 600.0
     node: str = attrs.field(factory=lambda: secrets.token_hex(4))
     _rooms: dict[int, list[Subscriber]] = attrs.field(init=False, factory=dict)
     _confirmations: dict[str, trio.Event] = attrs.field(init=False, factory=dict)
@@ -278,7 +363,7 @@ class RedisBroker:
     _pubsub: Any = attrs.field(init=False, default=None)
     _script: Any = attrs.field(init=False, default=None)
     _presence_script: Any = attrs.field(init=False, default=None)
-    _control_script: Any = attrs.field(init=False, default=None)
+    _relay_script: Any = attrs.field(init=False, default=None)
     _connected: trio.Event = attrs.field(init=False, factory=trio.Event)
     down_since: float | None = attrs.field(init=False, default=None)
     # Cluster mode: whether the last connection found a Redis Cluster, and the
@@ -300,6 +385,10 @@ class RedisBroker:
 
     def _recent_key(self, room_id: int) -> str:
         return f"{self._config.publish_channel_name}:{{{room_id}}}:recent"
+
+    def _sent_key(self, draft: Draft) -> str:
+        return (f"{self._config.publish_channel_name}:{{{draft.room_id}}}:sent:"
+                f"{draft.author_id}:{draft.client_msg_id}")
 
     def _presence_keys(self, room_id: int) -> list[str]:
         prefix = f"{self._config.publish_channel_name}:{{{room_id}}}"
@@ -341,7 +430,7 @@ class RedisBroker:
             await self._aio_connect_cluster()
         self._script = self._client.register_script(_PUBLISH)
         self._presence_script = self._client.register_script(_PRESENCE)
-        self._control_script = self._client.register_script(_CONTROL)
+        self._relay_script = self._client.register_script(_RELAY)
         # In cluster mode ClusterPubSub sends one SSUBSCRIBE per channel, each to its
         # slot's node (one command may not name channels of different slots).
         await self._pubsub.ssubscribe(*channels)
@@ -742,7 +831,8 @@ class RedisBroker:
             merged.update((m.id, m) for m in stored if m.id not in merged)
         return sorted(merged.values(), key=lambda m: m.id)
 
-    async def publish(self, draft: Draft) -> Message:
+    async def publish(self, draft: Draft, target: Message | None = None
+                      ) -> tuple[Message, bool]:
         if not self.connected:
             # A blip (a Redis restart, a failover) should not reach the users: hold
             # the send until the reconnection, within reason.
@@ -753,20 +843,27 @@ class RedisBroker:
         subscribers = self._rooms.get(draft.room_id, ())
         floor = max((s.last_id for s in subscribers), default=0)
         received_at = utc_now()
-        wire = accept(draft, 0, received_at).to_wire()
+        unsent = accept(draft, 0, received_at)
+        wire = unsent.to_wire()
         del wire["id"]
-        body = json.dumps(wire, ensure_ascii=False, separators=(",", ":"))[1:]
+        body = _json(wire)[1:]
+        changed = "" if target is None else _json(apply_change(target, unsent).to_wire())
+        keys = [self._seq_key(draft.room_id), self._recent_key(draft.room_id)]
+        if draft.client_msg_id is not None:
+            keys.append(self._sent_key(draft))
         try:
             with trio.fail_after(self.timeout):
-                message_id = await bridge.call(
-                    self._script, keys=[self._seq_key(draft.room_id),
-                                        self._recent_key(draft.room_id)],
+                fresh, value = await bridge.call(
+                    self._script, keys=keys,
                     args=[self._publish_channel(draft.room_id), floor, body,
-                          self.recent_size, KEY_TTL])
+                          self.recent_size, KEY_TTL, max(1, round(self.idempotency_window)),
+                          "" if target is None else target.id, changed])
         except UNAVAILABLE as exc:
             raise BrokerUnavailable(f"Redis is unreachable: {exc}") from exc
+        if not int(fresh):
+            return message_from_wire(json.loads(value)), False
         # Delivery comes back through the subscription, like everyone else's.
-        return accept(draft, int(message_id), received_at)
+        return accept(draft, int(value), received_at), True
 
     def on_reconnect(self, callback: Callable[[], None]) -> None:
         self._reconnected.append(callback)
@@ -775,13 +872,19 @@ class RedisBroker:
         await self._command("delete", self._seq_key(room_id), self._recent_key(room_id))
 
     async def control(self, room_id: int, command: dict[str, Any]) -> None:
+        data = _json(command)
+        assert data.startswith('{"control":'), "the command's first key is control"
+        await self._relay(room_id, data)
+
+    async def event(self, room_id: int, text: str) -> None:
+        await self._relay(room_id, text)
+
+    async def _relay(self, room_id: int, data: str) -> None:
         if not self.connected:
             raise BrokerUnavailable("Redis is unreachable")
-        data = json.dumps(command, ensure_ascii=False, separators=(",", ":"))
-        assert data.startswith('{"control":'), "the command's first key is control"
         try:
             with trio.fail_after(self.timeout):
-                await bridge.call(self._control_script, keys=[self._seq_key(room_id)],
+                await bridge.call(self._relay_script, keys=[self._seq_key(room_id)],
                                   args=[self._publish_channel(room_id), data])
         except UNAVAILABLE as exc:
             raise BrokerUnavailable(f"Redis is unreachable: {exc}") from exc

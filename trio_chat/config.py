@@ -67,6 +67,9 @@ class ServerConfig:
     presence_ttl: float = _opt("presenceTtl", 30.0, float, low=0.1, high=86400)
     room_policy: str = _opt("roomPolicy", "auto", str,
                             choices={"auto": "auto", "strict": "strict"})
+    # How long a client_msg_id is remembered: a resend within it is acked, not stored.
+    idempotency_window: float = _opt("idempotencyWindow", 600.0, float, low=1,
+                                     high=7 * 86400)
 
 
 @attrs.frozen
@@ -131,6 +134,8 @@ class LimitsConfig:
     # before the connection is closed (1008).
     flood_limit: int = _opt("floodLimit", 20, int, low=1, high=1_000_000)
     connections_per_ip: int = _opt("connectionsPerIp", 1000, int, low=1, high=10_000_000)
+    # A connection's typing events closer together than this are dropped.
+    typing_interval: float = _opt("typingInterval", 2.0, float, low=0, high=3600)
 
 
 SECRET_ENV = "TRIO_CHAT_AUTH_SECRET"

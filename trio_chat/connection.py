@@ -9,7 +9,9 @@ heartbeat) beside it in the connection's own nursery.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 
 import attrs
 import trio
@@ -19,7 +21,17 @@ from .broker import BrokerUnavailable
 from .config import LimitsConfig
 from .hub import Hub
 from .metrics import Metrics
-from .protocol import FrameError, encode_error, parse_chat_frame, text_frame
+from .protocol import (
+    Draft,
+    FrameError,
+    Typing,
+    check_change,
+    encode_ack,
+    encode_error,
+    parse_frame,
+    peek_client_msg_id,
+    text_frame,
+)
 from .room import Room
 from .store import StoreUnavailable
 from .websocket import (
@@ -46,10 +58,12 @@ class ChatConnection:
     verified: bool = False
     bucket: TokenBucket | None = None
     flood_limit: int = 0
+    typing_interval: float = 0.0
     ws: WebSocket = attrs.field(init=False)
     room: Room | None = attrs.field(init=False, default=None)
     # Live frames kept back while a resume reads history from the store.
     _held: list[bytes] | None = attrs.field(init=False, default=None)
+    _typed_at: float = attrs.field(init=False, default=-math.inf)
 
     def send_frame(self, frame: bytes) -> None:
         if self._held is None:
@@ -73,8 +87,8 @@ class ChatConnection:
     def close(self, code: int, reason: str) -> None:
         self.ws.close(code, reason)
 
-    def _error(self, code: str, detail: str) -> None:
-        self.ws.send_frame(text_frame(encode_error(code, detail)))
+    def _error(self, code: str, detail: str, client_msg_id: str | None = None) -> None:
+        self.ws.send_frame(text_frame(encode_error(code, detail, client_msg_id)))
 
     async def _banned(self, author_id: int) -> bool:
         """Close the connection if ``author_id``, now known, is banned from the room."""
@@ -97,7 +111,7 @@ class ChatConnection:
                 self.ws.close(POLICY_VIOLATION, "flooding: too many messages")
             else:
                 self._error("rate_limited", "too many messages; slow down (this one was "
-                                            "not accepted)")
+                                            "not accepted)", peek_client_msg_id(message))
             return
         if isinstance(message, bytes):
             self._metrics.bad_frames += 1
@@ -105,26 +119,52 @@ class ChatConnection:
                         "text frame")
             return
         try:
-            draft = parse_chat_frame(message, self.room_id)
+            frame = parse_frame(message, self.room_id, author_known=self.author_id is not None)
+            await self._handle(frame)
         except FrameError as exc:
             self._metrics.bad_frames += 1
-            self._error(exc.code, exc.detail)
-            return
-        if self.verified and draft.author_id != self.author_id:
-            self._metrics.bad_frames += 1
-            self._error("author_mismatch", f"author_id {draft.author_id} is not you: your "
-                                           f"token is for author {self.author_id}")
-            return
+            self._error(exc.code, exc.detail, exc.client_msg_id)
+
+    async def _handle(self, frame: Draft | Typing) -> None:
+        """Act on a valid frame; raises :class:`FrameError` to refuse it."""
+        cmid = frame.client_msg_id if isinstance(frame, Draft) else None
+        if frame.author_id is None:
+            frame = attrs.evolve(frame, author_id=self.author_id)
+        elif self.verified and frame.author_id != self.author_id:
+            raise FrameError("author_mismatch", f"author_id {frame.author_id} is not you: your "
+                                                f"token is for author {self.author_id}", cmid)
+        assert frame.author_id is not None
         if self.author_id is None and self.room is not None:
-            if await self._banned(draft.author_id):
+            if await self._banned(frame.author_id):
                 return
-            self._hub.identify(self.room, self, draft.author_id)
+            self._hub.identify(self.room, self, frame.author_id)
+        if isinstance(frame, Typing):
+            await self._typing(frame.author_id)
+            return
+        target = None
+        if frame.target_id is not None:
+            target = await self._hub.message(self.room_id, frame.target_id)
+            check_change(target, frame, frame.author_id)
         try:
-            await self._hub.publish(draft)
+            message, _ = await self._hub.publish(frame, target)
         except StoreUnavailable as exc:
-            self._error("persistence_unavailable", str(exc))
+            self._error("persistence_unavailable", str(exc), cmid)
+            return
         except BrokerUnavailable as exc:
-            self._error("sync_unavailable", f"{exc}; message not accepted, send it again")
+            self._error("sync_unavailable", f"{exc}; message not accepted, send it again", cmid)
+            return
+        if cmid is not None:
+            self.ws.send_frame(text_frame(encode_ack(cmid, message)))
+
+    async def _typing(self, author_id: int) -> None:
+        # Clients send these per keystroke: pass one on per interval, drop the rest.
+        now = trio.current_time()
+        if now - self._typed_at < self.typing_interval:
+            return
+        self._typed_at = now
+        # Ephemeral: nobody misses a typing hint that could not be sent.
+        with contextlib.suppress(BrokerUnavailable):
+            await self._hub.typing(self.room_id, author_id)
 
 
 async def serve_connection(stream: trio.abc.Stream, *, hub: Hub, metrics: Metrics,
@@ -136,6 +176,7 @@ async def serve_connection(stream: trio.abc.Stream, *, hub: Hub, metrics: Metric
     if rate is not None:
         connection.bucket = TokenBucket(rate.messages_per_second, rate.message_burst)
         connection.flood_limit = rate.flood_limit
+        connection.typing_interval = rate.typing_interval
 
     def on_slow() -> None:
         metrics.slow_consumer_disconnects += 1

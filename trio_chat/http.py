@@ -31,11 +31,13 @@ from .auth import AuthError, Claims, authenticate, check_admin, check_origin
 from .broker import BrokerUnavailable
 from .connection import serve_connection
 from .protocol import (
+    CHAT_TYPES,
     INT64_MAX,
     INT64_MIN,
+    Draft,
     FrameError,
     encodable,
-    parse_chat_frame,
+    parse_frame,
     parse_room_id,
     utc_after,
     utc_now,
@@ -364,24 +366,73 @@ async def _ban(server: Server, request: Request, match: re.Match[str]) -> Respon
     return json_response(200, ban.to_wire())
 
 
+# How a refused change (an operator's edit or delete) maps to an HTTP status.
+_CHANGE_STATUS = {"message_not_found": 404, "message_deleted": 409, "not_editable": 409}
+
+
+async def _publish(server: Server, draft: Draft, status: int) -> Response:
+    try:
+        message = await server.hub.announce(draft)
+    except FrameError as exc:
+        raise HttpError(error(_CHANGE_STATUS.get(exc.code, 422), exc.code, exc.detail)
+                        ) from None
+    except StoreUnavailable as exc:
+        raise HttpError(error(503, "persistence_unavailable", str(exc))) from None
+    except BrokerUnavailable as exc:
+        raise HttpError(error(503, "sync_unavailable", str(exc))) from None
+    return json_response(status, message.to_wire())
+
+
+def _frame(text: str, room_id: int, *, author_known: bool = False) -> Draft:
+    """A frame given to the HTTP API, validated exactly as over the WebSocket."""
+    try:
+        frame = parse_frame(text, room_id, author_known=author_known)
+    except FrameError as exc:
+        status = 400 if exc.code in ("invalid_json", "not_an_object") else 422
+        raise HttpError(error(status, exc.code, exc.detail)) from None
+    if not isinstance(frame, Draft) or frame.message_type not in CHAT_TYPES:
+        raise HttpError(error(422, "unknown_message_type",
+                              "message_type must be chat_txt or chat_img here; edit or delete "
+                              "with PATCH or DELETE /rooms/{room_id}/messages/{id}"))
+    return frame
+
+
 async def _announce(server: Server, request: Request, match: re.Match[str]) -> Response:
     room_id = _room_id(match)
     if server.config.server.room_policy == "strict":
         await _existing_room(server, room_id)
     try:
-        draft = parse_chat_frame(request.body.decode("utf-8"), room_id)
+        text = request.body.decode("utf-8")
     except UnicodeDecodeError:
         raise HttpError(error(400, "bad_json", "the body must be UTF-8 JSON")) from None
-    except FrameError as exc:
-        status = 400 if exc.code in ("invalid_json", "not_an_object") else 422
-        raise HttpError(error(status, exc.code, exc.detail)) from None
-    try:
-        message = await server.hub.announce(draft)
-    except StoreUnavailable as exc:
-        raise HttpError(error(503, "persistence_unavailable", str(exc))) from None
-    except BrokerUnavailable as exc:
-        raise HttpError(error(503, "sync_unavailable", str(exc))) from None
-    return json_response(201, message.to_wire())
+    return await _publish(server, _frame(text, room_id), 201)
+
+
+def _message_id(match: re.Match[str]) -> int:
+    message_id = parse_room_id(match.group("message"))
+    if message_id is None or message_id < 1:
+        raise HttpError(error(400, "bad_message_id", "message id must be a positive 64-bit "
+                              f"integer, got {match.group('message')[:40]!r}"))
+    return message_id
+
+
+async def _edit_message(server: Server, request: Request, match: re.Match[str]) -> Response:
+    room_id, message_id = _room_id(match), _message_id(match)
+    body = _json_object(request, {"content"})
+    if "content" not in body:
+        raise HttpError(invalid("content", "is required"))
+    if not isinstance(body["content"], str) or not body["content"]:
+        raise HttpError(invalid("content", "must be a non-empty string"))
+    draft = attrs.evolve(_frame(json.dumps({"message_type": "chat_txt",
+                                            "content": body["content"]}),
+                                room_id, author_known=True),
+                         message_type="chat_edit", target_id=message_id)
+    return await _publish(server, draft, 200)
+
+
+async def _delete_message(server: Server, request: Request, match: re.Match[str]) -> Response:
+    draft = Draft(_room_id(match), None, "chat_delete", "", None, target_id=_message_id(match))
+    return await _publish(server, draft, 200)
 
 
 async def _ws_without_upgrade(server: Server, request: Request,
@@ -406,6 +457,10 @@ ROUTES: list[Route] = [
     Route("POST", re.compile(r"/rooms/(?P<room>[^/]*)/kick\Z"), _kick, "admin"),
     Route("POST", re.compile(r"/rooms/(?P<room>[^/]*)/ban\Z"), _ban, "admin"),
     Route("POST", re.compile(r"/rooms/(?P<room>[^/]*)/messages\Z"), _announce, "admin"),
+    Route("PATCH", re.compile(r"/rooms/(?P<room>[^/]*)/messages/(?P<message>[^/]*)\Z"),
+          _edit_message, "admin"),
+    Route("DELETE", re.compile(r"/rooms/(?P<room>[^/]*)/messages/(?P<message>[^/]*)\Z"),
+          _delete_message, "admin"),
 ]
 
 

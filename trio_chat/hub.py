@@ -23,7 +23,7 @@ import trio
 
 from .broker import Broker, BrokerUnavailable
 from .metrics import Metrics
-from .protocol import Draft, Message, utc_now
+from .protocol import INT64_MAX, Draft, Message, check_change, typing_event, utc_now
 from .room import Member, Room
 from .store import Ban, Store
 
@@ -217,13 +217,34 @@ class Hub:
         if room.leave(member) and self.rooms.get(room.id) is room:
             del self.rooms[room.id]
 
-    async def publish(self, draft: Draft) -> Message:
-        """Accept ``draft``: the broker gives it an id and delivers it, the store keeps it."""
+    async def publish(self, draft: Draft, target: Message | None = None
+                      ) -> tuple[Message, bool]:
+        """Accept ``draft``: the broker gives it an id and delivers it, the store keeps it.
+
+        Returns the message and whether it is new (see :meth:`Broker.publish`: a
+        resent client_msg_id gives back the message sent before). ``target`` is
+        the message a change changes, as :meth:`message` found it.
+        """
         self._store.check_capacity()
-        message = await self._broker.publish(draft)
-        self._store.append(message)
-        self._metrics.messages_received += 1
-        return message
+        message, fresh = await self._broker.publish(draft, target)
+        if fresh:
+            self._store.append(message)
+            self._metrics.messages_received += 1
+        else:
+            self._metrics.duplicates += 1
+        return message, fresh
+
+    async def message(self, room_id: int, message_id: int) -> Message | None:
+        """Message ``message_id`` of ``room_id`` as it is now (edits applied), if any."""
+        if not 0 < message_id < INT64_MAX:
+            return None  # ids start at 1; the bounds below must stay in the int64 range
+        found = await self._broker.history(room_id, after=message_id - 1,
+                                           before=message_id + 1)
+        return found[0] if found else None
+
+    async def typing(self, room_id: int, author_id: int) -> None:
+        """Tell the room's members on every node that ``author_id`` is typing."""
+        await self._broker.event(room_id, typing_event(room_id, author_id, utc_now()))
 
     async def ban_of(self, room_id: int, author_id: int) -> Ban | None:
         """The ban in force for ``author_id`` in ``room_id``, if any."""
@@ -231,11 +252,23 @@ class Hub:
 
     async def announce(self, draft: Draft) -> Message:
         """Publish ``draft`` for the server itself (the HTTP API), opening the room here
-        for the moment if it is not alive on this node."""
+        for the moment if it is not alive on this node.
+
+        A change (an operator's edit or delete) is checked against the message it
+        changes, which raises :class:`FrameError` to refuse it, and is made in
+        that message's author's name.
+        """
         announcer = _Announcer()
         room = await self.join(draft.room_id, announcer)
         try:
-            return await self.publish(draft)
+            target = None
+            if draft.target_id is not None:
+                target = await self.message(draft.room_id, draft.target_id)
+                check_change(target, draft, None, admin=True)
+                assert target is not None
+                draft = attrs.evolve(draft, author_id=target.author_id, moderated=True)
+            message, _ = await self.publish(draft, target)
+            return message
         finally:
             self.leave(room, announcer)
 

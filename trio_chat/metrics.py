@@ -31,6 +31,7 @@ def count_tasks(root: trio.lowlevel.Task | None = None) -> int:
 class Metrics:
     connections_total: int = 0
     messages_received: int = 0
+    duplicates: int = 0
     messages_delivered: int = 0
     events_delivered: int = 0
     presence_failures: int = 0
@@ -71,8 +72,10 @@ class Metrics:
 _COUNTERS: Iterable[tuple[str, str]] = (
     ("connections_total", "WebSocket connections accepted since start."),
     ("messages_received", "Chat messages accepted from clients."),
+    ("duplicates", "Messages sent again with a client_msg_id already accepted (acked, "
+                   "not published)."),
     ("messages_delivered", "Frames queued for room members by fan-out."),
-    ("events_delivered", "Event frames (chat_enter, chat_exit) queued for room members."),
+    ("events_delivered", "Event frames (chat_enter, chat_exit, typing) queued for room members."),
     ("presence_failures", "Presence updates that failed (each retried)."),
     ("slow_consumer_disconnects", "Connections closed because they could not keep up."),
     ("bad_frames", "Client frames refused with an error frame."),

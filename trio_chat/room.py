@@ -20,7 +20,7 @@ import trio
 
 from .broker import Broker
 from .metrics import Metrics
-from .protocol import Message, encode_event, encode_message, text_frame
+from .protocol import Message, apply_change, encode_event, encode_message, text_frame
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +52,9 @@ class Room:
     _replay_limit: int
     members: set[Member] = attrs.field(init=False, factory=set)
     last_id: int = attrs.field(init=False, default=0)
-    # (id, frame) of the recent messages, sent to each member on joining.
-    _recent: deque[tuple[int, bytes]] = attrs.field(init=False)
+    # The recent messages, as they are now (edits applied) and framed, sent to each
+    # member on joining.
+    _recent: deque[tuple[Message, bytes]] = attrs.field(init=False)
     _early: list[Message] | None = attrs.field(init=False, factory=list)
     ready: trio.Event = attrs.field(init=False, factory=trio.Event)
     _empty: trio.Event = attrs.field(init=False, factory=trio.Event)
@@ -90,9 +91,19 @@ class Room:
 
     def _remember(self, message: Message) -> bytes:
         frame = text_frame(encode_message(message))
-        self._recent.append((message.id, frame))
+        if message.target_id is not None:
+            self._change(message)
+        self._recent.append((message, frame))
         self.last_id = message.id
         return frame
+
+    def _change(self, change: Message) -> None:
+        """A joiner sees an edited or deleted message as it is now (and then the change)."""
+        for i, (message, _) in enumerate(self._recent):
+            if message.id == change.target_id:
+                changed = apply_change(message, change)
+                self._recent[i] = (changed, text_frame(encode_message(changed)))
+                return
 
     def deliver(self, message: Message) -> None:
         """Fan ``message`` out to every member; called by the broker in id order."""
@@ -144,9 +155,9 @@ class Room:
                 detail=f"cannot resume after message {since}; the room is at {last} and "
                        f"at most {self._replay_limit} messages are replayed"))])
             since = None
-        if since is None or since >= last or (recent and recent[0][0] <= since + 1):
-            member.send_history([frame for message_id, frame in recent
-                                 if since is None or message_id > since])
+        if since is None or since >= last or (recent and recent[0][0].id <= since + 1):
+            member.send_history([frame for message, frame in recent
+                                 if since is None or message.id > since])
             self.members.add(member)
             return
         member.hold()

@@ -88,8 +88,9 @@ class Server:
         store = Store(make_backend(config), metrics, buffer_limit=s.store_buffer,
                       batch_size=s.store_batch)
         broker: LocalBroker | RedisBroker = (
-            RedisBroker(config.redis, store, recent_size=max(100, s.history_on_join))
-            if config.redis is not None else LocalBroker(store))
+            RedisBroker(config.redis, store, recent_size=max(100, s.history_on_join),
+                        idempotency_window=s.idempotency_window)
+            if config.redis is not None else LocalBroker(store, s.idempotency_window))
         hub = Hub(store, broker, metrics, s.history_on_join, s.replay_limit, s.presence_ttl,
                   s.room_policy)
         limits = Limits(max_message_bytes=s.max_frame_bytes,

@@ -13,6 +13,7 @@ asyncio bridge). Neither ever sits on the fan-out path.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -30,7 +31,7 @@ import trio
 from . import bridge
 from .config import Config, DbConfig
 from .metrics import Metrics
-from .protocol import Message
+from .protocol import CHANGE_TYPES, Message, apply_change
 
 T = TypeVar("T")
 
@@ -104,6 +105,8 @@ class Backend(Protocol):
     async def ensure_room(self, room_id: int, created_at: str) -> None:
         """Create ``room_id`` (unnamed, public) unless it exists."""
     async def ban(self, ban: Ban) -> None: ...
+    async def client_message(self, room_id: int, author_id: int, client_msg_id: str,
+                             since: str) -> Message | None: ...
     async def ban_of(self, room_id: int, author_id: int, now: str) -> Ban | None:
         """The ban of ``author_id`` in ``room_id`` still in force at ``now``, if any."""
 
@@ -214,13 +217,32 @@ class Store:
                                         newest_first=newest_first)
         lo = -math.inf if after is None else after
         hi = math.inf if before is None else before
-        extra = [m for m in self._buffered(room_id) if lo < m.id < hi]
+        buffered = self._buffered(room_id)
+        extra = [m for m in buffered if lo < m.id < hi]
         if extra:
             # A batch may be committed while we read: keep one copy of each id.
             merged = {m.id: m for m in rows}
             merged.update((m.id, m) for m in extra)
             rows = sorted(merged.values(), key=lambda m: m.id, reverse=newest_first)[:limit]
+        changes = _changes(buffered)
+        if changes:
+            # Edits and deletes not written yet: show their result already (applying
+            # one that was written meanwhile again changes nothing).
+            where = {m.id: i for i, m in enumerate(rows)}
+            for change in changes:
+                i = where.get(change.target_id)  # type: ignore[arg-type]
+                if i is not None:
+                    rows[i] = apply_change(rows[i], change)
         return rows
+
+    async def client_message(self, room_id: int, author_id: int, client_msg_id: str,
+                             since: str) -> Message | None:
+        """The message ``author_id`` sent with ``client_msg_id`` in ``room_id`` at or after
+        ``since``, if one was accepted."""
+        for m in self._buffered(room_id):
+            if m.author_id == author_id and m.client_msg_id == client_msg_id:
+                return m
+        return await self._backend.client_message(room_id, author_id, client_msg_id, since)
 
     async def purge(self, room_id: int) -> bool:
         """Delete the room with its messages, including those still waiting to be written."""
@@ -239,6 +261,10 @@ class Store:
         return rows
 
 
+# Columns migration 3 adds to messages; older rows have none of them.
+_CHANGE_COLUMNS = [("client_msg_id", "VARCHAR(64)"), ("target_id", "BIGINT"),
+                   ("image", "TEXT"), ("edited_at", "VARCHAR(32)"),
+                   ("deleted_at", "VARCHAR(32)")]
 # Schema migrations, applied in order at start-up and by `trio-chat migrate`.
 # Each is (version, what it does, statements per dialect); never edit a shipped one.
 MIGRATIONS: list[tuple[int, str, dict[str, list[str]]]] = [
@@ -300,10 +326,54 @@ MIGRATIONS: list[tuple[int, str, dict[str, list[str]]]] = [
             ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin""",
         ],
     }),
+    (3, "client message ids, edits, deletes and images", {
+        "sqlite": [
+            *(f"ALTER TABLE messages ADD COLUMN {name} {kind} NULL"
+              for name, kind in _CHANGE_COLUMNS),
+            "ALTER TABLE messages ADD COLUMN moderated INTEGER NOT NULL DEFAULT 0",
+            "CREATE INDEX messages_client_msg_id ON messages (room_id, author_id, client_msg_id)",
+        ],
+        "mysql": [
+            "ALTER TABLE messages " + ", ".join(f"ADD COLUMN {name} {kind} NULL"
+                                                for name, kind in _CHANGE_COLUMNS) +
+            ", ADD COLUMN moderated BOOLEAN NOT NULL DEFAULT FALSE",
+            "CREATE INDEX messages_client_msg_id ON messages (room_id, author_id, client_msg_id)",
+        ],
+    }),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
-_COLUMNS = "id, room_id, author_id, message_type, content, create_at, received_at"
+_COLUMNS = ("id, room_id, author_id, message_type, content, create_at, received_at, "
+            "client_msg_id, target_id, image, edited_at, deleted_at, moderated")
+_MARKS = len(_COLUMNS.split(","))
+
+
+def _message_row(m: Message, received_at: object) -> tuple[object, ...]:
+    return (m.id, m.room_id, m.author_id, m.message_type, m.content, m.create_at,
+            received_at, m.client_msg_id, m.target_id,
+            None if m.image is None else json.dumps(m.image, separators=(",", ":")),
+            m.edited_at, m.deleted_at, m.moderated)
+
+
+def _row_message(row: tuple[Any, ...], received_at: str) -> Message:
+    return Message(int(row[0]), int(row[1]), int(row[2]), row[3], row[4], row[5],
+                   received_at, row[7], None if row[8] is None else int(row[8]),
+                   None if row[9] is None else json.loads(row[9]), row[10], row[11],
+                   bool(row[12]))
+
+
+def _change_sql(mark: str, change: Message) -> tuple[str, tuple[object, ...]]:
+    """The UPDATE that makes a stored message show ``change`` (see protocol.apply_change)."""
+    where = f" WHERE room_id = {mark} AND id = {mark} AND deleted_at IS NULL"
+    if change.message_type == "chat_edit":
+        return (f"UPDATE messages SET content = {mark}, edited_at = {mark}" + where,
+                (change.content, change.received_at, change.room_id, change.target_id))
+    return (f"UPDATE messages SET content = '', image = NULL, deleted_at = {mark}" + where,
+            (change.received_at, change.room_id, change.target_id))
+
+
+def _changes(messages: list[Message]) -> list[Message]:
+    return [m for m in messages if m.message_type in CHANGE_TYPES]
 
 
 def _page_sql(mark: str, *, before: int | None, after: int | None, limit: int,
@@ -322,7 +392,8 @@ def _page_sql(mark: str, *, before: int | None, after: int | None, limit: int,
 
 
 class _Rooms:
-    """Rooms and bans, in SQL both dialects understand; a backend supplies :meth:`_sql`."""
+    """Rooms, bans and lookups by client message id, in SQL both dialects understand; a
+    backend supplies :meth:`_sql`."""
 
     _mark: str
 
@@ -417,6 +488,15 @@ class _Rooms:
                         (*args, None if ban.until is None else self._stamp_in(ban.until),
                          ban.reason))
 
+    async def client_message(self, room_id: int, author_id: int, client_msg_id: str,
+                             since: str) -> Message | None:
+        m = self._mark
+        rows, _ = await self._sql(
+            f"SELECT {_COLUMNS} FROM messages WHERE room_id = {m} AND author_id = {m} "
+            f"AND client_msg_id = {m} AND received_at >= {m} ORDER BY id LIMIT 1",
+            (room_id, author_id, client_msg_id, self._stamp_in(since)))
+        return _row_message(rows[0], self._stamp_out(rows[0][6])) if rows else None
+
     async def ban_of(self, room_id: int, author_id: int, now: str) -> Ban | None:
         m = self._mark
         rows, _ = await self._sql(
@@ -492,22 +572,25 @@ class SqliteBackend(_Rooms):
             db, self._db = self._db, None
             await self._call(db.close)
 
-    def _insert(self, rows: list[tuple[object, ...]], rooms: list[tuple[object, ...]]) -> None:
+    def _insert(self, rows: list[tuple[object, ...]], rooms: list[tuple[object, ...]],
+                changes: list[tuple[str, tuple[object, ...]]]) -> None:
         assert self._db is not None
         with self._db:
             self._db.execute("BEGIN")
             self._db.executemany(
                 "INSERT OR IGNORE INTO rooms (id, created_at) VALUES (?, ?)", rooms)
             self._db.executemany(
-                f"INSERT OR IGNORE INTO messages ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                rows)
+                f"INSERT OR IGNORE INTO messages ({_COLUMNS}) "
+                f"VALUES ({', '.join('?' * _MARKS)})", rows)
+            for sql, args in changes:
+                self._db.execute(sql, args)
 
     async def insert(self, messages: list[Message]) -> None:
-        rows = [(m.id, m.room_id, m.author_id, m.message_type, m.content, m.create_at,
-                 m.received_at) for m in messages]
+        rows = [_message_row(m, m.received_at) for m in messages]
         rooms = [(room_id, messages[0].received_at) for room_id in
                  {m.room_id for m in messages}]
-        await self._call(self._insert, rows, rooms)
+        changes = [_change_sql("?", m) for m in _changes(messages)]
+        await self._call(self._insert, rows, rooms, changes)
 
     def _query(self, sql: str, args: tuple[object, ...]) -> list[tuple[object, ...]]:
         assert self._db is not None
@@ -523,7 +606,7 @@ class SqliteBackend(_Rooms):
         sql, args = _page_sql("?", before=before, after=after, limit=limit,
                               newest_first=newest_first, room_id=room_id)
         rows = await self._call(self._query, sql, tuple(args))
-        return [Message(*row) for row in rows]  # type: ignore[arg-type]
+        return [_row_message(row, row[6]) for row in rows]
 
 
 def _to_datetime(stamp: str) -> datetime:
@@ -649,9 +732,9 @@ class MysqlBackend(_Rooms):
             await bridge.call(pool.wait_closed)
 
     async def insert(self, messages: list[Message]) -> None:
-        rows = [(m.id, m.room_id, m.author_id, m.message_type, m.content, m.create_at,
-                 _to_datetime(m.received_at)) for m in messages]
+        rows = [_message_row(m, _to_datetime(m.received_at)) for m in messages]
         rooms = [(room_id,) for room_id in {m.room_id for m in messages}]
+        changes = [_change_sql("%s", m) for m in _changes(messages)]
 
         async def work(cur: Any) -> None:
             """Asyncio flavour."""
@@ -660,8 +743,10 @@ class MysqlBackend(_Rooms):
             await cur.executemany("INSERT INTO rooms (id) VALUES (%s) "
                                   "ON DUPLICATE KEY UPDATE id = id", rooms)
             await cur.executemany(
-                f"INSERT INTO messages ({_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s) "
+                f"INSERT INTO messages ({_COLUMNS}) VALUES ({', '.join(['%s'] * _MARKS)}) "
                 "ON DUPLICATE KEY UPDATE id = id", rows)
+            for sql, args in changes:
+                await cur.execute(sql, args)
             await cur.execute("COMMIT")
 
         await self._run(work)
@@ -683,8 +768,7 @@ class MysqlBackend(_Rooms):
         sql, args = _page_sql("%s", before=before, after=after, limit=limit,
                               newest_first=newest_first, room_id=room_id)
         rows = await self._fetch(sql, args)
-        return [Message(row[0], row[1], row[2], row[3], row[4], row[5],
-                        _from_datetime(row[6])) for row in rows]
+        return [_row_message(row, _from_datetime(row[6])) for row in rows]
 
 
 def make_backend(config: Config) -> Backend:
