@@ -28,6 +28,7 @@ from trio_chat.config import Config, SqliteConfig
 from trio_chat.server import Server
 
 from .conftest import make_config, start_server
+from .rawws import http_call
 
 pytestmark = pytest.mark.browser
 
@@ -328,3 +329,52 @@ async def test_reconnects_after_server_restart(tmp_path: Path, browser: OpenPage
             ("1", "before restart"), ("2", "after restart"), ("1", "after reset")]
         assert "ids restarted" in await page.log_text()
         third.shutdown()
+
+
+async def test_pages_resend_what_was_not_acknowledged_across_a_restart(
+        tmp_path: Path, browser: OpenPage) -> None:
+    config = make_config(tmp_path / "resend.db", shutdown_timeout=2.0)
+    async with trio.open_nursery() as nursery:
+        first = await start_server(nursery, config)
+        port = first.port
+        one, two = await open_pages(browser, (page_url(port, 12, 1), "page 1"),
+                                    (page_url(port, 12, 2), "page 2"))
+        await one.wait_state("connected")
+        await two.wait_state("connected")
+        await one.call(lambda: one.driver.find_element(By.ID, "message").send_keys("typ"))
+
+        async def typing_shown() -> bool:
+            return "#1 is typing" in await two.js(
+                "return document.getElementById('typing').textContent")
+        await two.eventually("the typing hint", typing_shown)
+        await one.call(lambda: one.driver.find_element(By.ID, "message").clear())
+        await one.type_message("one before", press_enter=True)
+        await two.type_message("two before", press_enter=True)
+        for page in (one, two):
+            await page.wait_contents("one before", "two before")
+        first.shutdown()
+
+    for page in (one, two):
+        await page.wait_state("reconnecting")
+    # Typed while the server is down: kept in the outbox, shown as pending.
+    await one.type_message("one while down", press_enter=True)
+    await two.type_message("two while down", press_enter=False)
+    assert await one.js("return window.trioChat.outbox.length") == 1
+    assert "sending" in await one.log_text()
+
+    expected = ["one before", "two before", "one while down", "two while down"]
+    async with trio.open_nursery() as nursery:
+        second = await start_server(nursery, on_port(config, port))
+        shown = {}
+        for page in (one, two):
+            await page.wait_state("connected")
+            messages = await page.wait_contents(*expected)
+            await page.assert_no_duplicates()
+            shown[page.name] = sorted((content, mid) for mid, content, _, _ in messages)
+            assert await page.js("return window.trioChat.outbox.length") == 0
+            assert "sending" not in await page.log_text()
+        assert shown["page 1"] == shown["page 2"], "the same ids on both pages"
+        status, body = await http_call(port, "GET", "/rooms/12/messages?order=asc")
+        assert status == 200
+        assert sorted(m["content"] for m in body["messages"]) == sorted(expected)
+        second.shutdown()

@@ -623,7 +623,8 @@ async def serve_http(server: Server, stream: trio.abc.Stream, remote: str) -> No
                         request = await _read_request(stream, conn, remote)
                     finally:
                         server.waiting_for_request.discard(waiting)
-                if request is None or waiting.cancelled_caught:
+                # Cancelled by a shutdown: there is no request (the name is unbound).
+                if waiting.cancelled_caught or request is None:
                     return
                 if isinstance(request, Response):
                     server.metrics.handshake_failures += 1
