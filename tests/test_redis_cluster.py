@@ -440,3 +440,31 @@ async def test_presence_on_every_shard(nodes, redis_cluster: Cluster) -> None:
             frame = await recv(one, events=True)
             assert (frame["message_type"], frame["author_id"], frame["online"]) == (
                 "chat_exit", 2, 1)
+
+
+async def test_resends_and_edits_on_every_shard(nodes, redis_cluster: Cluster) -> None:
+    a, b = await nodes(2)
+    for room in [ids[0] for ids in redis_cluster.rooms_by_shard(1).values()]:
+        async with open_ws(ws_url(a, room, "?author_id=7")) as on_a, \
+                open_ws(ws_url(b, room, "?author_id=7")) as on_b:
+            sent = json.dumps({"message_type": "chat_txt", "content": "teh",
+                               "client_msg_id": f"c-{room}"})
+            await on_a.send_message(sent)
+            while (ack := await recv(on_a))["message_type"] != "ack":
+                pass
+            # The same client_msg_id through the other node: the first ack, no message.
+            await on_b.send_message(sent)
+            while (again := await recv(on_b))["message_type"] != "ack":
+                pass
+            assert again == ack
+            await on_b.send_message(json.dumps({"message_type": "chat_edit", "content": "the",
+                                                "target_id": ack["id"]}))
+            while (edit := await recv(on_a))["message_type"] != "chat_edit":
+                assert edit.get("client_msg_id") != f"c-{room}" or edit["id"] == ack["id"]
+            assert (edit["id"], edit["target_id"]) == (ack["id"] + 1, ack["id"])
+        # Rejoining reads the shard's recent list, which the edit brought up to date.
+        async with open_ws(ws_url(b, room)) as newcomer:
+            first = await recv(newcomer)
+            assert (first["id"], first["content"], first["edited_at"]) == (
+                ack["id"], "the", edit["received_at"])
+            assert (await recv(newcomer))["message_type"] == "chat_edit"
