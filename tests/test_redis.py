@@ -219,3 +219,28 @@ async def test_a_redis_blip_holds_sends_instead_of_refusing_them(nodes, redis_se
         redis_server()  # empty: the counter restarts from the node's last id
         frame = await recv(ws, timeout=40)
         assert (frame["content"], frame["id"]) == ("during", 2)
+
+
+async def test_a_resend_after_redis_lost_its_records_is_still_recognised(
+        nodes, redis_server) -> None:
+    port = redis_server()
+    (a,) = await nodes(1, port=port)
+    # As if the node had been up longer than the window: only Redis remembers ids now.
+    a.broker._check_store_until = 0
+    text = chat_frame("once", room_id=14, client_msg_id="r-1")
+    async with open_ws(ws_url(a, 14)) as ws:
+        await ws.send_message(text)
+        while (ack := await recv(ws))["message_type"] != "ack":
+            pass
+        process = redis_server.processes[-1]  # type: ignore[attr-defined]
+        process.kill()
+        process.wait()
+        await wait_until(lambda: not a.broker.connected)
+        redis_server()  # empty: the record of r-1 is gone with the old process
+        await wait_until(lambda: a.broker.connected, timeout=40)
+        await ws.send_message(text)
+        while (again := await recv(ws))["message_type"] != "ack":
+            assert again["id"] == ack["id"]  # the first send's broadcast, nothing new
+        assert again == ack
+    assert a.metrics.duplicates == 1
+    assert [m.content for m in await a.store.page(14)] == ["once"]

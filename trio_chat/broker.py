@@ -150,7 +150,7 @@ class LocalBroker:
         sent = self._sent.get(key)
         if sent is None and now - self._started < self.idempotency_window:
             # Sent before this process started (a restart): only the store knows.
-            sent = await self._store.client_message(*key, utc_after(-self.idempotency_window))
+            sent = await _sent_to_store(self._store, draft, self.idempotency_window)
         return sent
 
     async def subscribe(self, room_id: int, subscriber: Subscriber) -> None:
@@ -343,6 +343,12 @@ UNAVAILABLE = (redis.RedisError, redis.exceptions.RedisClusterException, OSError
 CLUSTER_NODE_CONNECTIONS = 1000
 
 
+async def _sent_to_store(store: Store, draft: Draft, window: float) -> Message | None:
+    assert draft.author_id is not None and draft.client_msg_id is not None
+    return await store.client_message(draft.room_id, draft.author_id, draft.client_msg_id,
+                                      utc_after(-window))
+
+
 def _json(obj: dict[str, Any]) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
@@ -379,6 +385,10 @@ class RedisBroker:
     # sunsubscribe is the cluster dropping a subscription (its slot moved).
     _leaving: dict[str, int] = attrs.field(init=False, factory=dict)
     _reconnected: list[Callable[[], None]] = attrs.field(init=False, factory=list)
+    # Until then a client_msg_id Redis does not know is looked up in the store too:
+    # Redis may have lost its records (a restart) while this node was away from it.
+    _check_store_until: float = attrs.field(init=False, default=attrs.Factory(
+        lambda self: time.monotonic() + self.idempotency_window, takes_self=True))
 
     def _seq_key(self, room_id: int) -> str:
         return f"{self._config.publish_channel_name}:{{{room_id}}}:seq"
@@ -693,6 +703,7 @@ class RedisBroker:
             log.warning("Redis is back after %.1fs; resubscribed %d rooms",
                         trio.current_time() - self.down_since, len(self._rooms))
             self.down_since = None
+            self._check_store_until = time.monotonic() + self.idempotency_window
         self._connected.set()
         for callback in self._reconnected if back else ():
             callback()
@@ -840,6 +851,10 @@ class RedisBroker:
                 await self._connected.wait()
             if not self.connected:
                 raise BrokerUnavailable("Redis is unreachable")
+        if draft.client_msg_id is not None and time.monotonic() < self._check_store_until:
+            sent = await _sent_to_store(self._store, draft, self.idempotency_window)
+            if sent is not None:
+                return sent, False
         subscribers = self._rooms.get(draft.room_id, ())
         floor = max((s.last_id for s in subscribers), default=0)
         received_at = utc_now()
