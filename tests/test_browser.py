@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import attrs
 import pytest
 import trio
+from PIL import Image
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -378,3 +379,31 @@ async def test_pages_resend_what_was_not_acknowledged_across_a_restart(
         assert status == 200
         assert sorted(m["content"] for m in body["messages"]) == sorted(expected)
         second.shutdown()
+
+
+async def test_a_page_sends_an_image_and_the_other_shows_its_thumbnail(
+        server: Server, browser: OpenPage, tmp_path: Path) -> None:
+    picture = tmp_path / "photo.png"
+    Image.new("RGB", (800, 400), (30, 120, 200)).save(picture)
+    one, two = await open_pages(browser, (page_url(server, 77, 1), "page 1"),
+                                (page_url(server, 77, 2), "page 2"))
+    await one.wait_state("connected")
+    await two.wait_state("connected")
+    await one.call(lambda: one.driver.find_element(By.ID, "image-input")
+                   .send_keys(str(picture)))
+
+    async def thumbnail() -> list[Any] | None:
+        found = await two.js("""
+            var img = document.querySelector('#log .msg img.thumb');
+            return img && img.complete && img.naturalWidth > 0 ?
+                [img.naturalWidth, img.naturalHeight, img.parentNode.getAttribute('href')] : null;
+        """)
+        return found
+    width, height, href = await two.eventually("the image's thumbnail", thumbnail)
+    assert (width, height) == (320, 160)
+    assert href.startswith("/media/")
+    await one.eventually("the sender's own thumbnail", lambda: one.js(
+        "return document.querySelectorAll('#log .msg img.thumb').length === 1"))
+    assert await one.js("return window.trioChat.outbox.length") == 0
+    await one.assert_no_console_errors()
+    await two.assert_no_console_errors()

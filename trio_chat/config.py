@@ -138,6 +138,18 @@ class LimitsConfig:
     typing_interval: float = _opt("typingInterval", 2.0, float, low=0, high=3600)
 
 
+@attrs.frozen
+class MediaConfig:
+    """Images: uploads and chat_img frames."""
+
+    max_image_bytes: int = _opt("maxImageBytes", 5 * 1024 * 1024, int, low=1024,
+                                high=64 * 1024 * 1024)
+    # Caps checked from the header before decoding (decompression bombs).
+    max_dimension: int = _opt("maxDimension", 10_000, int, low=16, high=100_000)
+    max_pixels: int = _opt("maxPixels", 40_000_000, int, low=256, high=1_000_000_000)
+    thumbnail_size: int = _opt("thumbnailSize", 320, int, low=16, high=4096)
+
+
 SECRET_ENV = "TRIO_CHAT_AUTH_SECRET"
 ADMIN_KEY_ENV = "TRIO_CHAT_ADMIN_KEY"
 MIN_SECRET = 32
@@ -158,6 +170,7 @@ class Config:
     logger: LoggerConfig = LoggerConfig()
     auth: AuthConfig = AuthConfig()
     limits: LimitsConfig = LimitsConfig()
+    media: MediaConfig = MediaConfig()
     source: str = "<embedded default>"
     warnings: tuple[str, ...] = ()
 
@@ -171,6 +184,7 @@ _SECTIONS: dict[str, type] = {
     "logger": LoggerConfig,
     "auth": AuthConfig,
     "limits": LimitsConfig,
+    "media": MediaConfig,
 }
 # Sections that only exist when configured: an empty host means "not configured".
 _OPTIONAL = {"db", "redis"}

@@ -59,6 +59,8 @@ class ChatConnection:
     bucket: TokenBucket | None = None
     flood_limit: int = 0
     typing_interval: float = 0.0
+    # Largest text frame other than a chat_img (server.maxFrameBytes).
+    frame_limit: int = 64 * 1024
     ws: WebSocket = attrs.field(init=False)
     room: Room | None = attrs.field(init=False, default=None)
     # Live frames kept back while a resume reads history from the store.
@@ -118,12 +120,30 @@ class ChatConnection:
             self._error("binary_frame", "binary frames are not accepted; send JSON as a "
                         "text frame")
             return
+        # The transport lets messages as large as an image's data URL through: anything
+        # over the text limit must be a chat_img.
+        oversized = len(message) * 4 > self.frame_limit and \
+            len(message.encode("utf-8", "surrogatepass")) > self.frame_limit
         try:
             frame = parse_frame(message, self.room_id, author_known=self.author_id is not None)
+        except FrameError as exc:
+            if oversized:
+                self._too_big()
+                return
+            self._metrics.bad_frames += 1
+            self._error(exc.code, exc.detail, exc.client_msg_id)
+            return
+        if oversized and not (isinstance(frame, Draft) and frame.message_type == "chat_img"):
+            self._too_big()
+            return
+        try:
             await self._handle(frame)
         except FrameError as exc:
             self._metrics.bad_frames += 1
             self._error(exc.code, exc.detail, exc.client_msg_id)
+
+    def _too_big(self) -> None:
+        self.ws.close(MESSAGE_TOO_BIG, f"message over {self.frame_limit} bytes")
 
     async def _handle(self, frame: Draft | Typing) -> None:
         """Act on a valid frame; raises :class:`FrameError` to refuse it."""
@@ -170,9 +190,15 @@ class ChatConnection:
 async def serve_connection(stream: trio.abc.Stream, *, hub: Hub, metrics: Metrics,
                            limits: Limits, room_id: int, remote: str, since: int | None = None,
                            author_id: int | None = None, verified: bool = False,
-                           rate: LimitsConfig | None = None, trailing_data: bytes = b"") -> None:
-    """Run one upgraded connection to its end. The caller closes ``stream``."""
-    connection = ChatConnection(room_id, remote, hub, metrics, author_id, verified)
+                           rate: LimitsConfig | None = None, trailing_data: bytes = b"",
+                           frame_limit: int | None = None) -> None:
+    """Run one upgraded connection to its end. The caller closes ``stream``.
+
+    ``frame_limit`` holds every frame but a chat_img to that many bytes (default:
+    the transport's limit).
+    """
+    connection = ChatConnection(room_id, remote, hub, metrics, author_id, verified,
+                                frame_limit=frame_limit or limits.max_message_bytes)
     if rate is not None:
         connection.bucket = TokenBucket(rate.messages_per_second, rate.message_burst)
         connection.flood_limit = rate.flood_limit

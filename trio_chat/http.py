@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import email.parser
+import email.policy
+import hashlib
 import json
 import logging
 import re
@@ -30,6 +34,7 @@ from wsproto.utilities import generate_accept_token
 from .auth import AuthError, Claims, authenticate, check_admin, check_origin
 from .broker import BrokerUnavailable
 from .connection import serve_connection
+from .media import ImageError, save_image
 from .protocol import (
     CHAT_TYPES,
     INT64_MAX,
@@ -105,6 +110,7 @@ class Route:
 
 
 _WS_PATH = re.compile(r"/ws/(?P<room>[^/]*)")
+_IMAGES_PATH = re.compile(r"/rooms/(?P<room>[^/]*)/images")
 _DEMO_PAGE = resources.files("trio_chat").joinpath("static/index.html")
 
 
@@ -435,6 +441,62 @@ async def _delete_message(server: Server, request: Request, match: re.Match[str]
     return await _publish(server, draft, 200)
 
 
+def _upload(request: Request) -> bytes:
+    """The uploaded file: the body itself, or the one file part of a multipart form."""
+    kind = request.headers.get("content-type", "")
+    if not kind.lower().startswith("multipart/form-data"):
+        return request.body
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        f"Content-Type: {kind}\r\n\r\n".encode("latin-1", "replace") + request.body)
+    files = [part for part in message.iter_parts() if part.get_filename() is not None] \
+        if message.is_multipart() else []
+    if len(files) != 1:
+        raise HttpError(error(400, "bad_upload", "a multipart upload must hold exactly one "
+                              "file part"))
+    return files[0].get_payload(decode=True) or b""
+
+
+async def _upload_image(server: Server, request: Request, match: re.Match[str]) -> Response:
+    room_id = _room_id(match)
+    if server.config.server.room_policy == "strict":
+        await _existing_room(server, room_id)
+    author_id = _query_int(request, "author_id", low=INT64_MIN) or 0
+    if server.config.auth.mode == "token":
+        with contextlib.suppress(AuthError):  # the admin key: the query says who
+            author_id = authenticate(request.query, request.headers,
+                                     server.config.auth.secret).author_id
+    try:
+        info = await save_image(server.store.backend, server.config.media, _upload(request),
+                                room_id, author_id)
+    except ImageError as exc:
+        raise HttpError(error(exc.status, exc.code, exc.detail)) from None
+    return json_response(201, info.to_wire(), (("location", info.url),))
+
+
+async def _media(server: Server, request: Request, match: re.Match[str]) -> Response:
+    return await _serve_media(server, request, match.group("media"), thumbnail=False)
+
+
+async def _thumbnail(server: Server, request: Request, match: re.Match[str]) -> Response:
+    return await _serve_media(server, request, match.group("media"), thumbnail=True)
+
+
+async def _serve_media(server: Server, request: Request, media_id: str, *, thumbnail: bool
+                       ) -> Response:
+    found = await server.store.backend.media_bytes(media_id, thumbnail)
+    if found is None:
+        raise HttpError(error(404, "media_not_found", "no such image"))
+    content_type, data = found
+    # The id never names other bytes, so the bytes can be cached for good.
+    etag = '"' + hashlib.sha256(data).hexdigest()[:32] + '"'
+    headers = (("cache-control", "public, max-age=31536000, immutable"), ("etag", etag),
+               ("x-content-type-options", "nosniff"),
+               ("content-security-policy", "default-src 'none'"))
+    if etag in request.headers.get("if-none-match", ""):
+        return Response(304, b"", content_type, headers)
+    return Response(200, data, content_type, headers)
+
+
 async def _ws_without_upgrade(server: Server, request: Request,
                               match: re.Match[str]) -> Response:
     return error(426, "upgrade_required", "this endpoint speaks WebSocket only",
@@ -449,6 +511,10 @@ ROUTES: list[Route] = [
     Route("GET", re.compile(r"/ws/(?P<room>[^/]*)\Z"), _ws_without_upgrade),
     Route("GET", re.compile(r"/rooms/(?P<room>[^/]*)/messages\Z"), _history, "reader"),
     Route("GET", re.compile(r"/rooms/(?P<room>[^/]*)/members\Z"), _members, "reader"),
+    Route("POST", re.compile(_IMAGES_PATH.pattern + r"\Z"), _upload_image, "reader"),
+    Route("GET", re.compile(r"/media/(?P<media>[A-Za-z0-9_-]{1,64})\Z"), _media),
+    Route("GET", re.compile(r"/media/(?P<media>[A-Za-z0-9_-]{1,64})/thumbnail\Z"),
+          _thumbnail),
     Route("POST", re.compile(r"/rooms\Z"), _create_room, "admin"),
     Route("GET", re.compile(r"/rooms\Z"), _list_rooms, "admin"),
     Route("GET", re.compile(r"/rooms/(?P<room>[^/]*)\Z"), _get_room, "reader"),
@@ -580,8 +646,12 @@ async def _send(stream: trio.abc.Stream, conn: h11.Connection, response: Respons
 
 
 async def _read_request(stream: trio.abc.Stream, conn: h11.Connection,
-                        remote: str) -> Request | Response | None:
-    """The next request, an error response to send, or None at end of stream."""
+                        remote: str, image_bytes: int) -> Request | Response | None:
+    """The next request, an error response to send, or None at end of stream.
+
+    Bodies are capped at :data:`MAX_BODY_BYTES`, an image upload's at
+    ``image_bytes`` plus room for a multipart envelope.
+    """
     try:
         event = await _next_event(stream, conn)
         if isinstance(event, h11.ConnectionClosed):
@@ -590,13 +660,15 @@ async def _read_request(stream: trio.abc.Stream, conn: h11.Connection,
         target = urlsplit(event.target.decode("ascii", "replace"))
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in event.headers}
         body = bytearray()
+        cap = MAX_BODY_BYTES
+        if event.method == b"POST" and _IMAGES_PATH.fullmatch(target.path):
+            cap = max(cap, image_bytes + 64 * 1024)
         while True:
             part = await _next_event(stream, conn)
             if isinstance(part, h11.Data):
                 body += part.data
-                if len(body) > MAX_BODY_BYTES:
-                    return error(413, "body_too_large",
-                                 f"request body over {MAX_BODY_BYTES} bytes")
+                if len(body) > cap:
+                    return error(413, "body_too_large", f"request body over {cap} bytes")
             elif isinstance(part, (h11.EndOfMessage, h11.ConnectionClosed)) or part is h11.PAUSED:
                 break
         return Request(event.method.decode("ascii", "replace"), target.path,
@@ -620,7 +692,8 @@ async def serve_http(server: Server, stream: trio.abc.Stream, remote: str) -> No
                 with trio.CancelScope() as waiting:
                     server.waiting_for_request.add(waiting)
                     try:
-                        request = await _read_request(stream, conn, remote)
+                        request = await _read_request(stream, conn, remote,
+                                                      server.config.media.max_image_bytes)
                     finally:
                         server.waiting_for_request.discard(waiting)
                 # Cancelled by a shutdown: there is no request (the name is unbound).
@@ -673,7 +746,8 @@ async def serve_http(server: Server, stream: trio.abc.Stream, remote: str) -> No
                 await serve_connection(stream, hub=server.hub, metrics=server.metrics,
                                        limits=server.limits, room_id=upgrade_to, remote=remote,
                                        since=since, author_id=author_id, verified=verified,
-                                       rate=server.config.limits, trailing_data=trailing)
+                                       rate=server.config.limits, trailing_data=trailing,
+                                       frame_limit=config.max_frame_bytes)
                 return
             if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                 return

@@ -22,6 +22,8 @@ import attrs
 import trio
 
 from .broker import Broker, BrokerUnavailable
+from .config import MediaConfig
+from .media import attach_image
 from .metrics import Metrics
 from .protocol import INT64_MAX, Draft, Message, check_change, typing_event, utc_now
 from .room import Member, Room
@@ -154,6 +156,7 @@ class Hub:
     presence_ttl: float = 30.0
     # "auto": a room joined for the first time is created (the seed's way).
     room_policy: str = "auto"
+    media: MediaConfig = attrs.field(factory=MediaConfig)
     connections: set[Connection] = attrs.field(init=False, factory=set)
     presence: Presence = attrs.field(init=False)
     _nursery: trio.Nursery | None = attrs.field(init=False, default=None)
@@ -222,10 +225,14 @@ class Hub:
         """Accept ``draft``: the broker gives it an id and delivers it, the store keeps it.
 
         Returns the message and whether it is new (see :meth:`Broker.publish`: a
-        resent client_msg_id gives back the message sent before). ``target`` is
+        resent client_msg_id gives back the message sent before). A chat_img's
+        image is validated and stored first (:class:`FrameError` if refused). ``target`` is
         the message a change changes, as :meth:`message` found it.
         """
         self._store.check_capacity()
+        if draft.message_type == "chat_img" and draft.image is None:
+            # Stored once, here; what is published is a reference to it.
+            draft = await attach_image(self._store.backend, self.media, draft)
         message, fresh = await self._broker.publish(draft, target)
         if fresh:
             self._store.append(message)

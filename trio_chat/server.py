@@ -92,8 +92,11 @@ class Server:
                         idempotency_window=s.idempotency_window)
             if config.redis is not None else LocalBroker(store, s.idempotency_window))
         hub = Hub(store, broker, metrics, s.history_on_join, s.replay_limit, s.presence_ttl,
-                  s.room_policy)
-        limits = Limits(max_message_bytes=s.max_frame_bytes,
+                  s.room_policy, config.media)
+        # A chat_img frame may carry its image as a data URL: base64 plus the frame around
+        # it. The connection holds every other frame to maxFrameBytes.
+        image_frame = (config.media.max_image_bytes + 2) // 3 * 4 + 4096
+        limits = Limits(max_message_bytes=max(s.max_frame_bytes, image_frame),
                         queue_frames=s.send_queue_messages, queue_bytes=s.send_queue_bytes,
                         write_wait=s.write_wait, ping_period=s.ping_period,
                         pong_wait=s.pong_wait, close_timeout=s.close_timeout)

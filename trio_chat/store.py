@@ -13,6 +13,7 @@ asyncio bridge). Neither ever sits on the fan-out path.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import math
@@ -81,6 +82,40 @@ class Ban:
                 "reason": self.reason}
 
 
+@attrs.frozen
+class MediaInfo:
+    """A stored image: what a chat_img message says about it."""
+
+    id: str
+    room_id: int
+    author_id: int
+    content_type: str
+    size: int
+    width: int
+    height: int
+    thumbnail_type: str
+    thumbnail_width: int
+    thumbnail_height: int
+    created_at: str
+
+    @property
+    def url(self) -> str:
+        return f"/media/{self.id}"
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"id": self.id, "url": self.url, "thumbnail_url": f"{self.url}/thumbnail",
+                "content_type": self.content_type, "size": self.size, "width": self.width,
+                "height": self.height, "thumbnail_width": self.thumbnail_width,
+                "thumbnail_height": self.thumbnail_height}
+
+
+@attrs.frozen
+class StoredMedia:
+    info: MediaInfo
+    data: bytes = attrs.field(repr=False)
+    thumbnail: bytes = attrs.field(repr=False)
+
+
 class Backend(Protocol):
     """What a history database provides; every method is a trio coroutine."""
 
@@ -101,10 +136,14 @@ class Backend(Protocol):
                           ) -> RoomInfo | None:
         """Rename and/or change privacy (``None``: keep); :class:`NameTaken` on a clash."""
     async def delete_room(self, room_id: int, purge: bool) -> bool:
-        """Forget the room (and its bans); with ``purge`` its messages too."""
+        """Forget the room (and its bans); with ``purge`` its messages and images too."""
     async def ensure_room(self, room_id: int, created_at: str) -> None:
         """Create ``room_id`` (unnamed, public) unless it exists."""
     async def ban(self, ban: Ban) -> None: ...
+    async def save_media(self, media: StoredMedia) -> None: ...
+    async def media_info(self, media_id: str) -> MediaInfo | None: ...
+    async def media_bytes(self, media_id: str, thumbnail: bool) -> tuple[str, bytes] | None:
+        """The content type and bytes of an image (or of its thumbnail), if stored."""
     async def client_message(self, room_id: int, author_id: int, client_msg_id: str,
                              since: str) -> Message | None: ...
     async def ban_of(self, room_id: int, author_id: int, now: str) -> Ban | None:
@@ -340,8 +379,49 @@ MIGRATIONS: list[tuple[int, str, dict[str, list[str]]]] = [
             "CREATE INDEX messages_client_msg_id ON messages (room_id, author_id, client_msg_id)",
         ],
     }),
+    (4, "images", {
+        "sqlite": [
+            """CREATE TABLE IF NOT EXISTS media (
+                id TEXT PRIMARY KEY,
+                room_id INTEGER NOT NULL,
+                author_id INTEGER NOT NULL,
+                content_type TEXT NOT NULL,
+                size INTEGER NOT NULL,
+                width INTEGER NOT NULL,
+                height INTEGER NOT NULL,
+                thumbnail_type TEXT NOT NULL,
+                thumbnail_width INTEGER NOT NULL,
+                thumbnail_height INTEGER NOT NULL,
+                created_at TEXT NOT NULL,
+                data BLOB NOT NULL,
+                thumbnail BLOB NOT NULL
+            ) WITHOUT ROWID""",
+            "CREATE INDEX media_room ON media (room_id)",
+        ],
+        "mysql": [
+            """CREATE TABLE IF NOT EXISTS media (
+                id VARCHAR(64) NOT NULL PRIMARY KEY,
+                room_id BIGINT NOT NULL,
+                author_id BIGINT NOT NULL,
+                content_type VARCHAR(32) NOT NULL,
+                size INT NOT NULL,
+                width INT NOT NULL,
+                height INT NOT NULL,
+                thumbnail_type VARCHAR(32) NOT NULL,
+                thumbnail_width INT NOT NULL,
+                thumbnail_height INT NOT NULL,
+                created_at DATETIME(3) NOT NULL,
+                data LONGBLOB NOT NULL,
+                thumbnail MEDIUMBLOB NOT NULL,
+                INDEX media_room (room_id)
+            ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin""",
+        ],
+    }),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+_MEDIA_COLUMNS = ("id, room_id, author_id, content_type, size, width, height, "
+                  "thumbnail_type, thumbnail_width, thumbnail_height, created_at")
 
 _COLUMNS = ("id, room_id, author_id, message_type, content, create_at, received_at, "
             "client_msg_id, target_id, image, edited_at, deleted_at, moderated")
@@ -406,6 +486,11 @@ class _Rooms:
 
     def _stamp_out(self, value: Any) -> str:
         return str(value)
+
+    _blob_mark = "?"
+
+    def _blob_in(self, data: bytes) -> object:
+        return data
 
     def _is_name_clash(self, exc: Exception) -> bool:
         raise NotImplementedError
@@ -476,8 +561,35 @@ class _Rooms:
         if purge:
             _, messages = await self._sql(f"DELETE FROM messages WHERE room_id = {m}",
                                           (room_id,))
+            await self._sql(f"DELETE FROM media WHERE room_id = {m}", (room_id,))
             deleted += messages
         return deleted > 0
+
+    async def save_media(self, media: StoredMedia) -> None:
+        i = media.info
+        blob = self._blob_mark
+        await self._sql(f"INSERT INTO media ({_MEDIA_COLUMNS}, data, thumbnail) "
+                        f"VALUES ({', '.join([self._mark] * 11)}, {blob}, {blob})",
+                        (i.id, i.room_id, i.author_id, i.content_type, i.size, i.width,
+                         i.height, i.thumbnail_type, i.thumbnail_width, i.thumbnail_height,
+                         self._stamp_in(i.created_at), self._blob_in(media.data),
+                         self._blob_in(media.thumbnail)))
+
+    async def media_info(self, media_id: str) -> MediaInfo | None:
+        rows, _ = await self._sql(f"SELECT {_MEDIA_COLUMNS} FROM media WHERE id = {self._mark}",
+                                  (media_id,))
+        if not rows:
+            return None
+        row = rows[0]
+        return MediaInfo(row[0], int(row[1]), int(row[2]), row[3], int(row[4]), int(row[5]),
+                         int(row[6]), row[7], int(row[8]), int(row[9]),
+                         self._stamp_out(row[10]))
+
+    async def media_bytes(self, media_id: str, thumbnail: bool) -> tuple[str, bytes] | None:
+        columns = "thumbnail_type, thumbnail" if thumbnail else "content_type, data"
+        rows, _ = await self._sql(f"SELECT {columns} FROM media WHERE id = {self._mark}",
+                                  (media_id,))
+        return (rows[0][0], bytes(rows[0][1])) if rows else None
 
     async def ban(self, ban: Ban) -> None:
         m = self._mark
@@ -645,6 +757,12 @@ class MysqlBackend(_Rooms):
 
     def _stamp_out(self, value: Any) -> str:
         return _from_datetime(value)
+
+    # aiomysql cannot escape bytes with the PyMySQL it runs on: send base64 text.
+    _blob_mark = "FROM_BASE64(%s)"
+
+    def _blob_in(self, data: bytes) -> object:
+        return base64.b64encode(data).decode("ascii")
 
     def _is_name_clash(self, exc: Exception) -> bool:
         return (isinstance(exc, pymysql.IntegrityError) and exc.args[0] == DUPLICATE_KEY
