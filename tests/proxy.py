@@ -1,4 +1,5 @@
-"""A TCP proxy the test controls: forward to a real server, or cut every connection."""
+"""A TCP proxy the test controls: forward to a real server, cut every connection, or
+stall them (keep the TCP connections open but forward nothing, as a dead link does)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ class Proxy:
     target_port: int
     port: int = 0
     down: bool = False
+    # Directions that swallow bytes: "up" (client to server) and "down".
+    stalled: frozenset[str] = frozenset()
     _scopes: set[trio.CancelScope] = attrs.field(factory=set)
 
     async def run(self, *, task_status: trio.TaskStatus[Proxy] = trio.TASK_STATUS_IGNORED
@@ -27,8 +30,14 @@ class Proxy:
         for scope in self._scopes:
             scope.cancel()
 
+    def stall(self, *directions: str) -> None:
+        """Swallow every byte on every connection, in both ``directions`` ("up", "down")
+        unless told which, until :meth:`restore`."""
+        self.stalled = frozenset(directions or ("up", "down"))
+
     def restore(self) -> None:
         self.down = False
+        self.stalled = frozenset()
 
     async def _handle(self, client: trio.SocketStream) -> None:
         if self.down:
@@ -38,17 +47,19 @@ class Proxy:
             try:
                 upstream = await trio.open_tcp_stream("127.0.0.1", self.target_port)
                 async with upstream, trio.open_nursery() as nursery:
-                    nursery.start_soon(self._pump, client, upstream, nursery.cancel_scope)
-                    nursery.start_soon(self._pump, upstream, client, nursery.cancel_scope)
+                    nursery.start_soon(self._pump, client, upstream, "up",
+                                       nursery.cancel_scope)
+                    nursery.start_soon(self._pump, upstream, client, "down",
+                                       nursery.cancel_scope)
             finally:
                 self._scopes.discard(scope)
 
-    @staticmethod
-    async def _pump(source: trio.abc.Stream, sink: trio.abc.Stream,
+    async def _pump(self, source: trio.abc.Stream, sink: trio.abc.Stream, direction: str,
                     both: trio.CancelScope) -> None:
         try:
             while data := await source.receive_some(65536):
-                await sink.send_all(data)
+                if direction not in self.stalled:
+                    await sink.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         both.cancel()
