@@ -185,6 +185,7 @@ class Tally:
         self.lat_same: Counter[int] = Counter()
         self.lat_cross: Counter[int] = Counter()
         self.events = 0  # chat_enter / chat_exit frames
+        self.pings = 0  # pings answered (the server's heartbeat)
         self.other_frames = 0
         self.other_samples: list[str] = []
 
@@ -454,6 +455,7 @@ class Client:
             self.close()
             self.end(None)
         elif opcode == 0x9:
+            self.tally.pings += 1
             self.write(client_frame(0xA, payload))
         elif opcode != 0xA:
             self.tally.other(payload)
@@ -574,15 +576,16 @@ class Load:
     def connect(self) -> list[str]:
         """Connect and upgrade every client; returns the errors."""
         spec = self.spec
-        path = f"/ws/{spec['room']}"
-        deadline = time.monotonic() + CONNECT_TIMEOUT
+        # One room for every client, or (many-rooms benchmarks) a room per client.
+        rooms = spec.get("client_rooms") or [spec["room"]] * spec["clients"]
+        deadline = time.monotonic() + spec.get("connect_timeout", CONNECT_TIMEOUT)
         errors = []
         same = spec["same"]
         for k in range(spec["clients"]):
             timed = (spec["first_client"] + k) % spec["latency_every"] == 0
             node = spec["client_nodes"][k]
             port = spec["ports"][node]
-            client = Client(self, path, port, timed,
+            client = Client(self, f"/ws/{rooms[k]}", port, timed,
                             None if same is None else frozenset(same[node]))
             self.clients.append(client)
             try:
@@ -688,6 +691,7 @@ def _content(phase: str, sender: int, seq: int, size: int) -> str:
 
 def load_worker(conn: Any, spec: dict[str, Any]) -> None:
     """Entry point of a load-generator process (multiprocessing, spawn)."""
+    raise_nofile()
     with contextlib.suppress(AttributeError, OSError):
         if spec["cpus"]:
             os.sched_setaffinity(0, spec["cpus"])
@@ -720,10 +724,24 @@ def load_worker(conn: Any, spec: dict[str, Any]) -> None:
         conn.close()
 
 
+def raise_nofile() -> int:
+    """Raise this process's soft RLIMIT_NOFILE to the hard limit (each client is a
+    descriptor); returns the soft limit now in force."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    return soft
+
+
 # --- the comparison server ---------------------------------------------------------------
 
-def run_websockets_server(port: int) -> None:
-    """A minimal broadcast server on ``websockets``: one set of clients per path."""
+def run_websockets_server(port: int, ping_interval: float = 20.0) -> None:
+    """A minimal broadcast server on ``websockets``: one set of clients per path.
+    It pings every ``ping_interval`` seconds, as trio-chat does every pingPeriod."""
+    raise_nofile()
     from websockets.asyncio.server import broadcast, serve
 
     rooms: dict[str, set[Any]] = {}
@@ -749,7 +767,8 @@ def run_websockets_server(port: int) -> None:
 
     async def main() -> None:
         # No permessage-deflate, like trio-chat (the benchmark's clients don't offer it).
-        async with serve(handler, HOST, port, compression=None) as server:
+        async with serve(handler, HOST, port, compression=None,
+                         ping_interval=ping_interval) as server:
             bound = server.sockets[0].getsockname()[1]
             print(f"websockets {HOST}: listening on http://{HOST}:{bound}/", file=sys.stderr,
                   flush=True)
@@ -1470,7 +1489,7 @@ def _bench_config(args: argparse.Namespace) -> dict[str, Any]:
     if args.config:
         config = json.loads(Path(args.config).read_text())
     config["limits"] = {"messagesPerSecond": 1_000_000, "messageBurst": 1_000_000,
-                        **config.get("limits", {})}
+                        "connectionsPerIp": 1_000_000, **config.get("limits", {})}
     if not args.via_redis:
         return config
     config["redis"] = {**config.get("redis", {}), "host": args.redis_host,
@@ -1582,6 +1601,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="also print the results as a JSON line")
     p.add_argument("--websockets-server", type=int, metavar="PORT", default=None,
                    help=argparse.SUPPRESS)
+    p.add_argument("--ping-interval", type=float, default=20.0, metavar="S",
+                   help=argparse.SUPPRESS)  # the comparison server's, from the scripts
     return p
 
 
@@ -1592,7 +1613,7 @@ def _terminate(signum: int, frame: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.websockets_server is not None:
-        run_websockets_server(args.websockets_server)
+        run_websockets_server(args.websockets_server, args.ping_interval)
         return 0
     if args.duration is None:
         args.duration = 2.0 if args.quick else 5.0
