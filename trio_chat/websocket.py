@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import deque
 from collections.abc import Awaitable, Callable
 
 import attrs
@@ -66,9 +65,13 @@ class WebSocket:
     _limits: Limits
     _on_slow: Callable[[], None]
     _proto: Connection = attrs.field(init=False)
-    _queue: deque[bytes] = attrs.field(init=False, factory=deque)
+    # A list, not a deque: it is only appended to and emptied whole, and an empty
+    # deque costs a 64-slot block per connection.
+    _queue: list[bytes] = attrs.field(init=False, factory=list)
     _queued_bytes: int = attrs.field(init=False, default=0)
-    _wakeup: trio.lowlevel.ParkingLot = attrs.field(init=False, factory=trio.lowlevel.ParkingLot)
+    # The writer while it waits for something to send (a ParkingLot costs an
+    # OrderedDict per connection for at most one waiter).
+    _parked: trio.lowlevel.Task | None = attrs.field(init=False, default=None)
     _parts: list[str | bytes] = attrs.field(init=False, factory=list)
     _part_bytes: int = attrs.field(init=False, default=0)
     _pong_deadline: float = attrs.field(init=False, default=math.inf)
@@ -100,7 +103,7 @@ class WebSocket:
             self._on_slow()
             self.close(SLOW_CONSUMER, "slow consumer: outbound queue full")
         elif len(queue) == 1:
-            self._wakeup.unpark()
+            self._wake()
 
     def send_exempt(self, data: bytes) -> None:
         """Queue frames exempt from the slow-consumer limit: control frames, and
@@ -108,7 +111,7 @@ class WebSocket:
         if not self._closing:
             self._queue.append(data)
             if len(self._queue) == 1:
-                self._wakeup.unpark()
+                self._wake()
 
     def close(self, code: int, reason: str = "") -> None:
         """Start the close handshake: drop what is queued, send a close frame."""
@@ -121,10 +124,24 @@ class WebSocket:
         if self._proto.state in (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING):
             self._queue.append(self._proto.send(CloseConnection(code, reason)))
         self._close_sent = True
-        self._wakeup.unpark()
+        self._wake()
         # The peer has close_timeout to answer; a dead peer must not hold the reader.
         self._read_scope.deadline = min(self._read_scope.deadline,
                                         trio.current_time() + self._limits.close_timeout)
+
+    def _wake(self) -> None:
+        task, self._parked = self._parked, None
+        if task is not None:
+            trio.lowlevel.reschedule(task)
+
+    async def _park(self) -> None:
+        self._parked = trio.lowlevel.current_task()
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            self._parked = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
 
     async def serve(self, on_message: Callable[[str | bytes], Awaitable[None]]) -> None:
         """Read messages and pass each to ``on_message`` until the connection ends.
@@ -203,7 +220,7 @@ class WebSocket:
                 if self._close_sent:
                     return
                 with trio.move_on_at(min(next_ping, self._pong_deadline)):
-                    await self._wakeup.park()
+                    await self._park()
                 now = trio.current_time()
                 if now >= self._pong_deadline and not self._closing:
                     log.info("no pong within %gs, closing", limits.pong_wait)
