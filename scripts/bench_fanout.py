@@ -767,8 +767,9 @@ def run_websockets_server(port: int, ping_interval: float = 20.0) -> None:
 
     async def main() -> None:
         # No permessage-deflate, like trio-chat (the benchmark's clients don't offer it).
-        async with serve(handler, HOST, port, compression=None,
-                         ping_interval=ping_interval) as server:
+        # The listen backlog trio uses (asyncio's default, 100, stalls connection bursts).
+        async with serve(handler, HOST, port, compression=None, ping_interval=ping_interval,
+                         backlog=socket.SOMAXCONN) as server:
             bound = server.sockets[0].getsockname()[1]
             print(f"websockets {HOST}: listening on http://{HOST}:{bound}/", file=sys.stderr,
                   flush=True)
