@@ -31,7 +31,7 @@ import trio
 from . import __version__
 from .bridge import open_bridge
 from .config import Config, ConfigError, load_config
-from .server import Server
+from .server import Server, tune_gc
 from .store import make_backend
 
 log = logging.getLogger("trio_chat")
@@ -349,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
             trio.run(_migrate, config)
         else:
             raise_fd_limit()
+            tune_gc()
             trio.run(_serve, config, worker is not None,
                      args.supervisor if worker else None)
             return 0
