@@ -147,6 +147,7 @@ def churn_worker(conn: Any, spec: dict[str, Any]) -> None:
     end = t0 + spec["duration"]
     opened = done = failed = 0
     behind = 0.0
+    last_done = t0
     errors: Counter[str] = Counter()
     open_now: list[fan.Client] = []
     conn.send(("connected", 0, []))
@@ -171,6 +172,7 @@ def churn_worker(conn: Any, spec: dict[str, Any]) -> None:
                     errors[client.error] += 1
                 else:
                     done += 1
+                    last_done = now
             else:
                 if client.upgraded and not client.close_sent:
                     client.close()
@@ -180,6 +182,7 @@ def churn_worker(conn: Any, spec: dict[str, Any]) -> None:
             break
     load.shutdown()
     conn.send(("result", {"opened": opened, "done": done, "failed": failed,
+                          "span": last_done - t0,
                           "unfinished": len(open_now), "behind": behind,
                           "errors": dict(errors.most_common(3))}))
 
