@@ -32,7 +32,7 @@ from . import __version__
 from .bridge import open_bridge
 from .client import ChatError, open_chat
 from .config import Config, ConfigError, load_config
-from .server import Server
+from .server import Server, tune_gc
 from .store import make_backend
 
 log = logging.getLogger("trio_chat")
@@ -393,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
             trio.run(_migrate, config)
         else:
             raise_fd_limit()
+            tune_gc()
             trio.run(_serve, config, worker is not None,
                      args.supervisor if worker else None)
             return 0

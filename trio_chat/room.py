@@ -5,8 +5,8 @@ gets on joining or resuming. Its one task,
 :meth:`Room.run`, is the room's lifetime: it subscribes to the broker, loads
 the recent history, reports ready, and waits until the last member leaves;
 cancelling it unsubscribes. Fan-out (:meth:`Room.deliver`) is synchronous: a
-message is encoded and framed once, and the same bytes are queued for every
-member without waiting for any of them.
+message is encoded and framed once, and the same bytes are written or queued
+for every member without waiting for any of them.
 """
 
 from __future__ import annotations
@@ -21,6 +21,11 @@ import trio
 from .broker import Broker
 from .metrics import Metrics
 from .protocol import Message, apply_change, encode_event, encode_message, text_frame
+from .websocket import queued_writes
+
+# Up to this many members a fan-out writes each frame at once where the member's
+# writer is idle; above it, frames are queued so the writers can batch them.
+WRITE_NOW_MEMBERS = 64
 
 log = logging.getLogger(__name__)
 
@@ -112,19 +117,24 @@ class Room:
             return
         if message.id <= self.last_id:
             return
-        frame = self._remember(message)
-        for member in self.members:
-            member.send_frame(frame)
+        self._fan_out(self._remember(message))
         self._metrics.messages_delivered += len(self.members)
 
     def deliver_event(self, text: str) -> None:
         """Fan an event without an id (presence) out to every member; not kept for replay."""
         if self._early is not None:
             return  # the room is still loading: it has no members to tell
-        frame = text_frame(text)
-        for member in self.members:
-            member.send_frame(frame)
+        self._fan_out(text_frame(text))
         self._metrics.events_delivered += len(self.members)
+
+    def _fan_out(self, frame: bytes) -> None:
+        if len(self.members) <= WRITE_NOW_MEMBERS:
+            for member in self.members:
+                member.send_frame(frame)
+            return
+        with queued_writes():
+            for member in self.members:
+                member.send_frame(frame)
 
     def control(self, command: dict[str, Any]) -> None:
         """An operator's ``{"control": "close", "author_id": A, "code": C, "reason": R}``:
