@@ -115,8 +115,8 @@ async def test_cancelling_the_root_ends_every_task_promptly(db_path) -> None:
             stuck = await trio.open_tcp_stream("127.0.0.1", server.port)
             await wait_until(lambda: len(server.hub.rooms) == 3 and
                              len(server.hub.connections) == 9)
-            # Each connection: its reader and its writer; each room: one task; the stuck one.
-            await wait_until(lambda: count_tasks(server.task) == before + 9 * 2 + 3 + 1)
+            # Each connection: its one task; each room: one task; the stuck one.
+            await wait_until(lambda: count_tasks(server.task) == before + 9 + 3 + 1)
             nursery.cancel_scope.cancel()
     assert server.task is not None
     assert not server.task.child_nurseries, "every nursery under the server is closed"

@@ -2,9 +2,9 @@
 
 Owns a member's session in one room: it joins the room, turns each incoming
 frame into a published message or an error frame, and leaves the room when
-the connection ends. The task that calls :func:`serve_connection` is the
-reader; the :class:`~trio_chat.websocket.WebSocket` runs the writer (and its
-heartbeat) beside it in the connection's own nursery.
+the connection ends. The task that calls :func:`serve_connection` is its only
+task, the reader; writing and the heartbeat are
+:class:`~trio_chat.websocket.Writers`'.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ from .websocket import (
     MESSAGE_TOO_BIG,
     POLICY_VIOLATION,
     TRY_AGAIN_LATER,
-    Limits,
     WebSocket,
+    Writers,
 )
 
 log = logging.getLogger(__name__)
@@ -188,7 +188,7 @@ class ChatConnection:
 
 
 async def serve_connection(stream: trio.abc.Stream, *, hub: Hub, metrics: Metrics,
-                           limits: Limits, room_id: int, remote: str, since: int | None = None,
+                           writers: Writers, room_id: int, remote: str, since: int | None = None,
                            author_id: int | None = None, verified: bool = False,
                            rate: LimitsConfig | None = None, trailing_data: bytes = b"",
                            frame_limit: int | None = None) -> None:
@@ -198,7 +198,7 @@ async def serve_connection(stream: trio.abc.Stream, *, hub: Hub, metrics: Metric
     the transport's limit).
     """
     connection = ChatConnection(room_id, remote, hub, metrics, author_id, verified,
-                                frame_limit=frame_limit or limits.max_message_bytes)
+                                frame_limit=frame_limit or writers.limits.max_message_bytes)
     if rate is not None:
         connection.bucket = TokenBucket(rate.messages_per_second, rate.message_burst)
         connection.flood_limit = rate.flood_limit
@@ -208,7 +208,7 @@ async def serve_connection(stream: trio.abc.Stream, *, hub: Hub, metrics: Metric
         metrics.slow_consumer_disconnects += 1
         log.info("%s: slow consumer in room %d, disconnecting", remote, room_id)
 
-    ws = connection.ws = WebSocket(stream, limits, on_slow, trailing_data)
+    ws = connection.ws = WebSocket(stream, writers, on_slow, trailing_data)
     metrics.connections_total += 1
     hub.connections.add(connection)
     try:

@@ -29,7 +29,6 @@ from urllib.parse import parse_qs, urlsplit
 import attrs
 import h11
 import trio
-from wsproto.utilities import generate_accept_token
 
 from .auth import AuthError, Claims, authenticate, check_admin, check_origin
 from .broker import BrokerUnavailable
@@ -677,84 +676,112 @@ async def _read_request(stream: trio.abc.Stream, conn: h11.Connection,
         return error(exc.error_status_hint, "bad_request", str(exc) or "malformed request")
 
 
+@attrs.frozen
+class _Upgrade:
+    """An accepted WebSocket upgrade: what the connection needs of its request."""
+
+    room_id: int
+    since: int | None
+    author_id: int | None
+    verified: bool
+    trailing: bytes
+
+
 async def serve_http(server: Server, stream: trio.abc.Stream, remote: str) -> None:
     """Serve one TCP connection: HTTP requests until close, or one WebSocket."""
     ip = remote.rpartition(":")[0] or remote
+    upgrade = await _serve_requests(server, stream, remote, ip)
+    if upgrade is None:
+        return
     # Counted against the per-address limit from the upgrade until the connection ends.
-    held_ip: str | None = None
+    # The request and its parser are gone by now: a connection can last for days.
     try:
-        config = server.config.server
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
-        while not server.shutting_down:
-            upgrade_to: int | None = None
-            with trio.move_on_after(config.handshake_timeout) as scope:
-                # Shutdown cancels this: an idle keep-alive connection must not hold it up.
-                with trio.CancelScope() as waiting:
-                    server.waiting_for_request.add(waiting)
-                    try:
-                        request = await _read_request(stream, conn, remote,
-                                                      server.config.media.max_image_bytes)
-                    finally:
-                        server.waiting_for_request.discard(waiting)
-                # Cancelled by a shutdown: there is no request (the name is unbound).
-                if waiting.cancelled_caught or request is None:
-                    return
-                if isinstance(request, Response):
-                    server.metrics.handshake_failures += 1
-                    if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                        await _send(stream, conn, request, close=True)
-                    return
-                upgrade = _is_upgrade(request.headers)
-                if upgrade and (match := _WS_PATH.fullmatch(request.path)):
-                    try:
-                        room_id = _room_id(match)
-                        since = _query_int(request, "since", low=0)
-                        author_id = _query_int(request, "author_id", low=INT64_MIN)
-                        response = _check_handshake(request.headers)
-                    except HttpError as exc:
-                        response = exc.response
-                    if response is None:
-                        response, author_id, verified = await _admit(server, request, room_id,
-                                                                     author_id)
-                    if response is None and not server.ip_limiter.acquire(ip):
-                        server.metrics.ip_limit_refusals += 1
-                        response = error(429, "too_many_connections",
-                                         f"at most {server.config.limits.connections_per_ip} "
-                                         f"connections from one address")
-                    elif response is None:
-                        held_ip = ip
-                        upgrade_to = room_id
-                        await _accept_upgrade(stream, conn, request)
-                    else:
-                        server.metrics.handshake_failures += 1
-                else:
-                    server.metrics.http_requests += 1
-                    try:
-                        response = await _route(server, request)
-                    except Exception:
-                        log.exception("%s: %s %s failed", remote, request.method, request.path)
-                        response = error(500, "internal_error", "internal server error")
-                if response is not None:
-                    keep_alive = conn.their_state is h11.DONE and not upgrade
-                    await _send(stream, conn, response, close=not keep_alive)
-            if scope.cancelled_caught:
-                # No complete request (or no room for our answer) within the time limit.
-                server.metrics.handshake_failures += 1
-                return
-            if upgrade_to is not None:
-                trailing, _ = conn.trailing_data
-                await serve_connection(stream, hub=server.hub, metrics=server.metrics,
-                                       limits=server.limits, room_id=upgrade_to, remote=remote,
-                                       since=since, author_id=author_id, verified=verified,
-                                       rate=server.config.limits, trailing_data=trailing,
-                                       frame_limit=config.max_frame_bytes)
-                return
-            if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
-                return
-            conn.start_next_cycle()
+        await serve_connection(stream, hub=server.hub, metrics=server.metrics,
+                               writers=server.writers, room_id=upgrade.room_id,
+                               remote=remote, since=upgrade.since,
+                               author_id=upgrade.author_id, verified=upgrade.verified,
+                               rate=server.config.limits, trailing_data=upgrade.trailing,
+                               frame_limit=server.config.server.max_frame_bytes)
     finally:
-        if held_ip is not None:
-            server.ip_limiter.release(held_ip)
+        server.ip_limiter.release(ip)
+
+
+async def _serve_requests(server: Server, stream: trio.abc.Stream, remote: str,
+                          ip: str) -> _Upgrade | None:
+    """HTTP requests until the connection closes (None) or upgrades; an upgrade
+    returned holds one of ``ip``'s connections in the per-address limit."""
+    config = server.config.server
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+    while not server.shutting_down:
+        with trio.move_on_after(config.handshake_timeout) as scope:
+            # Shutdown cancels this: an idle keep-alive connection must not hold it up.
+            with trio.CancelScope() as waiting:
+                server.waiting_for_request.add(waiting)
+                try:
+                    request = await _read_request(stream, conn, remote,
+                                                  server.config.media.max_image_bytes)
+                finally:
+                    server.waiting_for_request.discard(waiting)
+            # Cancelled by a shutdown: there is no request (the name is unbound).
+            if waiting.cancelled_caught or request is None:
+                return None
+            if isinstance(request, Response):
+                server.metrics.handshake_failures += 1
+                if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                    await _send(stream, conn, request, close=True)
+                return None
+            upgrade = _is_upgrade(request.headers)
+            if upgrade and (match := _WS_PATH.fullmatch(request.path)):
+                response, accepted = await _upgrade(server, request, match, ip)
+                if accepted is not None:
+                    try:
+                        await _accept_upgrade(stream, conn, request)
+                    except BaseException:
+                        server.ip_limiter.release(ip)
+                        raise
+                    return attrs.evolve(accepted, trailing=conn.trailing_data[0])
+            else:
+                server.metrics.http_requests += 1
+                try:
+                    response = await _route(server, request)
+                except Exception:
+                    log.exception("%s: %s %s failed", remote, request.method, request.path)
+                    response = error(500, "internal_error", "internal server error")
+            assert response is not None
+            keep_alive = conn.their_state is h11.DONE and not upgrade
+            await _send(stream, conn, response, close=not keep_alive)
+        if scope.cancelled_caught:
+            # No complete request (or no room for our answer) within the time limit.
+            server.metrics.handshake_failures += 1
+            return None
+        if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+            return None
+        conn.start_next_cycle()
+    return None
+
+
+async def _upgrade(server: Server, request: Request, match: re.Match[str], ip: str
+                   ) -> tuple[Response | None, _Upgrade | None]:
+    """Check an upgrade request: the refusal, or the upgrade (holding one of ``ip``'s
+    connections)."""
+    try:
+        room_id = _room_id(match)
+        since = _query_int(request, "since", low=0)
+        author_id = _query_int(request, "author_id", low=INT64_MIN)
+        response = _check_handshake(request.headers)
+    except HttpError as exc:
+        response = exc.response
+    if response is None:
+        response, author_id, verified = await _admit(server, request, room_id, author_id)
+    if response is None and not server.ip_limiter.acquire(ip):
+        server.metrics.ip_limit_refusals += 1
+        response = error(429, "too_many_connections",
+                         f"at most {server.config.limits.connections_per_ip} "
+                         f"connections from one address")
+    if response is not None:
+        server.metrics.handshake_failures += 1
+        return response, None
+    return None, _Upgrade(room_id, since, author_id, verified, b"")
 
 
 async def _admit(server: Server, request: Request, room_id: int, author_id: int | None
@@ -800,8 +827,10 @@ async def _admit(server: Server, request: Request, room_id: int, author_id: int 
 
 async def _accept_upgrade(stream: trio.abc.Stream, conn: h11.Connection,
                           request: Request) -> None:
-    key = request.headers["sec-websocket-key"].encode("ascii")
+    # RFC 6455 4.2.2: the key and the protocol's GUID, hashed.
+    key = request.headers["sec-websocket-key"].encode("ascii") + \
+        b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
     data = conn.send(h11.InformationalResponse(status_code=101, headers=[
         ("upgrade", "websocket"), ("connection", "Upgrade"),
-        ("sec-websocket-accept", generate_accept_token(key))]))
+        ("sec-websocket-accept", base64.b64encode(hashlib.sha1(key).digest()))]))
     await stream.send_all(data)

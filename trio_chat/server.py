@@ -2,8 +2,9 @@
 
 Owns start-up and shutdown. :meth:`Server.run` opens the root nursery and
 starts, in order, the store's writer task, the hub (whose nursery holds the
-rooms), and the listeners, whose handler tasks (one per TCP connection, each
-with its connection's writer beside it) run in a connections nursery. So
+rooms), the WebSockets' writers (flusher, heartbeat, and a writer for each
+full socket), and the listeners, whose handler tasks (one per TCP connection)
+run in a connections nursery. So
 cancelling ``run`` tears down every task the server ever started; a graceful
 :meth:`Server.shutdown` instead stops accepting, closes every WebSocket with
 1001, gives connections a grace deadline, flushes the store and returns.
@@ -26,7 +27,7 @@ from .http import load_demo_page, serve_http
 from .hub import Hub
 from .metrics import Metrics, count_tasks
 from .store import Store, make_backend
-from .websocket import GOING_AWAY, Limits
+from .websocket import GOING_AWAY, Limits, Writers
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ class Server:
     store: Store
     broker: Broker
     hub: Hub
-    limits: Limits
+    writers: Writers
     demo_page: bytes
     port: int = 0
     # Bind with SO_REUSEPORT, so several worker processes share one port.
@@ -151,7 +152,7 @@ class Server:
                         queue_frames=s.send_queue_messages, queue_bytes=s.send_queue_bytes,
                         write_wait=s.write_wait, ping_period=s.ping_period,
                         pong_wait=s.pong_wait, close_timeout=s.close_timeout)
-        server = cls(config, metrics, store, broker, hub, limits, load_demo_page())
+        server = cls(config, metrics, store, broker, hub, Writers(limits), load_demo_page())
         metrics.add_gauge("connections_open", "Open WebSocket connections.",
                           lambda: len(hub.connections))
         metrics.add_gauge("rooms_live", "Rooms with members on this node.",
@@ -194,6 +195,7 @@ class Server:
             if isinstance(self.broker, RedisBroker):
                 await root.start(self.broker.run)
             await root.start(self.hub.run)
+            await root.start(self.writers.run)
             listeners = (await open_shared_listeners(s.host, s.port) if self.reuse_port
                          else await trio.open_tcp_listeners(s.port, host=s.host))
             self.port = listeners[0].socket.getsockname()[1]

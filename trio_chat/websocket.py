@@ -1,13 +1,23 @@
-"""One server-side WebSocket after the upgrade: framing, queueing, heartbeat, close.
+"""Server-side WebSockets after the upgrade: framing, writing, heartbeat, close.
 
-Owns the transport of one connection and runs its writer task (which also
-sends the heartbeat pings); the task that calls :meth:`WebSocket.serve` is the
-reader. Parsing of incoming frames is wsproto's (the sans-IO engine under
-trio-websocket); outgoing data frames bypass it: a server frame is unmasked, so
-a broadcast is framed once (:func:`trio_chat.protocol.text_frame`) and the same
-bytes go to every member: written at once from the caller's task when that
-member's writer is idle and the socket takes them, else queued, and the writer
-sends everything queued in one ``send_all``.
+Owns the transport of every connection. A connection has one task, its reader
+(the task that calls :meth:`WebSocket.serve`); writing takes no task of its own
+while the socket keeps up:
+
+- a frame goes out at once from the task that sends it (one ``os.write``) when
+  nothing is queued for that member and the socket takes it;
+- inside :func:`queued_writes` (a large room's fan-out) frames are queued and
+  the flusher task of :class:`Writers` writes each member's queue with one
+  ``os.write`` once the fan-out is done, so messages to a member share a write;
+- what a socket does not take is sent by a writer task started for that
+  connection while its socket is full; it drops the member after ``writeWait``;
+- the heartbeat of :class:`Writers` pings every connection once per
+  ``pingPeriod`` and closes those whose pong does not come within ``pongWait``.
+
+Those tasks run in the nursery of :meth:`Writers.run`, under the server's root.
+A server frame is unmasked, so a broadcast is framed once
+(:func:`trio_chat.protocol.text_frame`) and the same bytes go to every member.
+Incoming frames are parsed by :class:`FrameReader`, sans-IO.
 
 The outbound queue is bounded in frames and bytes. Its policy for a slow
 consumer is *disconnect*: a member whose queue overflows, or whose socket does
@@ -22,11 +32,10 @@ import math
 import os
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import attrs
 import trio
-from wsproto.connection import Connection, ConnectionState, ConnectionType
-from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +44,9 @@ RECEIVE_BYTES = 64 * 1024
 # Close codes; the README's table lists them for client authors.
 NORMAL = 1000
 GOING_AWAY = 1001
+PROTOCOL_ERROR = 1002
 UNSUPPORTED_DATA = 1003
+NO_STATUS = 1005
 INVALID_PAYLOAD = 1007
 POLICY_VIOLATION = 1008
 MESSAGE_TOO_BIG = 1009
@@ -48,19 +59,190 @@ ROOM_DELETED = 4003
 KICKED = 4004
 BANNED = 4005
 
+# Opcodes, and the kinds of event FrameReader.feed returns.
+CONTINUATION, TEXT, BINARY, CLOSE, PING, PONG = 0, 1, 2, 8, 9, 10
+FAIL = -1
 
-# Whether a frame may be written from the caller's task when the writer is idle
-# (WebSocket._write_now); off inside queued_writes().
+# Close codes a peer may send (RFC 6455 7.4): 1004-1006 and 1015 are never on the wire.
+_PEER_CLOSE_CODES = frozenset((1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012,
+                               1013, 1014, *range(3000, 5000)))
+
+PING_FRAME = b"\x89\x00"
+
+
+def close_frame(code: int, reason: str = "") -> bytes:
+    """A server close frame; the reason is cut to fit a control frame, on a character."""
+    if code == NO_STATUS:
+        return b"\x88\x00"
+    payload = code.to_bytes(2, "big") + \
+        reason.encode("utf-8")[:123].decode("utf-8", "ignore").encode("utf-8")
+    return bytes((0x88, len(payload))) + payload
+
+
+def _pong_frame(payload: bytes) -> bytes:
+    return bytes((0x8A, len(payload))) + payload
+
+
+def _unmask(payload: bytes | bytearray, mask: bytes | bytearray) -> bytes:
+    n = len(payload)
+    if not n:
+        return b""
+    # One XOR over the whole payload as a big integer: C speed, no loop per byte.
+    key = (bytes(mask) * (n // 4 + 1))[:n]
+    return (int.from_bytes(payload, "little") ^ int.from_bytes(key, "little")).to_bytes(
+        n, "little")
+
+
+class FrameReader:
+    """Client-to-server frames in, messages and control frames out (RFC 6455, sans-IO).
+
+    :meth:`feed` returns ``(kind, value)`` events: ``(TEXT, str)``,
+    ``(BINARY, bytes)``, ``(PING, payload)``, ``(PONG, payload)``,
+    ``(CLOSE, (code, reason))`` (code 1005 when the peer gave none), and last
+    ``(FAIL, (code, reason))`` when the peer broke the protocol: the close code
+    to answer with, after which the reader takes no more data. No extension is
+    negotiated, so reserved bits are errors; client frames must be masked.
+    A message over ``max_message`` bytes fails (1009) as soon as the header
+    announcing it arrives, so nothing that large is buffered.
+    """
+
+    __slots__ = ("_buf", "_failed", "_part_bytes", "_part_op", "_parts", "max_message")
+
+    def __init__(self, max_message: int) -> None:
+        self.max_message = max_message
+        self._buf: bytes | bytearray = b""
+        self._parts: list[bytes] = []
+        self._part_op = 0
+        self._part_bytes = 0
+        self._failed = False
+
+    def feed(self, data: bytes) -> list[tuple[int, Any]]:
+        if self._failed:
+            return []
+        buf = self._buf
+        if buf:
+            assert isinstance(buf, bytearray)
+            buf += data
+        else:
+            buf = data
+        events: list[tuple[int, Any]] = []
+        pos, end = 0, len(buf)
+        try:
+            while end - pos >= 2:
+                b0, b1 = buf[pos], buf[pos + 1]
+                if b0 & 0x70:
+                    raise _Fail(PROTOCOL_ERROR, "reserved bits set; no extension was negotiated")
+                if not b1 & 0x80:
+                    raise _Fail(PROTOCOL_ERROR, "client frames must be masked")
+                opcode, fin, length = b0 & 0x0F, b0 & 0x80, b1 & 0x7F
+                head = pos + 6
+                if length == 126:
+                    if end - pos < 8:
+                        break
+                    length, head = int.from_bytes(buf[pos + 2:pos + 4], "big"), pos + 8
+                elif length == 127:
+                    if end - pos < 14:
+                        break
+                    length, head = int.from_bytes(buf[pos + 2:pos + 10], "big"), pos + 14
+                    if length >> 63:
+                        raise _Fail(PROTOCOL_ERROR, "frame length over 2**63")
+                self._check_header(opcode, fin, length)
+                if end - head < length:
+                    break
+                payload = _unmask(buf[head:head + length], buf[head - 4:head])
+                pos = head + length
+                if opcode >= CLOSE:
+                    events.append(_control(opcode, payload))
+                    if opcode == CLOSE:
+                        self._failed = True
+                        break
+                elif fin and opcode:
+                    events.append(_message(opcode, payload))
+                elif opcode:
+                    self._part_op, self._parts, self._part_bytes = opcode, [payload], length
+                else:
+                    self._parts.append(payload)
+                    self._part_bytes += length
+                    if fin:
+                        op, parts = self._part_op, self._parts
+                        self._part_op, self._parts, self._part_bytes = 0, [], 0
+                        events.append(_message(op, b"".join(parts)))
+        except _Fail as exc:
+            events.append((FAIL, (exc.code, exc.reason)))
+        if events and events[-1][0] == FAIL:
+            self._failed = True
+        if self._failed or pos == end:
+            self._buf = b""
+        elif buf is data:
+            self._buf = bytearray(memoryview(data)[pos:])
+        else:
+            assert isinstance(buf, bytearray)
+            del buf[:pos]
+            self._buf = buf
+        return events
+
+    def _check_header(self, opcode: int, fin: int, length: int) -> None:
+        if opcode >= CLOSE:
+            if opcode > PONG:
+                raise _Fail(PROTOCOL_ERROR, f"unknown opcode {opcode}")
+            if not fin:
+                raise _Fail(PROTOCOL_ERROR, "fragmented control frame")
+            if length > 125:
+                raise _Fail(PROTOCOL_ERROR, "control frame over 125 bytes")
+            return
+        if opcode > BINARY:
+            raise _Fail(PROTOCOL_ERROR, f"unknown opcode {opcode}")
+        if opcode == CONTINUATION and not self._part_op:
+            raise _Fail(PROTOCOL_ERROR, "continuation frame with no message to continue")
+        if opcode != CONTINUATION and self._part_op:
+            raise _Fail(PROTOCOL_ERROR, "new message before the last one was finished")
+        if self._part_bytes + length > self.max_message:
+            raise _Fail(MESSAGE_TOO_BIG, f"message over {self.max_message} bytes")
+
+
+class _Fail(Exception):
+    def __init__(self, code: int, reason: str) -> None:
+        self.code, self.reason = code, reason
+
+
+def _message(opcode: int, payload: bytes) -> tuple[int, Any]:
+    if opcode == BINARY:
+        return BINARY, payload
+    try:
+        return TEXT, payload.decode("utf-8")
+    except UnicodeDecodeError:
+        return FAIL, (INVALID_PAYLOAD, "invalid UTF-8 in a text message")
+
+
+def _control(opcode: int, payload: bytes) -> tuple[int, Any]:
+    if opcode != CLOSE:
+        return opcode, payload
+    if not payload:
+        return CLOSE, (NO_STATUS, "")
+    if len(payload) == 1:
+        return FAIL, (PROTOCOL_ERROR, "close frame with a one-byte payload")
+    code = int.from_bytes(payload[:2], "big")
+    if code not in _PEER_CLOSE_CODES:
+        return FAIL, (PROTOCOL_ERROR, f"invalid close code {code}")
+    try:
+        return CLOSE, (code, payload[2:].decode("utf-8"))
+    except UnicodeDecodeError:
+        return FAIL, (INVALID_PAYLOAD, "invalid UTF-8 in a close reason")
+
+
+# Whether a frame may be written from the sending task (WebSocket.send_frame);
+# off inside queued_writes().
 _write_now_allowed = True
 
 
 @contextmanager
 def queued_writes() -> Iterator[None]:
-    """Leave every frame queued in this block to its writer: for a large fan-out.
+    """Leave every frame sent in this block to the flusher: for a large fan-out.
 
-    A write(2) per member costs more than waking the writers when there are many:
-    under load they run late and send several frames in one write. The block
-    must not await (the flag is the whole process's).
+    A write(2) per member per message costs more than one per member per
+    flush when there are many: under load the flusher runs late and sends
+    several frames in one write. The block must not await (the flag is the
+    whole process's).
     """
     global _write_now_allowed
     _write_now_allowed = False
@@ -82,37 +264,97 @@ class Limits:
 
 
 @attrs.define(eq=False)
+class Writers:
+    """The tasks that write for every connection: the flusher, the heartbeat, and
+    a writer for each connection whose socket is full, in one nursery."""
+
+    limits: Limits
+    _sockets: set[WebSocket] = attrs.field(init=False, factory=set)
+    _dirty: list[WebSocket] = attrs.field(init=False, factory=list)
+    # The flusher while it waits for something to flush.
+    _parked: trio.lowlevel.Task | None = attrs.field(init=False, default=None)
+    _nursery: trio.Nursery | None = attrs.field(init=False, default=None)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Run the flusher and, in this task, the heartbeat, until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._flusher)
+            task_status.started()
+            limits = self.limits
+            # One timer for all connections; each is pinged at its own time, within a tick.
+            tick = min(1.0, limits.ping_period / 10, limits.pong_wait / 10)
+            while True:
+                await trio.sleep(tick)
+                now = trio.current_time()
+                for ws in self._sockets:
+                    ws._beat(now)
+
+    def add(self, ws: WebSocket) -> None:
+        self._sockets.add(ws)
+
+    def discard(self, ws: WebSocket) -> None:
+        self._sockets.discard(ws)
+
+    def flush_soon(self, ws: WebSocket) -> None:
+        self._dirty.append(ws)
+        task, self._parked = self._parked, None
+        if task is not None:
+            trio.lowlevel.reschedule(task)
+
+    def start_writer(self, ws: WebSocket) -> None:
+        assert self._nursery is not None, "Writers.run is not running"
+        self._nursery.start_soon(ws._write_blocked)
+
+    async def _flusher(self) -> None:
+        while True:
+            if not self._dirty:
+                self._parked = trio.lowlevel.current_task()
+
+                def abort(_: object) -> trio.lowlevel.Abort:
+                    self._parked = None
+                    return trio.lowlevel.Abort.SUCCEEDED
+
+                await trio.lowlevel.wait_task_rescheduled(abort)
+                continue
+            dirty, self._dirty = self._dirty, []
+            for ws in dirty:
+                ws._flush()
+            # Let the tasks that queued run before the next round.
+            await trio.lowlevel.checkpoint()
+
+
+@attrs.define(eq=False)
 class WebSocket:
     """The transport of one connection. Create it after the 101 response is sent."""
 
     _stream: trio.abc.Stream
-    _limits: Limits
+    _writers: Writers
     _on_slow: Callable[[], None]
-    _proto: Connection = attrs.field(init=False)
-    # A list, not a deque: it is only appended to and emptied whole, and an empty
-    # deque costs a 64-slot block per connection.
+    _trailing: bytes = b""
+    _reader: FrameReader = attrs.field(init=False)
+    # Frames not yet written. Non-empty only while the connection is waiting for the
+    # flusher (_dirty) or has a writer (_writing).
     _queue: list[bytes] = attrs.field(init=False, factory=list)
     _queued_bytes: int = attrs.field(init=False, default=0)
-    # The writer while it waits for something to send (a ParkingLot costs an
-    # OrderedDict per connection for at most one waiter).
-    _parked: trio.lowlevel.Task | None = attrs.field(init=False, default=None)
-    # The socket's descriptor, for writes that need no waiting (-1: not a socket).
+    _dirty: bool = attrs.field(init=False, default=False)
+    _writing: bool = attrs.field(init=False, default=False)
+    _writer_scope: trio.CancelScope | None = attrs.field(init=False, default=None)
+    _writer_done: trio.Event | None = attrs.field(init=False, default=None)
+    # The socket's descriptor, for writes that need no waiting (-1: not a socket, or
+    # the connection is over and the number may already belong to another).
     _fd: int = attrs.field(init=False, default=-1)
-    _parts: list[str | bytes] = attrs.field(init=False, factory=list)
-    _part_bytes: int = attrs.field(init=False, default=0)
+    _next_ping: float = attrs.field(init=False, default=math.inf)
     _pong_deadline: float = attrs.field(init=False, default=math.inf)
     _read_scope: trio.CancelScope = attrs.field(init=False, factory=trio.CancelScope)
     _closing: bool = attrs.field(init=False, default=False)
-    _close_sent: bool = attrs.field(init=False, default=False)
     close_code: int | None = attrs.field(init=False, default=None)
     close_reason: str = attrs.field(init=False, default="")
     peer_close_code: int | None = attrs.field(init=False, default=None)
-    # Bytes the client sent right after its upgrade request.
-    _trailing: bytes = b""
 
     def __attrs_post_init__(self) -> None:
-        self._proto = Connection(ConnectionType.SERVER, trailing_data=self._trailing)
-        self._trailing = b""
+        self._reader = FrameReader(self._writers.limits.max_message_bytes)
         if isinstance(self._stream, trio.SocketStream):
             self._fd = self._stream.socket.fileno()
 
@@ -121,28 +363,32 @@ class WebSocket:
         return self._closing
 
     def send_frame(self, frame: bytes) -> None:
-        """Queue pre-framed bytes; never blocks. Overflow closes the connection."""
+        """Write or queue pre-framed bytes; never blocks. Overflow closes the connection."""
         if self._closing:
             return
-        if self._parked is not None and not (frame := self._write_now(frame)):
-            return
         queue = self._queue
+        if not queue and _write_now_allowed and not (frame := self._write_now(frame)):
+            return
         queue.append(frame)
         self._queued_bytes += len(frame)
-        if len(queue) > self._limits.queue_frames or self._queued_bytes > self._limits.queue_bytes:
+        limits = self._writers.limits
+        if len(queue) > limits.queue_frames or self._queued_bytes > limits.queue_bytes:
             self._on_slow()
             self.close(SLOW_CONSUMER, "slow consumer: outbound queue full")
-        elif len(queue) == 1:
-            self._wake()
+        else:
+            self._flush_soon()
 
     def send_exempt(self, data: bytes) -> None:
-        """Queue frames exempt from the slow-consumer limit: control frames, and
+        """Send frames exempt from the slow-consumer limit: control frames, and
         history (bounded by the replay limit instead)."""
-        if self._closing or (self._parked is not None and not (data := self._write_now(data))):
+        if not self._closing:
+            self._send(data)
+
+    def _send(self, data: bytes) -> None:
+        if not self._queue and not (data := self._write_now(data)):
             return
         self._queue.append(data)
-        if len(self._queue) == 1:
-            self._wake()
+        self._flush_soon()
 
     def close(self, code: int, reason: str = "") -> None:
         """Start the close handshake: drop what is queued, send a close frame."""
@@ -152,26 +398,19 @@ class WebSocket:
         self.close_code, self.close_reason = code, reason
         self._queue.clear()
         self._queued_bytes = 0
-        if self._proto.state in (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING):
-            self._queue.append(self._proto.send(CloseConnection(code, reason)))
-        self._close_sent = True
-        self._wake()
+        self._send(close_frame(code, reason))
         # The peer has close_timeout to answer; a dead peer must not hold the reader.
-        self._read_scope.deadline = min(self._read_scope.deadline,
-                                        trio.current_time() + self._limits.close_timeout)
+        self._read_scope.deadline = min(
+            self._read_scope.deadline, trio.current_time() + self._writers.limits.close_timeout)
 
     def _write_now(self, data: bytes) -> bytes:
         """Write what the socket takes at once, from the caller's task; returns the rest.
 
-        Only while the writer is parked, so nothing is queued or being sent and the
-        stream is open. Waking the writer to send one frame costs three trips
-        through trio's scheduler and two cancel scopes; one write(2) is cheaper
-        for a small room, whose fan-out mostly finds its members' writers idle
-        (large rooms use :func:`queued_writes`). What the socket does not take (or
-        an error) is left to the writer, which waits for the socket and times out
-        as before.
+        Only when nothing is queued or being sent, so frames keep their order.
+        What the socket does not take (or an error) is left to a writer task,
+        which waits for the socket and times out.
         """
-        if self._fd < 0 or not _write_now_allowed:
+        if self._fd < 0 or self._writing:
             return data
         try:
             sent = os.write(self._fd, data)
@@ -179,137 +418,137 @@ class WebSocket:
             return data
         return data[sent:]
 
-    def _wake(self) -> None:
-        task, self._parked = self._parked, None
-        if task is not None:
-            trio.lowlevel.reschedule(task)
+    def _flush_soon(self) -> None:
+        if not self._dirty and not self._writing:
+            self._dirty = True
+            self._writers.flush_soon(self)
 
-    async def _park(self) -> None:
-        self._parked = trio.lowlevel.current_task()
+    def _flush(self) -> None:
+        """The flusher's turn: write everything queued, or hand it to a writer task."""
+        self._dirty = False
+        queue = self._queue
+        if self._writing or not queue:
+            return
+        data = queue[0] if len(queue) == 1 else b"".join(queue)
+        queue.clear()
+        if data := self._write_now(data):
+            queue.append(data)
+            self._queued_bytes = len(data)
+            self._writing = True
+            self._writer_scope = trio.CancelScope()
+            self._writer_done = trio.Event()
+            self._writers.start_writer(self)
+        else:
+            self._queued_bytes = 0
 
-        def abort(_: object) -> trio.lowlevel.Abort:
-            self._parked = None
-            return trio.lowlevel.Abort.SUCCEEDED
+    async def _write_blocked(self) -> None:
+        """Send the queue while the socket is full, then end; drops a slow consumer."""
+        assert self._writer_scope is not None and self._writer_done is not None
+        queue = self._queue
+        try:
+            with self._writer_scope:
+                while queue:
+                    data = queue[0] if len(queue) == 1 else b"".join(queue)
+                    queue.clear()
+                    self._queued_bytes = 0
+                    with trio.move_on_after(self._writers.limits.write_wait) as timer:
+                        await self._stream.send_all(data)
+                    if timer.cancelled_caught:
+                        if not self._closing:
+                            self._on_slow()
+                            self._closing = True
+                            self.close_code, self.close_reason = SLOW_CONSUMER, \
+                                "write timed out"
+                        log.info("write blocked for %gs, dropping the connection",
+                                 self._writers.limits.write_wait)
+                        self._read_scope.cancel()
+                        return
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._read_scope.cancel()
+        except Exception:
+            # Runs outside the connection's task: its failure must end only this connection.
+            log.exception("error writing to a connection")
+            self._read_scope.cancel()
+        finally:
+            self._writing = False
+            self._writer_done.set()
 
-        await trio.lowlevel.wait_task_rescheduled(abort)
+    def _beat(self, now: float) -> None:
+        """The heartbeat's turn: close on a missed pong, else ping when due."""
+        if self._closing:
+            return
+        limits = self._writers.limits
+        if now >= self._pong_deadline:
+            log.info("no pong within %gs, closing", limits.pong_wait)
+            self.close(HEARTBEAT_TIMEOUT, "heartbeat timeout")
+        elif now >= self._next_ping:
+            self._next_ping = now + limits.ping_period
+            if self._pong_deadline == math.inf:
+                self._pong_deadline = now + limits.pong_wait
+            self._send(PING_FRAME)
 
     async def serve(self, on_message: Callable[[str | bytes], Awaitable[None]]) -> None:
         """Read messages and pass each to ``on_message`` until the connection ends.
 
-        Runs the writer beside the caller and returns once both are done; the
-        caller still owns (and closes) the stream.
+        Returns once the close handshake is done (or the peer is gone) and no
+        writer is left; the caller still owns (and closes) the stream.
         """
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._writer, nursery.cancel_scope)
+        writers = self._writers
+        self._next_ping = trio.current_time() + writers.limits.ping_period
+        writers.add(self)
+        try:
             with self._read_scope:
-                while (message := await self._receive()) is not None:
+                await self._read(on_message)
+                # The peer hung up without a close frame: still say goodbye properly.
+                self.close(NORMAL)
+        finally:
+            writers.discard(self)
+            # The caller closes the socket next, and its number can then be reused.
+            self._fd = -1
+            self._closing = True
+            self._queue.clear()
+            if self._writer_scope is not None and self._writer_done is not None:
+                self._writer_scope.cancel()
+                with trio.CancelScope(shield=True):
+                    await self._writer_done.wait()
+
+    async def _read(self, on_message: Callable[[str | bytes], Awaitable[None]]) -> None:
+        """Until the peer's close frame, a protocol error, or the end of the stream.
+
+        After our own close frame, messages are read and dropped while the peer
+        answers.
+        """
+        data, self._trailing = self._trailing, b""
+        reader = self._reader
+        while True:
+            for kind, value in reader.feed(data) if data else ():
+                if kind in (TEXT, BINARY):
+                    if self._closing:
+                        continue
                     try:
-                        await on_message(message)
+                        await on_message(value)
                     except Exception:
                         # A bug in handling one frame ends this connection, politely.
                         log.exception("error handling a message; closing with 1011")
                         self.close(INTERNAL_ERROR, "internal server error")
-                # The peer hung up without a close frame: still say goodbye properly.
-                self.close(NORMAL)
-                # Drain until the peer answers our close frame or hangs up.
-                while await self._receive() is not None:
-                    pass
-
-    async def _receive(self) -> str | bytes | None:
-        proto = self._proto
-        while True:
-            for event in proto.events():
-                if isinstance(event, (TextMessage, BytesMessage)):
-                    if self._closing:
-                        continue
-                    data = event.data
-                    if isinstance(data, str) and not data.isascii():
-                        self._part_bytes += len(data.encode("utf-8"))
-                    else:
-                        self._part_bytes += len(data)
-                    if self._part_bytes > self._limits.max_message_bytes:
-                        self._parts.clear()
-                        self.close(MESSAGE_TOO_BIG, f"message over "
-                                   f"{self._limits.max_message_bytes} bytes")
-                        continue
-                    if event.message_finished:
-                        parts, self._parts, self._part_bytes = self._parts, [], 0
-                        if not parts:
-                            return data
-                        parts.append(data)
-                        return "".join(parts) if isinstance(data, str) else b"".join(parts)
-                    self._parts.append(data)
-                elif isinstance(event, Ping):
-                    if proto.state is ConnectionState.OPEN:
-                        self.send_exempt(proto.send(event.response()))
-                elif isinstance(event, Pong):
+                elif kind == PING:
+                    self.send_exempt(_pong_frame(value))
+                elif kind == PONG:
                     self._pong_deadline = math.inf
-                elif isinstance(event, CloseConnection):
+                elif kind == CLOSE:
+                    code, reason = value
                     if self.peer_close_code is None:
-                        self.peer_close_code = event.code
-                    # Either the peer's close (echo it) or wsproto's verdict on a
-                    # protocol error such as invalid UTF-8 (1007): send that code.
-                    self.close(event.code, event.reason or "")
-                    return None
-            if proto.state is ConnectionState.CLOSED:
-                return None
+                        self.peer_close_code = code
+                    # The peer's close: echo its code.
+                    self.close(code, reason)
+                    return
+                else:
+                    # A protocol error such as invalid UTF-8 (1007): send that code.
+                    self.close(*value)
+                    return
             try:
                 data = await self._stream.receive_some(RECEIVE_BYTES)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
-                data = b""
-            if not data:
-                return None
-            proto.receive_data(data)
-
-    async def _writer(self, connection_scope: trio.CancelScope) -> None:
-        limits = self._limits
-        queue = self._queue
-        next_ping = trio.current_time() + limits.ping_period
-        while True:
-            data = b""
-            last = False
-            # One timer scope for as long as writes go through at once, not one per
-            # wait: entering and leaving a scope per frame was half the writer's time
-            # at 200 frames/s a connection. _park is its only checkpoint, so the
-            # timer never interrupts a write.
-            with trio.move_on_at(min(next_ping, self._pong_deadline)):
-                while True:
-                    if not queue:
-                        if self._close_sent:
-                            return
-                        await self._park()
-                        continue
-                    data = queue[0] if len(queue) == 1 else b"".join(queue)
-                    queue.clear()
-                    self._queued_bytes = 0
-                    last = self._close_sent
-                    # Most writes go through at once; the rest waits for the socket.
-                    if (data := self._write_now(data)) or last:
-                        break
-            if data:
-                with trio.move_on_after(limits.write_wait) as write_scope:
-                    try:
-                        await self._stream.send_all(data)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        connection_scope.cancel()
-                        return
-                if write_scope.cancelled_caught:
-                    if not self._closing:
-                        self._on_slow()
-                        self._closing = True
-                        self.close_code, self.close_reason = SLOW_CONSUMER, "write timed out"
-                    log.info("write blocked for %gs, dropping the connection",
-                             limits.write_wait)
-                    connection_scope.cancel()
-                    return
-            if last:
                 return
-            now = trio.current_time()
-            if now >= self._pong_deadline and not self._closing:
-                log.info("no pong within %gs, closing", limits.pong_wait)
-                self.close(HEARTBEAT_TIMEOUT, "heartbeat timeout")
-            elif now >= next_ping and not self._closing:
-                next_ping = now + limits.ping_period
-                if self._pong_deadline == math.inf:
-                    self._pong_deadline = now + limits.pong_wait
-                self.send_exempt(self._proto.send(Ping()))
+            if not data:
+                return
