@@ -1,26 +1,26 @@
 #!/usr/bin/env python3
 """The message codec on three JSON libraries: the standard json module, orjson, msgspec.
 
-For each library this script implements what trio-chat's protocol does on the
-hot path, with the same validation as :func:`trio_chat.protocol.parse_chat_frame`:
+Each codec is trio-chat's own protocol code (:mod:`trio_chat.protocol`) with the
+JSON library swapped, on the hot path:
 
-- decode: a client text frame to a :class:`~trio_chat.protocol.Draft`, or a
-  :class:`~trio_chat.protocol.FrameError` with the exact code and detail;
+- decode: a client text frame to a :class:`~trio_chat.protocol.Draft` (or a
+  :class:`~trio_chat.protocol.FrameError` with its code and detail), with the
+  validation of :func:`~trio_chat.protocol.parse_frame`;
 - encode: a :class:`~trio_chat.protocol.Message` to the bytes of its server
-  WebSocket frame (what :func:`~trio_chat.protocol.text_frame` of
-  :func:`~trio_chat.protocol.encode_message` gives).
+  WebSocket frame.
 
-The fast libraries word their own parse errors and accept a slightly different
-JSON (orjson refuses lone surrogates, NaN and integers past 64 bits; msgspec
-wants valid UTF-8), so when one of them refuses a frame the standard module
-decodes it again: the error (or the value) is then exactly the standard one,
-and only bad frames pay twice. msgspec also runs typed (``msgspec-struct``):
-the frame is decoded straight into a Struct, and whatever the Struct refuses
-takes the generic path for its exact message.
+The fast libraries word their own parse errors and read a slightly different
+JSON (orjson reads integers past 64 bits as floats and refuses NaN and lone
+surrogates; msgspec wants valid UTF-8), so a frame one of them refuses, or that
+fails validation, is decoded again by the standard module and judged on that:
+errors are exactly the standard ones, and only bad frames pay twice. ``msgspec``
+is what trio-chat ships (``protocol.parse_frame`` and ``protocol.message_frame``
+themselves); ``json`` is the standard module alone, the reference.
 
-Before timing, every codec must give the same Draft or the same error as
-trio_chat.protocol on every frame of a corpus of good and bad frames, and the
-same frame bytes for every message; the script exits 1 otherwise.
+Before timing, every codec must give the same Draft or the same error as the
+reference on every frame of a corpus of good and bad frames, and the same frame
+bytes for every message; the script exits 1 otherwise.
 
 Usage::
 
@@ -47,157 +47,41 @@ ROOM = 123
 CREATE_AT = "2022-06-05T12:00:00.000Z"
 
 
-# --- the validation, shared by every codec (protocol.parse_chat_frame after json.loads) --
-
-def _validate(frame: Any, text: str, room: int) -> protocol.Draft:
-    if not isinstance(frame, dict):
-        raise FrameError("not_an_object",
-                         f"frame must be a JSON object, got {protocol._kind(frame)}")
-    missing = [name for name in ("message_type", "author_id", "content", "create_at")
-               if name not in frame]
-    if missing:
-        raise FrameError("missing_field", f"missing field: {', '.join(missing)}")
-    message_type = frame["message_type"]
-    if not isinstance(message_type, str):
-        raise FrameError("invalid_field",
-                         f"message_type must be a string, got {protocol._kind(message_type)}")
-    if message_type not in protocol.CHAT_TYPES:
-        raise FrameError("unknown_message_type",
-                         f"unknown message_type {message_type[:40]!r}; "
-                         f"expected one of {', '.join(sorted(protocol.CHAT_TYPES))}")
-    author_id = protocol._int64(frame, "author_id")
-    if "room_id" in frame and frame["room_id"] is not None:
-        room_id = protocol._int64(frame, "room_id")
-        if room_id != room:
-            raise FrameError("room_mismatch", f"room_id {room_id} does not match the "
-                                              f"connection's room {room}")
-    content = frame["content"]
-    if not isinstance(content, str):
-        raise FrameError("invalid_field",
-                         f"content must be a string, got {protocol._kind(content)}")
-    return _finish(text, room, author_id, message_type, content, frame["create_at"])
-
-
-def _finish(text: str, room: int, author_id: int, message_type: str, content: str,
-            create_at: Any) -> protocol.Draft:
-    if not content:
-        raise FrameError("invalid_field", "content must not be empty")
-    if ("\\ud" in text or "\\uD" in text) and not protocol.encodable(content):
-        raise FrameError("invalid_field", "content holds a lone surrogate (\\ud800 to "
-                                          "\\udfff not in a pair), which is not text")
-    if not isinstance(create_at, str) or not protocol._ISO_UTC.match(create_at):
-        raise FrameError("invalid_field", "create_at must be an ISO-8601 UTC timestamp such "
-                                          "as 2022-06-05T12:00:00.000Z")
-    if not _real_time(create_at):
-        raise FrameError("invalid_field", "create_at is not a real date and time")
-    return protocol.Draft(room, author_id, message_type, content, create_at)
-
-
-def _real_time(create_at: str) -> bool:
+def decode_json(text: str, room: int) -> protocol.Draft | protocol.Typing:
     try:
-        protocol.datetime.strptime(create_at[:19], "%Y-%m-%dT%H:%M:%S")
-    except ValueError:
-        return False
-    return True
-
-
-def _stdlib_loads(text: str) -> Any:
-    try:
-        return json.loads(text)
+        frame = json.loads(text)
     except (ValueError, RecursionError) as exc:
         raise FrameError("invalid_json", f"frame is not valid JSON: {exc}") from None
+    return protocol._validate(frame, text, room, False)
 
 
-# --- decoders -------------------------------------------------------------------------
-
-def decode_json(text: str, room: int) -> protocol.Draft:
-    return _validate(_stdlib_loads(text), text, room)
+_orjson_decode = orjson.loads
 
 
-def decode_orjson(text: str, room: int) -> protocol.Draft:
+def decode_orjson(text: str, room: int) -> protocol.Draft | protocol.Typing:
     try:
-        frame = orjson.loads(text)
-    except (orjson.JSONDecodeError, RecursionError, UnicodeEncodeError):
-        frame = _stdlib_loads(text)  # the standard verdict and wording
-    else:
-        # orjson reads an integer past 64 bits as a float; the standard module keeps it
-        # an int, and the error then says "out of range", not "got a number".
-        if isinstance(frame, dict) and any(type(v) is float for v in frame.values()):
-            frame = _stdlib_loads(text)
-    return _validate(frame, text, room)
-
-
-_msgspec_any = msgspec.json.Decoder()
-
-
-def decode_msgspec(text: str, room: int) -> protocol.Draft:
+        frame = _orjson_decode(text)
+    except orjson.JSONDecodeError:
+        return decode_json(text, room)
     try:
-        frame = _msgspec_any.decode(text)
-    except (msgspec.DecodeError, RecursionError, UnicodeEncodeError):
-        frame = _stdlib_loads(text)
-    return _validate(frame, text, room)
-
-
-class _Frame(msgspec.Struct):
-    message_type: str
-    author_id: int
-    content: str
-    create_at: str
-    room_id: int | None = None
-
-
-_msgspec_frame = msgspec.json.Decoder(_Frame)
-
-
-def decode_msgspec_struct(text: str, room: int) -> protocol.Draft:
-    try:
-        frame = _msgspec_frame.decode(text)
-    # ValidationError included: the generic path words it.
-    except (msgspec.DecodeError, RecursionError, UnicodeEncodeError):
-        return decode_msgspec(text, room)
-    if frame.message_type not in protocol.CHAT_TYPES or not (
-            protocol.INT64_MIN <= frame.author_id <= protocol.INT64_MAX):
-        return decode_msgspec(text, room)
-    if frame.room_id is not None and frame.room_id != room:
-        return decode_msgspec(text, room)
-    return _finish(text, room, frame.author_id, frame.message_type, frame.content,
-                   frame.create_at)
-
-
-# --- encoders: a Message to its frame's bytes -------------------------------------------
-
-def _header(n: int) -> bytes:
-    if n < 126:
-        return bytes((0x81, n))
-    if n < 65536:
-        return bytes((0x81, 126)) + n.to_bytes(2, "big")
-    return bytes((0x81, 127)) + n.to_bytes(8, "big")
+        return protocol._validate(frame, text, room, False)
+    except FrameError:
+        return decode_json(text, room)
 
 
 def encode_json(message: Message) -> bytes:
-    payload = json.dumps(message.to_wire(), ensure_ascii=False,
-                         separators=(",", ":")).encode("utf-8")
-    return _header(len(payload)) + payload
+    return protocol.text_frame(
+        json.dumps(message.to_wire(), ensure_ascii=False, separators=(",", ":")))
 
 
 def encode_orjson(message: Message) -> bytes:
-    payload = orjson.dumps(message.to_wire())
-    return _header(len(payload)) + payload
+    return protocol._frame(orjson.dumps(message.to_wire()))
 
 
-_msgspec_encoder = msgspec.json.Encoder()
-
-
-def encode_msgspec(message: Message) -> bytes:
-    payload = _msgspec_encoder.encode(message.to_wire())
-    return _header(len(payload)) + payload
-
-
-CODECS: dict[str, tuple[Callable[[str, int], protocol.Draft], Callable[[Message], bytes]]] = {
+CODECS: dict[str, tuple[Callable[[str, int], Any], Callable[[Message], bytes]]] = {
     "json": (decode_json, encode_json),
     "orjson": (decode_orjson, encode_orjson),
-    "msgspec": (decode_msgspec, encode_msgspec),
-    "msgspec-struct": (decode_msgspec_struct, encode_msgspec),
+    "msgspec": (lambda text, room: protocol.parse_frame(text, room), protocol.message_frame),
 }
 
 
@@ -249,7 +133,7 @@ MESSAGES = [
 ]
 
 
-def _outcome(decode: Callable[[str, int], protocol.Draft], text: str) -> Any:
+def _outcome(decode: Callable[[str, int], Any], text: str) -> Any:
     try:
         return decode(text, ROOM)
     except FrameError as exc:
@@ -257,16 +141,16 @@ def _outcome(decode: Callable[[str, int], protocol.Draft], text: str) -> Any:
 
 
 def check() -> list[str]:
-    """Where any codec differs from trio_chat.protocol."""
+    """Where any codec differs from the standard json module's results."""
     problems = []
     for text in [*GOOD.values(), *BAD]:
-        want = _outcome(protocol.parse_chat_frame, text)
+        want = _outcome(decode_json, text)
         for name, (decode, _) in CODECS.items():
             got = _outcome(decode, text)
             if got != want:
                 problems.append(f"{name} decode {text[:50]!r}: {got!r} != {want!r}")
     for message in MESSAGES:
-        want_bytes = protocol.text_frame(protocol.encode_message(message))
+        want_bytes = encode_json(message)
         for name, (_, encode) in CODECS.items():
             if encode(message) != want_bytes:
                 problems.append(f"{name} encode message {message.id}: "
@@ -303,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     problems = check()
     for problem in problems:
         print(f"# MISMATCH {problem}")
-    print(f"# same results as trio_chat.protocol on {len(GOOD)} good and {len(BAD)} bad "
+    print(f"# same results as the json module on {len(GOOD)} good and {len(BAD)} bad "
           f"frames and {len(MESSAGES)} messages: {'no' if problems else 'yes'}")
     print(f"# python {sys.version.split()[0]}, orjson {orjson.__version__}, "
           f"msgspec {msgspec.__version__}; microseconds per call, best of 5")

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import random
 
 import attrs
 import pytest
 from wsproto.connection import Connection, ConnectionType
 
+from trio_chat import protocol
 from trio_chat.protocol import (
     INT64_MAX,
     Draft,
@@ -20,6 +22,7 @@ from trio_chat.protocol import (
     encode_ack,
     encode_error,
     encode_message,
+    message_frame,
     parse_frame,
     parse_room_id,
     peek_client_msg_id,
@@ -215,3 +218,73 @@ def test_who_may_change_what(target: Message | None, kind: str, author: int, adm
     with pytest.raises(FrameError) as info:
         check_change(target, change, author, admin)
     assert (info.value.code, info.value.client_msg_id) == (code, "c-9")
+
+
+def _json_outcome(text: str) -> object:
+    """What the frame gives when decoded by the standard json module alone."""
+    try:
+        frame = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        return ("invalid_json", f"frame is not valid JSON: {exc}", None)
+    try:
+        return protocol._validate(frame, text, 123, False)
+    except FrameError as exc:
+        return (exc.code, exc.detail, exc.client_msg_id)
+
+
+def _outcome(text: str) -> object:
+    try:
+        return parse_frame(text, 123)
+    except FrameError as exc:
+        return (exc.code, exc.detail, exc.client_msg_id)
+
+
+ODD_JSON = [
+    '{"message_type":"chat_txt","author_id":-9223372036854775809,"content":"x"}',
+    '{"message_type":"chat_txt","author_id":18446744073709551616,"content":"x"}',
+    '{"message_type":"chat_txt","author_id":123456789012345678901234567890,"content":"x"}',
+    '{"message_type":"chat_txt","author_id":1,"content":"x","room_id":1e400}',
+    '{"message_type":"chat_txt","author_id":NaN,"content":"x"}',
+    '{"message_type":"chat_txt","author_id":1,"content":"\\ud800"}',
+    '{"message_type":"chat_txt","author_id":1,"content":"\\ud83d\\ude00"}',
+    '{"message_type":"chat_txt","author_id":1,"author_id":2,"content":"dup"}',
+    '{"message_type":"chat_txt","author_id":1.0,"content":"x"}',
+    '{"message_type":"chat_txt","author_id":1,"content":"x","extra":1e400}',
+    '{"message_type":"chat_txt","author_id":1,"content":"x","client_msg_id":"\\udfff"}',
+    '{"message_type":"chat_txt","author_id":1,"content":"a\\u0000b"}',
+    "[" * 5000 + "]" * 5000, '{"a":1} x', "", " ", '"\\x"', "{\"a\":\"\x01\"}",
+]
+
+
+@pytest.mark.parametrize("text", ODD_JSON)
+def test_orjson_decoding_gives_exactly_what_json_gives(text: str) -> None:
+    assert _outcome(text) == _json_outcome(text)
+
+
+def test_orjson_decoding_agrees_with_json_on_mutated_frames() -> None:
+    rng = random.Random(6)
+    seeds = [chat_frame("héllo 😀", room_id=123), chat_frame(create_at="2022-06-05T12:00:00Z"),
+             '{"message_type":"chat_edit","author_id":5,"target_id":9,"content":"x",'
+             '"client_msg_id":"c1"}', '{"message_type":"typing","author_id":7}']
+    alphabet = '{}[]",:0123456789-.eE\\u tnlfrasx\x00é\ud800'
+    for _ in range(3000):
+        text = list(rng.choice(seeds))
+        for _ in range(rng.randrange(1, 4)):
+            i = rng.randrange(len(text))
+            if rng.random() < 0.5:
+                text[i] = rng.choice(alphabet)
+            else:
+                text.insert(i, rng.choice(alphabet) * rng.randrange(1, 25))
+        joined = "".join(text)
+        assert _outcome(joined) == _json_outcome(joined), joined
+
+
+@pytest.mark.parametrize("content", ["a\x00b\x1f\x7f\u2028/\\\"\b\f\n\r\t é😀", "<script>", "",
+                                     "x" * 70000])
+def test_encoding_is_byte_for_byte_what_json_writes(content: str) -> None:
+    message = Message(2**63 - 1, -(2**63), 5, "chat_img", content, "2022-06-05T12:00:00.000Z",
+                      "2022-06-05T12:00:00.001Z", "c", None, {"id": "m", "width": 3},
+                      moderated=True)
+    expected = json.dumps(message.to_wire(), ensure_ascii=False, separators=(",", ":"))
+    assert encode_message(message) == expected
+    assert message_frame(message) == text_frame(expected)

@@ -20,7 +20,7 @@ import trio
 
 from .broker import Broker
 from .metrics import Metrics
-from .protocol import Message, apply_change, encode_event, encode_message, text_frame
+from .protocol import Message, apply_change, encode_event, message_frame, text_frame
 from .websocket import queued_writes
 
 # Up to this many members a fan-out writes each frame at once where the member's
@@ -95,7 +95,7 @@ class Room:
             raise
 
     def _remember(self, message: Message) -> bytes:
-        frame = text_frame(encode_message(message))
+        frame = message_frame(message)
         if message.target_id is not None:
             self._change(message)
         self._recent.append((message, frame))
@@ -107,7 +107,7 @@ class Room:
         for i, (message, _) in enumerate(self._recent):
             if message.id == change.target_id:
                 changed = apply_change(message, change)
-                self._recent[i] = (changed, text_frame(encode_message(changed)))
+                self._recent[i] = (changed, message_frame(changed))
                 return
 
     def deliver(self, message: Message) -> None:
@@ -173,7 +173,7 @@ class Room:
         member.hold()
         self.members.add(member)
         messages = await self._broker.history(self.id, after=since, before=last + 1)
-        member.release([text_frame(encode_message(m)) for m in messages])
+        member.release([message_frame(m) for m in messages])
 
     def leave(self, member: Member) -> bool:
         """Remove ``member``; returns True (and ends :meth:`run`) if the room is now empty."""
