@@ -128,6 +128,11 @@ async def test_delete_disconnects_members_and_keeps_or_purges_history(api) -> No
     status, history = await call(api, "GET", f"/rooms/{rid}/messages")
     assert [m["content"] for m in history["messages"]] == ["keep me"]
     assert (await call(api, "DELETE", f"/rooms/{rid}"))[0] == 404
+    # Joined again (the default auto policy), the deleted room exists again at once.
+    async with open_ws(ws_url(api, rid)) as a:
+        await a.send_message(chat_frame("back", room_id=rid))
+        await recv(a)
+    assert (await call(api, "GET", f"/rooms/{rid}"))[0] == 200
 
     _, room = await call(api, "POST", "/rooms", {"name": "purged"})
     rid = room["id"]

@@ -337,6 +337,7 @@ async def _delete_room(server: Server, request: Request, match: re.Match[str]) -
                               f"{purge[:40]!r}"))
     await _existing_room(server, room_id)
     await _close_members(server, room_id, None, ROOM_DELETED, "room deleted")
+    server.hub.forget_room(room_id)
     if purge == "true":
         with trio.fail_after(30):
             await server.store.purge(room_id)
@@ -735,7 +736,7 @@ async def _serve_requests(server: Server, stream: trio.abc.Stream, remote: str,
                 response, accepted = await _upgrade(server, request, match, ip)
                 if accepted is not None:
                     try:
-                        await _accept_upgrade(stream, conn, request)
+                        await _accept_upgrade(stream, request)
                     except BaseException:
                         server.ip_limiter.release(ip)
                         raise
@@ -825,12 +826,11 @@ async def _admit(server: Server, request: Request, room_id: int, author_id: int 
     return None, author_id, verified
 
 
-async def _accept_upgrade(stream: trio.abc.Stream, conn: h11.Connection,
-                          request: Request) -> None:
-    # RFC 6455 4.2.2: the key and the protocol's GUID, hashed.
+async def _accept_upgrade(stream: trio.abc.Stream, request: Request) -> None:
+    # Written by hand, not through h11: its connection is dropped after the upgrade.
+    # RFC 6455 4.2.2: the accept token is the key and the protocol's GUID, hashed.
     key = request.headers["sec-websocket-key"].encode("ascii") + \
         b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-    data = conn.send(h11.InformationalResponse(status_code=101, headers=[
-        ("upgrade", "websocket"), ("connection", "Upgrade"),
-        ("sec-websocket-accept", base64.b64encode(hashlib.sha1(key).digest()))]))
-    await stream.send_all(data)
+    await stream.send_all(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n"
+                          b"connection: Upgrade\r\nsec-websocket-accept: " +
+                          base64.b64encode(hashlib.sha1(key).digest()) + b"\r\n\r\n")

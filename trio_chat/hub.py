@@ -14,6 +14,7 @@ runs in the hub's nursery beside the rooms.
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Protocol
@@ -28,6 +29,9 @@ from .metrics import Metrics
 from .protocol import INT64_MAX, Draft, Message, check_change, typing_event, utc_now
 from .room import Member, Room
 from .store import Ban, Store
+
+ENSURED_FOR = 60.0
+ENSURED_MAX = 100_000
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +163,10 @@ class Hub:
     media: MediaConfig = attrs.field(factory=MediaConfig)
     connections: set[Connection] = attrs.field(init=False, factory=set)
     presence: Presence = attrs.field(init=False)
+    # Rooms this node made sure exist (auto policy), and when: a room that empties and
+    # fills again often (churn) costs no write each time. Another node's deletion is
+    # seen once the entry is ENSURED_FOR old.
+    _ensured: dict[int, float] = attrs.field(init=False, factory=dict)
     _nursery: trio.Nursery | None = attrs.field(init=False, default=None)
 
     def __attrs_post_init__(self) -> None:
@@ -187,7 +195,7 @@ class Hub:
             self.rooms[room_id] = room
             try:
                 if self.room_policy == "auto":
-                    await self._store.backend.ensure_room(room_id, utc_now())
+                    await self._ensure_room(room_id)
                 await self._nursery.start(room.run)
             except BaseException:
                 if self.rooms.get(room_id) is room:
@@ -205,6 +213,19 @@ class Hub:
         if member.author_id is not None:
             self.presence.add(room_id, member.author_id)
         return room
+
+    async def _ensure_room(self, room_id: int) -> None:
+        now = trio.current_time()
+        if now - self._ensured.get(room_id, -math.inf) < ENSURED_FOR:
+            return
+        await self._store.backend.ensure_room(room_id, utc_now())
+        if len(self._ensured) >= ENSURED_MAX:
+            self._ensured.clear()
+        self._ensured[room_id] = now
+
+    def forget_room(self, room_id: int) -> None:
+        """``room_id`` was deleted: the next join creates it again."""
+        self._ensured.pop(room_id, None)
 
     def identify(self, room: Room, member: Member, author_id: int) -> None:
         """``member``, in ``room`` and not yet known, turns out to be ``author_id``."""
