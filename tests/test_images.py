@@ -212,3 +212,28 @@ async def test_only_chat_img_frames_may_exceed_the_text_limit(server) -> None:
                 await ws.get_message()
     assert getattr(info.value, "reason", None) is not None and info.value.reason.code == 1009
     assert server.metrics.oversized_frames == 1
+
+
+async def test_a_resent_data_url_frame_stores_its_image_once(server, monkeypatch) -> None:
+    backend_class = type(server.store.backend)
+    saved = []
+    original = backend_class.save_media
+
+    async def save_media(self: Any, media: Any) -> None:
+        saved.append(media.info.id)
+        await original(self, media)
+
+    monkeypatch.setattr(backend_class, "save_media", save_media)
+    content = "data:image/png;base64," + base64.b64encode(image_bytes("PNG", (40, 30))).decode()
+    frame = chat_frame(content, room_id=ROOM, author_id=5, message_type="chat_img",
+                       client_msg_id="img-again")
+    acks = []
+    async with open_ws(ws_url(server, ROOM, "?author_id=5")) as sender:
+        for _ in range(2):
+            await sender.send_message(frame)
+            while (reply := json.loads(await sender.get_message()))["message_type"] != "ack":
+                pass
+            acks.append(reply)
+    assert acks[0] == acks[1]
+    assert len(saved) == 1, "the resend stored its image again"
+    assert server.metrics.duplicates == 1

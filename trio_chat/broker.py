@@ -88,6 +88,11 @@ class Broker(Protocol):
     async def history(self, room_id: int, after: int, before: int) -> list[Message]:
         """Every message with ``after < id < before``, oldest first."""
 
+    async def sent_before(self, draft: Draft) -> Message | None:
+        """The message ``draft``'s author already sent with its client_msg_id within the
+        idempotency window, if any: a cheap look before work that a resend must not
+        repeat (storing an image). :meth:`publish` checks again, atomically."""
+
     async def publish(self, draft: Draft, target: Message | None = None
                       ) -> tuple[Message, bool]:
         """Assign an id to ``draft`` (its author known); the room must have a subscriber
@@ -140,8 +145,7 @@ class LocalBroker:
                                                                          factory=deque)
     _started: float = attrs.field(init=False, factory=time.monotonic)
 
-    async def _sent_before(self, draft: Draft) -> Message | None:
-        """The message ``draft``'s author sent with its client_msg_id within the window."""
+    async def sent_before(self, draft: Draft) -> Message | None:
         now = time.monotonic()
         while self._sent_order and self._sent_order[0][0] <= now:
             self._sent.pop(self._sent_order.popleft()[1], None)
@@ -178,7 +182,7 @@ class LocalBroker:
     async def publish(self, draft: Draft, target: Message | None = None
                       ) -> tuple[Message, bool]:
         if draft.client_msg_id is not None:
-            sent = await self._sent_before(draft)
+            sent = await self.sent_before(draft)
             if sent is not None:
                 return sent, False
         room = self._rooms[draft.room_id]
@@ -841,6 +845,14 @@ class RedisBroker:
                                             limit=before - after - 1, newest_first=False)
             merged.update((m.id, m) for m in stored if m.id not in merged)
         return sorted(merged.values(), key=lambda m: m.id)
+
+    async def sent_before(self, draft: Draft) -> Message | None:
+        if draft.client_msg_id is not None and time.monotonic() < self._check_store_until:
+            sent = await _sent_to_store(self._store, draft, self.idempotency_window)
+            if sent is not None:
+                return sent
+        value = await self._command("get", self._sent_key(draft))
+        return None if value is None else message_from_wire(json.loads(value))
 
     async def publish(self, draft: Draft, target: Message | None = None
                       ) -> tuple[Message, bool]:

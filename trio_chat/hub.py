@@ -252,6 +252,11 @@ class Hub:
         """
         self._store.check_capacity()
         if draft.message_type == "chat_img" and draft.image is None:
+            # A resend must not store its image again.
+            if draft.client_msg_id is not None and \
+                    (sent := await self._broker.sent_before(draft)) is not None:
+                self._metrics.duplicates += 1
+                return sent, False
             # Stored once, here; what is published is a reference to it.
             draft = await attach_image(self._store.backend, self.media, draft)
         message, fresh = await self._broker.publish(draft, target)
