@@ -14,7 +14,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import attrs
-import msgspec
+import orjson
 
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
@@ -236,15 +236,15 @@ def parse_frame(text: str, url_room_id: int, *, author_known: bool = False
     frame may leave ``author_id`` out. Raises :class:`FrameError` naming the
     first problem found.
 
-    Frames are decoded by msgspec (the fastest, scripts/bench_codec.py). A frame
-    it refuses, or whose validation fails, is decoded again by the standard json
-    module and judged on that: msgspec refuses NaN and lone surrogates and reads
-    JSON a little differently at the edges, and the error frames are worded from
-    json's reading, as they always were. Only refused frames pay twice.
+    Frames are decoded by orjson (the fastest, scripts/bench_codec.py). A frame it
+    refuses, or whose validation fails, is decoded again by the standard json
+    module and judged on that: orjson reads integers past 64 bits as floats and
+    refuses NaN and lone surrogates, and the error frames are worded from json's
+    reading, as they always were. Only refused frames pay twice.
     """
     try:
-        frame = _decode(text)
-    except (msgspec.DecodeError, RecursionError, UnicodeEncodeError):
+        frame = orjson.loads(text)
+    except orjson.JSONDecodeError:
         pass
     else:
         try:
@@ -324,14 +324,18 @@ def encodable(text: str) -> bool:
     return True
 
 
-_decode = msgspec.json.Decoder().decode
-# Writes what json.dumps(obj, ensure_ascii=False, separators=(",", ":")) does, four
-# times faster (tests/test_protocol.py compares them).
-_encode = msgspec.json.Encoder().encode
+def _to_json(obj: dict[str, Any]) -> bytes:
+    # orjson writes what json.dumps(obj, ensure_ascii=False, separators=(",", ":")) does,
+    # four times faster (tests/test_protocol.py compares them); json takes what orjson
+    # cannot, as before (integers past 64 bits; a lone surrogate fails in either).
+    try:
+        return orjson.dumps(obj)
+    except orjson.JSONEncodeError:
+        return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
 def _dumps(obj: dict[str, Any]) -> str:
-    return _encode(obj).decode("utf-8")
+    return _to_json(obj).decode("utf-8")
 
 
 def encode_message(message: Message) -> str:
@@ -381,7 +385,7 @@ def text_frame(text: str) -> bytes:
 
 def message_frame(message: Message) -> bytes:
     """``text_frame(encode_message(message))``, without the detour through str."""
-    return _frame(_encode(message.to_wire()))
+    return _frame(_to_json(message.to_wire()))
 
 
 def _frame(payload: bytes) -> bytes:
