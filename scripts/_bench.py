@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
-import multiprocessing as mp
 import os
 import re
 import time
@@ -187,20 +186,8 @@ def churn_worker(conn: Any, spec: dict[str, Any]) -> None:
                           "errors": dict(errors.most_common(3))}))
 
 
-def spawn(target: Callable[[Any, dict[str, Any]], None], specs: list[dict[str, Any]]
-          ) -> tuple[list[Any], list[Any]]:
-    """One load-generator process per spec; returns their pipes and processes."""
-    ctx = mp.get_context("spawn")
-    pipes, procs = [], []
-    for i, spec in enumerate(specs):
-        parent, child = ctx.Pipe()
-        proc = ctx.Process(target=target, args=(child, spec), daemon=True,
-                           name=f"bench-load-{i}")
-        proc.start()
-        child.close()
-        pipes.append(parent)
-        procs.append(proc)
-    return pipes, procs
+# One load-generator process per spec (shared with bench_fanout, which owns it).
+spawn = fan.spawn
 
 
 def gather(pipes: list[Any], kind: str, timeout: float) -> list[Any]:

@@ -74,6 +74,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -1095,6 +1096,22 @@ def _room_slots(sizes: list[int], senders: int, rooms: int) -> list[list[tuple[i
     return slots
 
 
+def spawn(target: Callable[[Any, dict[str, Any]], None], specs: list[dict[str, Any]]
+          ) -> tuple[list[Any], list[Any]]:
+    """One load-generator process per spec; returns their pipes and processes."""
+    ctx = mp.get_context("spawn")
+    pipes, procs = [], []
+    for i, spec in enumerate(specs):
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=target, args=(child, spec), daemon=True,
+                           name=f"bench-load-{i}")
+        proc.start()
+        child.close()
+        pipes.append(parent)
+        procs.append(proc)
+    return pipes, procs
+
+
 def run_step(server: Nodes, rate: float, args: argparse.Namespace,
              cpu_split: tuple[set[int], set[int]] | None) -> dict[str, Any]:
     step: dict[str, Any] = {"server": server.name, "rate": rate,
@@ -1125,29 +1142,24 @@ def run_step(server: Nodes, rate: float, args: argparse.Namespace,
     if len(ports) > 1:
         same = [[str(s).encode() for s in range(args.senders) if sender_node[s] == n]
                 for n in range(len(ports))]
-    ctx = mp.get_context("spawn")
+    specs = []
+    for w in range(nworkers):
+        mine = slice(firsts[w], firsts[w] + sizes[w])
+        specs.append({"ports": ports, "client_nodes": client_nodes[w], "same": same,
+                      "room": room, "clients": sizes[w],
+                      "client_rooms": client_rooms[mine],
+                      "client_expected": client_expected[mine],
+                      "sender_rooms": sender_rooms,
+                      "connect_timeout": CONNECT_TIMEOUT + sizes[w] / 200,
+                      "first_client": firsts[w], "latency_every": args.latency_every,
+                      "sender_slots": slots[w], "senders": args.senders, "rate": rate,
+                      "warm_n": warm_n, "measure_n": measure_n,
+                      "content_size": args.content_size,
+                      "read_interval": args.read_interval / 1000, "nice": args.nice,
+                      "cpus": sorted(cpu_split[1]) if cpu_split else None})
     pipes, procs = [], []
     try:
-        for w in range(nworkers):
-            mine = slice(firsts[w], firsts[w] + sizes[w])
-            spec = {"ports": ports, "client_nodes": client_nodes[w], "same": same,
-                    "room": room, "clients": sizes[w],
-                    "client_rooms": client_rooms[mine], "client_expected": client_expected[mine],
-                    "sender_rooms": sender_rooms,
-                    "connect_timeout": CONNECT_TIMEOUT + sizes[w] / 200,
-                    "first_client": firsts[w], "latency_every": args.latency_every,
-                    "sender_slots": slots[w], "senders": args.senders, "rate": rate,
-                    "warm_n": warm_n, "measure_n": measure_n,
-                    "content_size": args.content_size,
-                    "read_interval": args.read_interval / 1000, "nice": args.nice,
-                    "cpus": sorted(cpu_split[1]) if cpu_split else None}
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(target=load_worker, args=(child, spec), daemon=True,
-                               name=f"bench-load-{w}")
-            proc.start()
-            child.close()
-            pipes.append(parent)
-            procs.append(proc)
+        pipes, procs = spawn(load_worker, specs)
         # Everyone connected?
         deadline = time.monotonic() + CONNECT_TIMEOUT + max(sizes) / 200 + 15
         problems = []

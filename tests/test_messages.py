@@ -71,6 +71,27 @@ async def test_a_client_msg_id_is_acked_once_and_a_resend_stores_nothing(server)
     assert server.metrics.duplicates == 1
 
 
+async def test_ids_dropped_from_memory_are_still_recognised_from_the_store(
+        nursery, db_path) -> None:
+    server = await start_server(nursery, make_config(db_path))
+    server.broker.sent_limit = 3
+    # Long after the start, when a miss in memory no longer asks the store by itself.
+    server.broker._started -= 10 * server.broker.idempotency_window
+    acks = {}
+    async with open_ws(ws_url(server, ROOM)) as sender:
+        for i in range(6):
+            await sender.send_message(chat_frame(f"m{i}", room_id=ROOM, client_msg_id=f"c{i}"))
+            while (reply := await recv(sender))["message_type"] != "ack":
+                pass
+            acks[f"c{i}"] = reply
+        assert len(server.broker._sent) == 3, "memory holds only the newest ids"
+        # c0 was dropped from memory; the resend is still recognised.
+        await sender.send_message(chat_frame("m0", room_id=ROOM, client_msg_id="c0"))
+        assert await recv(sender) == acks["c0"]
+    assert server.metrics.duplicates == 1
+    assert [m["content"] for m in await history(server)] == [f"m{i}" for i in range(6)]
+
+
 async def test_a_refused_frame_names_its_client_msg_id(server) -> None:
     async with open_ws(ws_url(server, ROOM)) as ws:
         await ws.send_message(chat_frame("", room_id=ROOM, client_msg_id="bad-1"))

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import secrets
 import time
@@ -143,7 +144,12 @@ class LocalBroker:
     _sent: dict[tuple[int, int, str], Message] = attrs.field(init=False, factory=dict)
     _sent_order: deque[tuple[float, tuple[int, int, str]]] = attrs.field(init=False,
                                                                          factory=deque)
+    # At most this many ids are held in memory; older ones within the window are
+    # looked up in the store, like those sent before a restart.
+    sent_limit: int = 100_000
     _started: float = attrs.field(init=False, factory=time.monotonic)
+    # Until then, an id not in memory may have been dropped for sent_limit.
+    _evicted_until: float = attrs.field(init=False, default=-math.inf)
 
     async def sent_before(self, draft: Draft) -> Message | None:
         now = time.monotonic()
@@ -152,10 +158,22 @@ class LocalBroker:
         assert draft.author_id is not None and draft.client_msg_id is not None
         key = (draft.room_id, draft.author_id, draft.client_msg_id)
         sent = self._sent.get(key)
-        if sent is None and now - self._started < self.idempotency_window:
-            # Sent before this process started (a restart): only the store knows.
+        if sent is None and (now - self._started < self.idempotency_window or
+                             now < self._evicted_until):
+            # Sent before this process started (a restart), or dropped from memory:
+            # only the store knows.
             sent = await _sent_to_store(self._store, draft, self.idempotency_window)
         return sent
+
+    def _remember_sent(self, message: Message) -> None:
+        assert message.client_msg_id is not None
+        key = (message.room_id, message.author_id, message.client_msg_id)
+        self._sent[key] = message
+        self._sent_order.append((time.monotonic() + self.idempotency_window, key))
+        while len(self._sent_order) > self.sent_limit:
+            expires, dropped = self._sent_order.popleft()
+            self._sent.pop(dropped, None)
+            self._evicted_until = expires
 
     async def subscribe(self, room_id: int, subscriber: Subscriber) -> None:
         room = self._rooms.get(room_id)
@@ -189,9 +207,7 @@ class LocalBroker:
         room.last_id += 1
         message = accept(draft, room.last_id, utc_now())
         if message.client_msg_id is not None:
-            key = (message.room_id, message.author_id, message.client_msg_id)
-            self._sent[key] = message
-            self._sent_order.append((time.monotonic() + self.idempotency_window, key))
+            self._remember_sent(message)
         for subscriber in room.subscribers:
             subscriber.deliver(message)
         return message, True
