@@ -24,7 +24,15 @@ from trio_chat.websocket import (
     close_frame,
 )
 
-from .conftest import chat_frame, make_config, open_ws, recv, start_server, wait_until, ws_url
+from .conftest import (
+    chat_frame,
+    make_config,
+    open_ws,
+    recv,
+    start_server,
+    wait_until,
+    ws_url,
+)
 from .rawws import RawClient, client_frame, handshake_request
 
 
@@ -197,12 +205,29 @@ async def test_heartbeat_pings_each_connection_once_a_period(nursery, db_path) -
             original(data)
 
         client.proto.receive_data = receive_data  # type: ignore[method-assign]
+    started = trio.current_time()
     async with trio.open_nursery() as readers:
         for i in range(3):
             readers.start_soon(count_pings, i)
-        await trio.sleep(2.6)
+        await wait_until(lambda: min(pings) >= 3)
         readers.cancel_scope.cancel()
-    assert all(4 <= n <= 6 for n in pings), pings
+    # Every connection is pinged, and not more often than once a period.
+    periods = (trio.current_time() - started) / 0.5
+    assert all(n <= periods + 1 for n in pings), (pings, periods)
     assert len(server.hub.connections) == 3, "answered pings keep connections open"
     for client in clients:
         await client.aclose()
+
+
+async def test_protocol_errors_on_a_real_socket_close_with_their_code(server) -> None:
+    unmasked = await RawClient.connect(server.port, "/ws/4")
+    await unmasked.send_raw(bytes((0x81, 0x02)) + b"hi")
+    assert await unmasked.wait_closed() == 1002
+    # A header announcing 100 MB: refused at once, before any of it is sent.
+    huge = await RawClient.connect(server.port, "/ws/4")
+    await huge.send_raw(bytes((0x81, 0xFF)) + (100 << 20).to_bytes(8, "big") + b"\0\0\0\0")
+    with trio.fail_after(10):
+        assert await huge.wait_closed() == 1009
+    for client in (unmasked, huge):
+        await client.aclose()
+    await wait_until(lambda: not server.hub.connections)
