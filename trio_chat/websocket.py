@@ -507,8 +507,10 @@ class WebSocket:
             self._closing = True
             self._queue.clear()
             if self._writer_scope is not None and self._writer_done is not None:
+                # Cancelled, the writer ends at its next checkpoint; the deadline is
+                # only a guard.
                 self._writer_scope.cancel()
-                with trio.CancelScope(shield=True):
+                with trio.move_on_after(writers.limits.close_timeout, shield=True):
                     await self._writer_done.wait()
 
     async def _read(self, on_message: Callable[[str | bytes], Awaitable[None]]) -> None:
