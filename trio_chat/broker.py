@@ -862,11 +862,18 @@ class RedisBroker:
             merged.update((m.id, m) for m in stored if m.id not in merged)
         return sorted(merged.values(), key=lambda m: m.id)
 
-    async def sent_before(self, draft: Draft) -> Message | None:
+    async def _sent_after_reconnect(self, draft: Draft) -> Message | None:
+        """After a reconnection Redis may have lost its sent keys: the store knows."""
         if draft.client_msg_id is not None and time.monotonic() < self._check_store_until:
-            sent = await _sent_to_store(self._store, draft, self.idempotency_window)
-            if sent is not None:
-                return sent
+            return await _sent_to_store(self._store, draft, self.idempotency_window)
+        return None
+
+    async def sent_before(self, draft: Draft) -> Message | None:
+        if (sent := await self._sent_after_reconnect(draft)) is not None:
+            return sent
+        if not self.connected:
+            # Only a look ahead: publish holds the send for the reconnection and checks.
+            return None
         value = await self._command("get", self._sent_key(draft))
         return None if value is None else message_from_wire(json.loads(value))
 
@@ -879,10 +886,8 @@ class RedisBroker:
                 await self._connected.wait()
             if not self.connected:
                 raise BrokerUnavailable("Redis is unreachable")
-        if draft.client_msg_id is not None and time.monotonic() < self._check_store_until:
-            sent = await _sent_to_store(self._store, draft, self.idempotency_window)
-            if sent is not None:
-                return sent, False
+        if (sent := await self._sent_after_reconnect(draft)) is not None:
+            return sent, False
         subscribers = self._rooms.get(draft.room_id, ())
         floor = max((s.last_id for s in subscribers), default=0)
         received_at = utc_now()

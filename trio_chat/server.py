@@ -4,10 +4,10 @@ Owns start-up and shutdown. :meth:`Server.run` opens the root nursery and
 starts, in order, the store's writer task, the hub (whose nursery holds the
 rooms), the WebSockets' writers (flusher, heartbeat, and a writer for each
 full socket), and the listeners, whose handler tasks (one per TCP connection)
-run in a connections nursery. So
-cancelling ``run`` tears down every task the server ever started; a graceful
-:meth:`Server.shutdown` instead stops accepting, closes every WebSocket with
-1001, gives connections a grace deadline, flushes the store and returns.
+run in a connections nursery. So cancelling ``run`` tears down every task the
+server ever started; a graceful :meth:`Server.shutdown` instead stops
+accepting, closes every WebSocket with 1001, gives connections a grace
+deadline, flushes the store and returns.
 """
 
 from __future__ import annotations
