@@ -176,8 +176,9 @@ def test_the_ack_is_the_same_bytes_for_the_same_message() -> None:
                      "2022-06-05T12:35:00.000Z")
     assert json.loads(encode_ack("c-1", message)) == {
         "message_type": "ack", "client_msg_id": "c-1", "id": 8, "room_id": 123,
-        "received_at": "2022-06-05T12:35:00.000Z"}
+        "received_at": "2022-06-05T12:35:00.000Z", "durable": True}
     assert encode_ack("c-1", message) == encode_ack("c-1", attrs.evolve(message))
+    assert json.loads(encode_ack("c-1", message, durable=False))["durable"] is False
 
 
 def _message(message_id: int, author_id: int = 1, message_type: str = "chat_txt",

@@ -35,6 +35,7 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Collection
+from datetime import datetime, timezone
 from typing import Any, Protocol
 
 import attrs
@@ -56,7 +57,7 @@ from .protocol import (
     utc_after,
     utc_now,
 )
-from .store import Store
+from .store import Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -94,16 +95,30 @@ class Broker(Protocol):
         idempotency window, if any: a cheap look before work that a resend must not
         repeat (storing an image). :meth:`publish` checks again, atomically."""
 
-    async def publish(self, draft: Draft, target: Message | None = None
-                      ) -> tuple[Message, bool]:
+    # Whether a message is durable once publish returns (in Redis's log), rather
+    # than once the history store has committed it.
+    durable_on_publish: bool
+
+    async def publish(self, draft: Draft, target: Message | None = None, *,
+                      deliver: bool = True) -> tuple[Message, bool]:
         """Assign an id to ``draft`` (its author known); the room must have a subscriber
         on this node. Returns the message and whether it is new.
+
+        With ``deliver=False`` a new message is delivered only when
+        :meth:`deliver` is called (once it is durable); brokers that are durable on
+        publish deliver at once regardless.
 
         A draft whose author sent its ``client_msg_id`` in the room within the
         idempotency window is not published again: the message sent then comes
         back, not new. ``target`` is, for a ``chat_edit``/``chat_delete``, the
         message it changes as it is now, so the broker's recent copy can follow.
         """
+
+    def deliver(self, message: Message) -> None:
+        """Deliver a message published with ``deliver=False``, in id order."""
+
+    def forget_sent(self, message: Message) -> None:
+        """``message`` was not kept after all: a resend of its client_msg_id is new."""
 
     async def event(self, room_id: int, text: str) -> None:
         """Hand an event without an id (typing) to ``room_id``'s members on every node."""
@@ -139,17 +154,56 @@ class LocalBroker:
     _store: Store
     # Seconds a client_msg_id is remembered (server.idempotencyWindow).
     idempotency_window: float = 600.0
+    durable_on_publish = False
     _rooms: dict[int, _LocalRoom] = attrs.field(init=False, factory=dict)
     _online: dict[int, set[int]] = attrs.field(init=False, factory=dict)
     _sent: dict[tuple[int, int, str], Message] = attrs.field(init=False, factory=dict)
     _sent_order: deque[tuple[float, tuple[int, int, str]]] = attrs.field(init=False,
                                                                          factory=deque)
     # At most this many ids are held in memory; older ones within the window are
-    # looked up in the store, like those sent before a restart.
+    # looked up in the store.
     sent_limit: int = 100_000
-    _started: float = attrs.field(init=False, factory=time.monotonic)
+    # Set once the ids sent within the window before this process started are in
+    # memory (run() reads them from the store); until then the store is asked.
+    _loaded: trio.Event = attrs.field(init=False, factory=trio.Event)
     # Until then, an id not in memory may have been dropped for sent_limit.
     _evicted_until: float = attrs.field(init=False, default=-math.inf)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Read the ids sent within the idempotency window before this start into memory,
+        in the background, retrying while the store cannot be read; then return.
+
+        So after a restart a resend is recognised without asking the store per frame,
+        and keeps being recognised while the store is down."""
+        task_status.started()
+        delay = 0.1
+        while True:
+            try:
+                sent = await self._store.sent_since(utc_after(-self.idempotency_window),
+                                                    self.sent_limit)
+                break
+            except StoreUnavailable as exc:
+                log.warning("cannot load recent client_msg_ids yet: %s", exc)
+                await trio.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 5.0)
+        now, wall = time.monotonic(), time.time()
+        loaded = []
+        for message in sent:
+            key = (message.room_id, message.author_id, message.client_msg_id or "")
+            if key not in self._sent:
+                age = wall - _epoch_seconds(message.received_at)
+                loaded.append((now + self.idempotency_window - age, key, message))
+        # Older than anything remembered since the start: they go first in expiry order.
+        for expires, key, message in sorted(loaded, key=lambda item: item[0], reverse=True):
+            self._sent[key] = message
+            self._sent_order.appendleft((expires, key))
+        if len(sent) >= self.sent_limit:
+            self._evicted_until = time.monotonic() + self.idempotency_window
+        self._trim_sent()
+        self._loaded.set()
+        log.debug("loaded %d client_msg_ids of the last %gs", len(loaded),
+                  self.idempotency_window)
 
     async def sent_before(self, draft: Draft) -> Message | None:
         now = time.monotonic()
@@ -158,10 +212,9 @@ class LocalBroker:
         assert draft.author_id is not None and draft.client_msg_id is not None
         key = (draft.room_id, draft.author_id, draft.client_msg_id)
         sent = self._sent.get(key)
-        if sent is None and (now - self._started < self.idempotency_window or
-                             now < self._evicted_until):
-            # Sent before this process started (a restart), or dropped from memory:
-            # only the store knows.
+        if sent is None and (not self._loaded.is_set() or now < self._evicted_until):
+            # Sent before this process started and not loaded yet, or dropped from
+            # memory: only the store knows (StoreUnavailable if it cannot say).
             sent = await _sent_to_store(self._store, draft, self.idempotency_window)
         return sent
 
@@ -170,10 +223,19 @@ class LocalBroker:
         key = (message.room_id, message.author_id, message.client_msg_id)
         self._sent[key] = message
         self._sent_order.append((time.monotonic() + self.idempotency_window, key))
+        self._trim_sent()
+
+    def _trim_sent(self) -> None:
         while len(self._sent_order) > self.sent_limit:
             expires, dropped = self._sent_order.popleft()
             self._sent.pop(dropped, None)
-            self._evicted_until = expires
+            self._evicted_until = max(self._evicted_until, expires)
+
+    def forget_sent(self, message: Message) -> None:
+        if message.client_msg_id is not None:
+            key = (message.room_id, message.author_id, message.client_msg_id)
+            if self._sent.get(key) is message:
+                del self._sent[key]
 
     async def subscribe(self, room_id: int, subscriber: Subscriber) -> None:
         room = self._rooms.get(room_id)
@@ -197,8 +259,8 @@ class LocalBroker:
         return await self._store.page(room_id, after=after, before=before,
                                       limit=max(0, before - after - 1), newest_first=False)
 
-    async def publish(self, draft: Draft, target: Message | None = None
-                      ) -> tuple[Message, bool]:
+    async def publish(self, draft: Draft, target: Message | None = None, *,
+                      deliver: bool = True) -> tuple[Message, bool]:
         if draft.client_msg_id is not None:
             sent = await self.sent_before(draft)
             if sent is not None:
@@ -208,9 +270,14 @@ class LocalBroker:
         message = accept(draft, room.last_id, utc_now())
         if message.client_msg_id is not None:
             self._remember_sent(message)
-        for subscriber in room.subscribers:
-            subscriber.deliver(message)
+        if deliver:
+            self.deliver(message)
         return message, True
+
+    def deliver(self, message: Message) -> None:
+        room = self._rooms.get(message.room_id)
+        for subscriber in room.subscribers if room is not None else ():
+            subscriber.deliver(message)
 
     async def event(self, room_id: int, text: str) -> None:
         room = self._rooms.get(room_id)
@@ -253,20 +320,22 @@ class LocalBroker:
         return sorted(online)
 
 
-# KEYS: the room's counter, the room's recent list and, for a message with a
-# client_msg_id, the key remembering it (one hash slot: all carry the room's
-# {hash tag}, and so does the shard channel, as a Redis Cluster requires of
-# SPUBLISH in a script; a cluster client runs it on that slot's node by KEYS).
+# KEYS: the room's counter, the room's recent list, the room's log (messages not
+# yet in the history store) and, for a message with a client_msg_id, the key
+# remembering it (one hash slot: all carry the room's {hash tag}, and so does the
+# shard channel, as a Redis Cluster requires of SPUBLISH in a script; a cluster
+# client runs it on that slot's node by KEYS).
 # ARGV: the shard channel, the floor for the counter (the publisher's last id,
 # which restores the counter if Redis lost it), the message JSON after its id, the
 # recent list's length, the keys' idle expiry in seconds, the idempotency window in
-# seconds, and for an edit or delete the id of the message it changes and that
-# message's JSON after the change (else two empty strings).
-# Returns {1, id} for a new message, {0, JSON of the message sent before} for a
-# client_msg_id seen within the window (nothing is published then).
+# seconds, for an edit or delete the id of the message it changes and that
+# message's JSON after the change (else two empty strings), and "1" to log the
+# message (else "").
+# Returns {1, id, log entry id or ""} for a new message, {0, JSON of the message
+# sent before} for a client_msg_id seen within the window (nothing is published then).
 _PUBLISH = """
-if KEYS[3] then
-    local sent = redis.call('GET', KEYS[3])
+if KEYS[4] then
+    local sent = redis.call('GET', KEYS[4])
     if sent then
         return {0, sent}
     end
@@ -292,11 +361,15 @@ redis.call('RPUSH', KEYS[2], payload)
 redis.call('LTRIM', KEYS[2], -tonumber(ARGV[4]), -1)
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 redis.call('EXPIRE', KEYS[2], ARGV[5])
-if KEYS[3] then
-    redis.call('SET', KEYS[3], payload, 'EX', ARGV[6])
+local entry = ''
+if ARGV[9] == '1' then
+    entry = redis.call('XADD', KEYS[3], '*', 'm', payload)
+end
+if KEYS[4] then
+    redis.call('SET', KEYS[4], payload, 'EX', ARGV[6])
 end
 redis.call('SPUBLISH', ARGV[1], payload)
-return {1, id}
+return {1, id, entry}
 """
 
 # KEYS: the room's presence entries (a sorted set of "author|node", scored by expiry
@@ -352,6 +425,12 @@ return redis.call('HKEYS', KEYS[2])
 _RELAY = "return redis.call('SPUBLISH', ARGV[1], ARGV[2])"
 
 KEY_TTL = 7 * 24 * 3600
+# A node registers a room whose log it writes to at most this often; the sweep
+# forgets a room registered less recently than twice this whose log is empty.
+LOG_REGISTER_EVERY = 60.0
+# Rooms and entries one sweep looks at, at most.
+SWEEP_ROOMS = 10_000
+SWEEP_ENTRIES = 1000
 RECONNECT_MAX_DELAY = 5.0
 # Most messages a room recovers from the history store after a reconnection.
 RECOVER_MAX = 10_000
@@ -367,6 +446,12 @@ async def _sent_to_store(store: Store, draft: Draft, window: float) -> Message |
     assert draft.author_id is not None and draft.client_msg_id is not None
     return await store.client_message(draft.room_id, draft.author_id, draft.client_msg_id,
                                       utc_after(-window))
+
+
+def _epoch_seconds(stamp: str) -> float:
+    """Seconds since the epoch of a :func:`utc_now` stamp."""
+    return datetime.fromisoformat(stamp.removesuffix("Z")).replace(
+        tzinfo=timezone.utc).timestamp()
 
 
 def _json(obj: dict[str, Any]) -> str:
@@ -409,6 +494,36 @@ class RedisBroker:
     # Redis may have lost its records (a restart) while this node was away from it.
     _check_store_until: float = attrs.field(init=False, default=attrs.Factory(
         lambda self: time.monotonic() + self.idempotency_window, takes_self=True))
+    # Keep each message in its room's Redis log until this node (or, if it dies,
+    # another) has written it to the history store: it is durable once published.
+    log: bool = False
+    # Seconds after which a logged message not yet written is any node's to write.
+    orphaned_after: float = 30.0
+    # Log entry of each message this node published and has not written yet.
+    _log_entries: dict[tuple[int, int], str] = attrs.field(init=False, factory=dict)
+    # When this node last registered each room in the log registry (wall clock).
+    _log_registered: dict[int, float] = attrs.field(init=False, factory=dict)
+    # Messages this node wrote for other nodes (or its earlier self) from their logs.
+    orphans_written: int = attrs.field(init=False, default=0)
+    # The token Redis held when this node last saw it: a different one (or none)
+    # means Redis lost its data meanwhile, sent-id records included.
+    _epoch: str | None = attrs.field(init=False, default=None)
+
+    @property
+    def durable_on_publish(self) -> bool:
+        return self.log
+
+    def _log_key(self, room_id: int) -> str:
+        return f"{self._config.publish_channel_name}:{{{room_id}}}:log"
+
+    @property
+    def _logs_key(self) -> str:
+        """The rooms whose log may hold messages, scored by when a node last said so."""
+        return f"{self._config.publish_channel_name}:logs"
+
+    @property
+    def _epoch_key(self) -> str:
+        return f"{self._config.publish_channel_name}:epoch"
 
     def _seq_key(self, room_id: int) -> str:
         return f"{self._config.publish_channel_name}:{{{room_id}}}:seq"
@@ -719,11 +834,16 @@ class RedisBroker:
         for message in early:
             self._dispatch(message["channel"], message["data"])
         back = self.down_since is not None
+        if not await self._kept_data():
+            # Its sent-id records are gone: until they would have expired, the
+            # store is asked about a client_msg_id Redis does not know.
+            self._check_store_until = time.monotonic() + self.idempotency_window
+        elif not back:
+            self._check_store_until = -math.inf
         if self.down_since is not None:
             log.warning("Redis is back after %.1fs; resubscribed %d rooms",
                         trio.current_time() - self.down_since, len(self._rooms))
             self.down_since = None
-            self._check_store_until = time.monotonic() + self.idempotency_window
         self._connected.set()
         for callback in self._reconnected if back else ():
             callback()
@@ -757,6 +877,22 @@ class RedisBroker:
         for subscriber in subscribers:
             subscriber.deliver(message)
 
+    async def _kept_data(self) -> bool:
+        """Whether Redis still holds what it held when this node last saw it (at the
+        first connection: whether it holds anything a node put there)."""
+        if self.cluster:
+            return False  # one shard may have lost its keys and not another
+        with trio.fail_after(self.timeout):
+            epoch = await bridge.call(self._client.get, self._epoch_key)
+            if epoch is None:
+                self._epoch = secrets.token_hex(8)
+                await bridge.call(self._client.set, self._epoch_key, self._epoch, nx=True)
+                self._epoch = await bridge.call(self._client.get, self._epoch_key)
+                return False
+        kept = self._epoch is None or epoch == self._epoch
+        self._epoch = epoch
+        return kept
+
     async def _recover(self, room_id: int) -> None:
         subscribers = self._rooms.get(room_id)
         if not subscribers:
@@ -768,9 +904,13 @@ class RedisBroker:
         if missed and missed[0].id > last + 1:
             # More was published meanwhile than the recent list keeps: the rest is in
             # the history store, if the nodes share one.
-            older = await self._store.page(room_id, after=last, before=missed[0].id,
-                                           limit=min(missed[0].id - last - 1, RECOVER_MAX),
-                                           newest_first=False)
+            try:
+                older = await self._store.page(room_id, after=last, before=missed[0].id,
+                                               limit=min(missed[0].id - last - 1, RECOVER_MAX),
+                                               newest_first=False)
+            except StoreUnavailable as exc:
+                log.warning("room %d: %s", room_id, exc)
+                older = []
             missed = older + missed
             if missed[0].id > last + 1:
                 log.warning("room %d: messages %d to %d are in no shared history; members "
@@ -829,12 +969,12 @@ class RedisBroker:
                 # mode only a reconnection notices a shard's connection failing here.
                 self._lose(exc)
 
-    async def _command(self, name: str, *args: Any) -> Any:
+    async def _command(self, name: str, *args: Any, **kwargs: Any) -> Any:
         if not self.connected:
             raise BrokerUnavailable("Redis is unreachable")
         try:
             with trio.fail_after(self.timeout):
-                return await bridge.call(getattr(self._client, name), *args)
+                return await bridge.call(getattr(self._client, name), *args, **kwargs)
         except UNAVAILABLE as exc:
             raise BrokerUnavailable(f"Redis is unreachable: {exc}") from exc
 
@@ -843,7 +983,14 @@ class RedisBroker:
         seq = int(await self._command("get", self._seq_key(room_id)) or 0)
         listed = await self._command("lrange", self._recent_key(room_id), -max(limit, 1), -1)
         recent = [message_from_wire(json.loads(data)) for data in listed]
-        stored_last = await self._store.last_id(room_id)
+        try:
+            stored_last = await self._store.last_id(room_id)
+        except StoreUnavailable as exc:
+            if not seq:
+                raise  # Redis has nothing of this room either: its last id is unknown
+            # Redis numbers the messages; the store only adds older history.
+            log.warning("room %d starts without the history store: %s", room_id, exc)
+            stored_last = 0
         last = max(seq, stored_last, *(m.id for m in recent), 0)
         if len(recent) < limit and stored_last:
             # Redis lost the list (a restart, an expiry): the store has the rest.
@@ -877,8 +1024,8 @@ class RedisBroker:
         value = await self._command("get", self._sent_key(draft))
         return None if value is None else message_from_wire(json.loads(value))
 
-    async def publish(self, draft: Draft, target: Message | None = None
-                      ) -> tuple[Message, bool]:
+    async def publish(self, draft: Draft, target: Message | None = None, *,
+                      deliver: bool = True) -> tuple[Message, bool]:
         if not self.connected:
             # A blip (a Redis restart, a failover) should not reach the users: hold
             # the send until the reconnection, within reason.
@@ -896,28 +1043,108 @@ class RedisBroker:
         del wire["id"]
         body = _json(wire)[1:]
         changed = "" if target is None else _json(apply_change(target, unsent).to_wire())
-        keys = [self._seq_key(draft.room_id), self._recent_key(draft.room_id)]
+        keys = [self._seq_key(draft.room_id), self._recent_key(draft.room_id),
+                self._log_key(draft.room_id)]
         if draft.client_msg_id is not None:
             keys.append(self._sent_key(draft))
         try:
             with trio.fail_after(self.timeout):
-                fresh, value = await bridge.call(
+                if self.log:
+                    await self._register_log(draft.room_id)
+                fresh, value, *entry = await bridge.call(
                     self._script, keys=keys,
                     args=[self._publish_channel(draft.room_id), floor, body,
                           self.recent_size, KEY_TTL, max(1, round(self.idempotency_window)),
-                          "" if target is None else target.id, changed])
+                          "" if target is None else target.id, changed,
+                          "1" if self.log else ""])
         except UNAVAILABLE as exc:
             raise BrokerUnavailable(f"Redis is unreachable: {exc}") from exc
         if not int(fresh):
             return message_from_wire(json.loads(value)), False
+        if entry and entry[0]:
+            self._log_entries[draft.room_id, int(value)] = entry[0]
         # Delivery comes back through the subscription, like everyone else's.
         return accept(draft, int(value), received_at), True
+
+    def deliver(self, message: Message) -> None:
+        pass  # every message comes back through the subscription
+
+    def forget_sent(self, message: Message) -> None:
+        pass  # what Redis accepted is durable in its log: it is never refused later
+
+    async def _register_log(self, room_id: int) -> None:
+        """Put ``room_id`` in the log registry (before its first entry), at most once a
+        :data:`LOG_REGISTER_EVERY`; a sweep only forgets rooms registered long before."""
+        now = time.time()
+        if now - self._log_registered.get(room_id, -math.inf) < LOG_REGISTER_EVERY:
+            return
+        await bridge.call(self._client.zadd, self._logs_key, {str(room_id): now})
+        if len(self._log_registered) >= SWEEP_ROOMS:
+            self._log_registered.clear()
+        self._log_registered[room_id] = now
+
+    async def written(self, messages: list[Message]) -> None:
+        """The store wrote ``messages``: drop this node's log entries for them."""
+        by_room: dict[int, list[str]] = {}
+        for message in messages:
+            entry = self._log_entries.pop((message.room_id, message.id), None)
+            if entry is not None:
+                by_room.setdefault(message.room_id, []).append(entry)
+        for room_id, entries in by_room.items():
+            await self._command("xdel", self._log_key(room_id), *entries)
+
+    async def sweep_logs(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                         ) -> None:
+        """Write to the history store every logged message older than ``orphaned_after``
+        (its node died, or cannot write), then drop it from the log.
+
+        Failure boundary: one sweep. Whatever fails (Redis, the store) is logged
+        and the next sweep tries again; writing a message twice changes nothing.
+        """
+        task_status.started()
+        failing = False
+        while True:
+            await trio.sleep(max(0.1, self.orphaned_after / 3))
+            if not self.connected:
+                continue
+            try:
+                await self._sweep()
+                failing = False
+            except Exception as exc:
+                if not failing:
+                    log.warning("sweeping the Redis logs failed (retrying): %r", exc)
+                failing = True
+
+    async def _sweep(self) -> None:
+        seconds, micros = await self._command("time")
+        cutoff = int(seconds) * 1000 + int(micros) // 1000 - round(self.orphaned_after * 1000)
+        rooms = await self._command("zrange", self._logs_key, 0, SWEEP_ROOMS - 1,
+                                    withscores=True)
+        for member, registered in rooms:
+            room_id = int(member)
+            key = self._log_key(room_id)
+            entries = await self._command("xrange", key, "-", str(cutoff),
+                                          count=SWEEP_ENTRIES)
+            if entries:
+                messages = [message_from_wire(json.loads(fields["m"])) for _, fields in entries]
+                await self._store.write_now(messages)
+                await self._command("xdel", key, *(entry for entry, _ in entries))
+                self.orphans_written += len(messages)
+                log.info("room %d: wrote %d messages another node had logged but not "
+                         "stored", room_id, len(messages))
+            elif registered < time.time() - 2 * LOG_REGISTER_EVERY and \
+                    not await self._command("xlen", key):
+                await self._command("zrem", self._logs_key, member)
+
 
     def on_reconnect(self, callback: Callable[[], None]) -> None:
         self._reconnected.append(callback)
 
     async def forget(self, room_id: int) -> None:
-        await self._command("delete", self._seq_key(room_id), self._recent_key(room_id))
+        await self._command("delete", self._seq_key(room_id), self._recent_key(room_id),
+                            self._log_key(room_id))
+        for key in [key for key in self._log_entries if key[0] == room_id]:
+            del self._log_entries[key]
 
     async def control(self, room_id: int, command: dict[str, Any]) -> None:
         data = _json(command)

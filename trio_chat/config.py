@@ -70,6 +70,19 @@ class ServerConfig:
     # How long a client_msg_id is remembered: a resend within it is acked, not stored.
     idempotency_window: float = _opt("idempotencyWindow", 600.0, float, low=1,
                                      high=7 * 86400)
+    # When a sender's ack goes out (and, on one node, when members see the message):
+    # once the message is durable, or as soon as it is numbered.
+    ack_after: str = _opt("ackAfter", "stored", str,
+                          choices={"stored": "stored", "accepted": "accepted"})
+    # While the history store is failing: accept messages into the bounded buffer
+    # (acked with "durable": false), or refuse them (persistence_unavailable).
+    store_outage: str = _opt("storeOutage", "buffer", str,
+                             choices={"buffer": "buffer", "refuse": "refuse"})
+    # A message waits this long for its commit before the store counts as too slow.
+    store_wait: float = _opt("storeWait", 2.0, float, low=0.01, high=3600)
+    # With Redis: a message still in a room's Redis log this long after it was
+    # accepted is written to the history store by whichever node finds it.
+    orphaned_after: float = _opt("orphanedAfter", 30.0, float, low=0.1, high=86400)
 
 
 @attrs.frozen

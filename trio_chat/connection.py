@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from functools import partial
 
 import attrs
 import trio
@@ -24,6 +25,7 @@ from .metrics import Metrics
 from .protocol import (
     Draft,
     FrameError,
+    Message,
     Typing,
     check_change,
     encode_ack,
@@ -33,7 +35,7 @@ from .protocol import (
     text_frame,
 )
 from .room import Room
-from .store import StoreUnavailable
+from .store import Outcome, StoreUnavailable
 from .websocket import (
     BANNED,
     MESSAGE_TOO_BIG,
@@ -136,11 +138,18 @@ class ChatConnection:
         if oversized and not (isinstance(frame, Draft) and frame.message_type == "chat_img"):
             self._too_big()
             return
+        cmid = frame.client_msg_id if isinstance(frame, Draft) else None
         try:
             await self._handle(frame)
         except FrameError as exc:
             self._metrics.bad_frames += 1
             self._error(exc.code, exc.detail, exc.client_msg_id)
+        except StoreUnavailable as exc:
+            # The history store cannot say (a lookup) or cannot take more: refused, and
+            # the sender told, so it can send again.
+            self._error("persistence_unavailable", str(exc), cmid)
+        except BrokerUnavailable as exc:
+            self._error("sync_unavailable", f"{exc}; message not accepted, send it again", cmid)
 
     def _too_big(self) -> None:
         self.ws.close(MESSAGE_TOO_BIG, f"message over {self.frame_limit} bytes")
@@ -165,16 +174,16 @@ class ChatConnection:
         if frame.target_id is not None:
             target = await self._hub.message(self.room_id, frame.target_id)
             check_change(target, frame, frame.author_id)
-        try:
-            message, _ = await self._hub.publish(frame, target)
-        except StoreUnavailable as exc:
-            self._error("persistence_unavailable", str(exc), cmid)
-            return
-        except BrokerUnavailable as exc:
-            self._error("sync_unavailable", f"{exc}; message not accepted, send it again", cmid)
-            return
-        if cmid is not None:
-            self.ws.send_frame(text_frame(encode_ack(cmid, message)))
+        await self._hub.publish(frame, target, None if cmid is None else partial(
+            self._settled, cmid))
+
+    def _settled(self, cmid: str, message: Message, outcome: Outcome) -> None:
+        if outcome is Outcome.REFUSED:
+            self._error("persistence_refused", f"the history store refused message "
+                        f"{message.id}; it was not delivered", cmid)
+        else:
+            self.ws.send_frame(text_frame(encode_ack(cmid, message,
+                                                     durable=outcome is Outcome.STORED)))
 
     async def _typing(self, author_id: int) -> None:
         # Clients send these per keystroke: pass one on per interval, drop the rest.

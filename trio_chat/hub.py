@@ -17,6 +17,7 @@ import logging
 import math
 from collections import Counter
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Protocol
 
 import attrs
@@ -28,12 +29,15 @@ from .media import attach_image
 from .metrics import Metrics
 from .protocol import INT64_MAX, Draft, Message, check_change, typing_event, utc_now
 from .room import Member, Room
-from .store import Ban, Store
+from .store import Ban, Outcome, Store, StoreUnavailable
 
 ENSURED_FOR = 60.0
 ENSURED_MAX = 100_000
 
 log = logging.getLogger(__name__)
+
+# Told what became of a published message: (the message, its outcome).
+Settled = Callable[[Message, Outcome], None]
 
 
 class Connection(Member, Protocol):
@@ -161,6 +165,9 @@ class Hub:
     # "auto": a room joined for the first time is created (the seed's way).
     room_policy: str = "auto"
     media: MediaConfig = attrs.field(factory=MediaConfig)
+    # server.ackAfter is "stored": a message is acked (and, where the broker is not
+    # durable on publish, delivered) once it is durable.
+    ack_after_stored: bool = True
     connections: set[Connection] = attrs.field(init=False, factory=set)
     presence: Presence = attrs.field(init=False)
     # Rooms this node made sure exist (auto policy), and when: a room that empties and
@@ -241,31 +248,62 @@ class Hub:
         if room.leave(member) and self.rooms.get(room.id) is room:
             del self.rooms[room.id]
 
-    async def publish(self, draft: Draft, target: Message | None = None
-                      ) -> tuple[Message, bool]:
+    async def publish(self, draft: Draft, target: Message | None = None,
+                      settled: Settled | None = None) -> tuple[Message, bool]:
         """Accept ``draft``: the broker gives it an id and delivers it, the store keeps it.
 
         Returns the message and whether it is new (see :meth:`Broker.publish`: a
         resent client_msg_id gives back the message sent before). A chat_img's
         image is validated and stored first (:class:`FrameError` if refused). ``target`` is
         the message a change changes, as :meth:`message` found it.
+
+        ``settled(message, outcome)`` is called once the message is durable (or
+        cannot be yet, or was refused: see :class:`Outcome`), at once where it is
+        durable on publish. With ``ack_after_stored`` and a broker that is not, the
+        room's members get the message only then too, so nobody sees a message
+        that a crash could still take back.
         """
         self._store.check_capacity()
         if draft.message_type == "chat_img" and draft.image is None:
             # A resend must not store its image again.
             if draft.client_msg_id is not None and \
                     (sent := await self._broker.sent_before(draft)) is not None:
-                self._metrics.duplicates += 1
+                self._duplicate(sent, settled)
                 return sent, False
             # Stored once, here; what is published is a reference to it.
             draft = await attach_image(self._store.backend, self.media, draft)
-        message, fresh = await self._broker.publish(draft, target)
-        if fresh:
-            self._store.append(message)
-            self._metrics.messages_received += 1
+        durable_on_publish = self._broker.durable_on_publish
+        wait = self.ack_after_stored and not durable_on_publish
+        message, fresh = await self._broker.publish(draft, target, deliver=not wait)
+        if not fresh:
+            self._duplicate(message, settled)
+            return message, False
+        self._metrics.messages_received += 1
+        if wait:
+            self._store.append(message, partial(self._settled, message, settled))
         else:
-            self._metrics.duplicates += 1
-        return message, fresh
+            self._store.append(message)
+            if settled is not None:
+                settled(message, Outcome.STORED if durable_on_publish else Outcome.BUFFERED)
+        return message, True
+
+    def _duplicate(self, message: Message, settled: Settled | None) -> None:
+        self._metrics.duplicates += 1
+        if settled is None:
+            return
+        if self._broker.durable_on_publish:
+            settled(message, Outcome.STORED)
+        else:
+            # Acked when the first copy is settled, with what became of it.
+            self._store.when_settled(message, partial(settled, message))
+
+    def _settled(self, message: Message, settled: Settled | None, outcome: Outcome) -> None:
+        if outcome is Outcome.REFUSED:
+            self._broker.forget_sent(message)
+        else:
+            self._broker.deliver(message)
+        if settled is not None:
+            settled(message, outcome)
 
     async def message(self, room_id: int, message_id: int) -> Message | None:
         """Message ``message_id`` of ``room_id`` as it is now (edits applied), if any."""
@@ -300,7 +338,20 @@ class Hub:
                 check_change(target, draft, None, admin=True)
                 assert target is not None
                 draft = attrs.evolve(draft, author_id=target.author_id, moderated=True)
-            message, _ = await self.publish(draft, target)
+            done = trio.Event()
+            outcomes: list[Outcome] = []
+
+            def settled(message: Message, outcome: Outcome) -> None:
+                outcomes.append(outcome)
+                done.set()
+
+            message, _ = await self.publish(draft, target, settled)
+            # The store's watchdog settles every message within its wait.
+            with trio.move_on_after(3 * self._store.wait + 1):
+                await done.wait()
+            if outcomes == [Outcome.REFUSED]:
+                raise StoreUnavailable(f"the history store refused message {message.id}; it "
+                                       "is kept with the dead letters")
             return message
         finally:
             self.leave(room, announcer)

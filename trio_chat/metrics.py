@@ -43,6 +43,8 @@ class Metrics:
     store_refusals: int = 0
     store_written: int = 0
     store_errors: int = 0
+    store_dead_letters: int = 0
+    unexpected_errors: int = 0
     auth_failures: int = 0
     origin_refusals: int = 0
     ip_limit_refusals: int = 0
@@ -85,6 +87,9 @@ _COUNTERS: Iterable[tuple[str, str]] = (
     ("store_refusals", "Messages refused because the store's buffer was full."),
     ("store_written", "Messages written to the message store."),
     ("store_errors", "Failed store writes (each retried)."),
+    ("store_dead_letters", "Messages the database refused, set aside in dead_letters."),
+    ("unexpected_errors", "Exceptions caught at a failure boundary that expected none "
+                          "(a bug: logged with its traceback)."),
     ("auth_failures", "Requests and upgrades refused for a missing, bad or insufficient "
                       "token or admin key."),
     ("origin_refusals", "WebSocket upgrades refused for their Origin."),

@@ -349,11 +349,13 @@ def encode_error(code: str, detail: str, client_msg_id: str | None = None) -> st
     return _dumps(error)
 
 
-def encode_ack(client_msg_id: str, message: Message) -> str:
-    """The sender's receipt for a frame with ``client_msg_id``: the same bytes however
-    often the frame is sent again within the idempotency window."""
+def encode_ack(client_msg_id: str, message: Message, durable: bool = True) -> str:
+    """The sender's receipt for a frame with ``client_msg_id``: the same message however
+    often the frame is sent again within the idempotency window. ``durable`` is false
+    while the message is only in the server's memory (or the server acks on acceptance)."""
     return _dumps({"message_type": "ack", "client_msg_id": client_msg_id, "id": message.id,
-                   "room_id": message.room_id, "received_at": message.received_at})
+                   "room_id": message.room_id, "received_at": message.received_at,
+                   "durable": durable})
 
 
 def typing_event(room_id: int, author_id: int, at: str) -> str:

@@ -137,14 +137,21 @@ class Server:
     def build(cls, config: Config) -> Server:
         s = config.server
         metrics = Metrics()
+        stored = s.ack_after == "stored"
         store = Store(make_backend(config), metrics, buffer_limit=s.store_buffer,
-                      batch_size=s.store_batch)
-        broker: LocalBroker | RedisBroker = (
-            RedisBroker(config.redis, store, recent_size=max(100, s.history_on_join),
-                        idempotency_window=s.idempotency_window)
-            if config.redis is not None else LocalBroker(store, s.idempotency_window))
+                      batch_size=s.store_batch, wait=s.store_wait,
+                      refuse_when_failing=s.store_outage == "refuse")
+        broker: LocalBroker | RedisBroker
+        if config.redis is not None:
+            broker = RedisBroker(config.redis, store, recent_size=max(100, s.history_on_join),
+                                 idempotency_window=s.idempotency_window, log=stored,
+                                 orphaned_after=s.orphaned_after)
+            if stored:
+                store.after_write = broker.written
+        else:
+            broker = LocalBroker(store, s.idempotency_window)
         hub = Hub(store, broker, metrics, s.history_on_join, s.replay_limit, s.presence_ttl,
-                  s.room_policy, config.media)
+                  s.room_policy, config.media, ack_after_stored=stored)
         # A chat_img frame may carry its image as a data URL: base64 plus the frame around
         # it. The connection holds every other frame to maxFrameBytes.
         image_frame = (config.media.max_image_bytes + 2) // 3 * 4 + 4096
@@ -193,6 +200,10 @@ class Server:
         async with open_bridge(needed=needed), trio.open_nursery() as root:
             await root.start(self.store.run)
             if isinstance(self.broker, RedisBroker):
+                await root.start(self.broker.run)
+                if self.broker.log:
+                    await root.start(self.broker.sweep_logs)
+            else:
                 await root.start(self.broker.run)
             await root.start(self.hub.run)
             await root.start(self.writers.run)
