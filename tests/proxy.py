@@ -41,6 +41,7 @@ class Proxy:
 
     async def _handle(self, client: trio.SocketStream) -> None:
         if self.down:
+            await client.aclose()  # refused, as by a host that is down
             return
         with trio.CancelScope() as scope:
             self._scopes.add(scope)

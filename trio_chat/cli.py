@@ -116,6 +116,18 @@ def _parser() -> argparse.ArgumentParser:
                          help="path to config.json (default: the embedded SQLite store)")
     migrate.add_argument("--sqlite", metavar="PATH",
                          help="SQLite history file, overriding sqlite.path")
+    dead = commands.add_parser(
+        "dead-letters", help="list, or write again, the messages the database refused",
+        description="Messages the history database refused (while it accepted the others) "
+                    "are kept in its dead_letters table. List them, or with --replay try "
+                    "to write each again: a message written is removed from the table, one "
+                    "still refused stays. Exits 1 if any is still refused.")
+    dead.add_argument("config", nargs="?", metavar="CONFIG",
+                      help="path to config.json (default: the embedded SQLite store)")
+    dead.add_argument("--sqlite", metavar="PATH",
+                      help="SQLite history file, overriding sqlite.path")
+    dead.add_argument("--replay", action="store_true",
+                      help="write them to history again (after fixing the cause)")
     chat = commands.add_parser(
         "chat", help="chat in a room from the terminal",
         description="Join a room and chat: each line read is sent, every message of the room "
@@ -164,6 +176,38 @@ async def _migrate(config: Config) -> int:
             return await backend.open()
         finally:
             await backend.close()
+
+
+async def _dead_letters(config: Config, replay: bool) -> int:
+    backend = make_backend(config)
+    refused = 0
+    async with open_bridge(needed=config.db is not None):
+        await backend.open()
+        try:
+            letters = await backend.dead_letters(DEAD_LETTERS_MAX)
+            for letter in letters:
+                m = letter.message
+                print(f"#{letter.seq} room {m.room_id} message {m.id} by {m.author_id} "
+                      f"at {m.received_at}: {letter.error}")
+                if not replay:
+                    continue
+                try:
+                    await backend.insert([m])
+                except Exception as exc:
+                    refused += 1
+                    print(f"  still refused: {exc!r}")
+                    continue
+                await backend.remove_dead_letter(letter.seq)
+                print("  written")
+            print(f"{len(letters)} dead letters" + (f", {len(letters) - refused} written, "
+                                                    f"{refused} still refused" if replay else ""))
+        finally:
+            await backend.close()
+    return 1 if refused else 0
+
+
+# What one dead-letters command looks at; run it again for more.
+DEAD_LETTERS_MAX = 10_000
 
 
 def raise_fd_limit() -> None:
@@ -382,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
             log.warning("development mode: any client may claim any author_id and the rooms "
                         "API needs no key; set auth.mode and auth.adminKey in production")
     try:
+        if args.command == "dead-letters":
+            return trio.run(_dead_letters, config, args.replay)
         if args.command == "migrate":
             version = trio.run(_migrate, config)
             where = (f"MySQL {config.db.host}:{config.db.port}/{config.db.database}"

@@ -745,6 +745,9 @@ async def _serve_requests(server: Server, stream: trio.abc.Stream, remote: str,
                 server.metrics.http_requests += 1
                 try:
                     response = await _route(server, request)
+                except StoreUnavailable as exc:
+                    response = error(503, "persistence_unavailable", str(exc),
+                                     (("retry-after", "1"),))
                 except Exception:
                     log.exception("%s: %s %s failed", remote, request.method, request.path)
                     response = error(500, "internal_error", "internal server error")

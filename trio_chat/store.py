@@ -38,6 +38,11 @@ from .protocol import CHANGE_TYPES, Message, apply_change, message_from_wire, ut
 T = TypeVar("T")
 
 DUPLICATE_KEY = 1062  # MySQL's ER_DUP_ENTRY
+# MySQL error codes from here up are the client's (lost connection, cannot connect).
+CLIENT_ERRORS = 2000
+# Server errors that pass: too many connections, shutting down, lock wait timeout,
+# deadlock, read-only (a failover), connection killed.
+TRANSIENT_ERRORS = frozenset({1040, 1053, 1205, 1213, 1290, 1836, 1927})
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +156,9 @@ class Backend(Protocol):
         """The ban of ``author_id`` in ``room_id`` still in force at ``now``, if any."""
     async def ping(self) -> None:
         """Raise unless the database answers."""
+    def may_refuse(self, exc: Exception) -> bool:
+        """Whether ``exc`` may be the database refusing what was written (a constraint,
+        bad data, a trigger), rather than the database being unreachable or busy."""
     async def sent_since(self, since: str, limit: int) -> list[Message]:
         """The newest ``limit`` messages with a client_msg_id received at or after
         ``since``, oldest first."""
@@ -378,7 +386,7 @@ class Store:
         try:
             await self._backend.insert([e.message for e in entries])
         except Exception as exc:
-            if not await self._answers():
+            if not (self._backend.may_refuse(exc) and await self._answers()):
                 raise  # down, not refusing: the caller retries with backoff
             if len(entries) > 1:
                 half = len(entries) // 2
@@ -907,6 +915,11 @@ class SqliteBackend(_Rooms):
     def _is_duplicate(self, exc: Exception) -> bool:
         return isinstance(exc, sqlite3.IntegrityError)
 
+    def may_refuse(self, exc: Exception) -> bool:
+        # OperationalError is the file: locked, read-only, full, unreadable.
+        return isinstance(exc, sqlite3.DatabaseError) and \
+            not isinstance(exc, sqlite3.OperationalError)
+
     async def _call(self, fn, *args):  # type: ignore[no-untyped-def]
         return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
 
@@ -1028,6 +1041,10 @@ class MysqlBackend(_Rooms):
 
     def _is_duplicate(self, exc: Exception) -> bool:
         return isinstance(exc, pymysql.IntegrityError) and exc.args[0] == DUPLICATE_KEY
+
+    def may_refuse(self, exc: Exception) -> bool:
+        code = exc.args[0] if isinstance(exc, pymysql.MySQLError) and exc.args else None
+        return isinstance(code, int) and code < CLIENT_ERRORS and code not in TRANSIENT_ERRORS
 
     async def ensure_room(self, room_id: int, created_at: str) -> None:
         await self._sql("INSERT INTO rooms (id, created_at) VALUES (%s, %s) "
