@@ -1095,8 +1095,13 @@ async def _run_clients(opts: Options, cluster: Cluster, services: trio.Nursery,
     await _check_tasks(nodes, events, v)
     if opts.verbose:
         for client in clients:
+            slowest = max((s for s in client.sent if s.acked_at is not None), default=None,
+                          key=lambda s: (s.acked_at or 0.0) - s.started)
+            waited = (f", slowest ack {(slowest.acked_at or 0.0) - slowest.started:.1f}s "
+                      f"(sent at {slowest.started:.1f}s, {events.around(slowest.started)})"
+                      if slowest else "")
             log(f"{client.name}: sent {len(client.sent)}, delivered {len(client.delivered)}, "
-                f"resent {len(client.resends)}, states "
+                f"resent {len(client.resends)}{waited}, states "
                 f"{Counter(s for _, s, _ in client.states)}")
         per_fault = Counter(events.around(t).split(" [")[0] for c in clients
                             for t in c.resends)

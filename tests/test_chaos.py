@@ -13,6 +13,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 ROOM = 101
 
@@ -135,9 +137,10 @@ def test_unanswered_and_refused_sends_fail() -> None:
     assert failed(verdict) == {"unsettled", "refused"}
 
 
-def test_a_connection_lost_only_when_its_node_is_killed() -> None:
+@pytest.mark.parametrize("kind", ["node-kill", "node-kill-lagging"])
+def test_a_connection_lost_only_when_its_node_is_killed(kind: str) -> None:
     events, clients, rows = world()
-    events.windows.append(("node-kill", "node0", 3.0, 5.0))
+    events.windows.append((kind, "node0", 3.0, 5.0))
     for client in clients:
         client.states += [(3.0, "reconnecting", "ConnectionClosed"), (5.5, "resumed", "")]
     verdict = judge(events, clients, rows)
@@ -160,7 +163,11 @@ def test_the_schedule_is_seeded_and_covers_every_fault() -> None:
     for fault, following in itertools.pairwise(plan):
         assert fault.start + fault.length < following.start, "quiet between faults"
     assert plan[-1].start + plan[-1].length < 60
-    assert len(chaos.schedule(120, chaos.FAULTS, seed=7)) == 2 * len(chaos.FAULTS)
+    longer = chaos.schedule(120, chaos.FAULTS, seed=7)
+    assert len(longer) == round((120 - 5) / chaos.SLOT) > len(chaos.FAULTS)
+    assert sorted(f.kind for f in longer[:len(chaos.FAULTS)]) == sorted(chaos.FAULTS), \
+        "every kind before any again"
+    assert [f.kind for f in chaos.schedule(60, ("node-kill",), seed=7)] == ["node-kill"] * 5
     assert chaos.schedule(60, (), seed=7) == []
 
 
