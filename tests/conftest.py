@@ -23,6 +23,7 @@ import redis
 import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 
+from trio_chat.broker import LocalBroker
 from trio_chat.config import (
     AuthConfig,
     Config,
@@ -100,8 +101,11 @@ def any_config(store_kind: str, db_path: Path, request: pytest.FixtureRequest
 
 
 async def start_server(nursery: trio.Nursery, config: Config) -> Server:
+    """A started server whose background start-up work is done (so task counts settle)."""
     server = Server.build(config)
     await nursery.start(server.run)
+    if isinstance(server.broker, LocalBroker):
+        await server.broker.loaded.wait()
     return server
 
 

@@ -128,34 +128,36 @@ async def test_cancelling_the_root_ends_every_task_promptly(db_path) -> None:
 
 async def test_slow_consumer_is_disconnected_and_the_room_keeps_going(nursery, db_path) -> None:
     server = await start_server(nursery, make_config(
-        db_path, send_queue_messages=50, send_queue_bytes=256 * 1024, write_wait=2.0))
+        db_path, send_queue_messages=200, send_queue_bytes=1024 * 1024, write_wait=2.0))
     slow_sock = socket.socket()
-    slow_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    slow_sock.connect(("127.0.0.1", server.port))
-    slow_sock.sendall(handshake_request("/ws/66"))
-    total = 400
-    big = "x" * 4000
-    async with open_ws(ws_url(server, 66)) as sender, open_ws(ws_url(server, 66)) as reader:
-        got = []
+    try:
+        slow_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        slow_sock.connect(("127.0.0.1", server.port))
+        slow_sock.sendall(handshake_request("/ws/66"))
+        total = 400
+        big = "x" * 4000
+        async with open_ws(ws_url(server, 66)) as sender, open_ws(ws_url(server, 66)) as reader:
+            got = []
 
-        async def read_all() -> None:
-            while len(got) < total:
-                got.append((await recv(reader))["content"])
+            async def read_all() -> None:
+                while len(got) < total:
+                    got.append((await recv(reader))["content"])
 
-        async def drain_sender() -> None:
-            for _ in range(total):
-                await recv_text(sender)
+            async def drain_sender() -> None:
+                for _ in range(total):
+                    await recv_text(sender)
 
-        with trio.fail_after(60):
-            async with trio.open_nursery() as work:
-                work.start_soon(read_all)
-                work.start_soon(drain_sender)
-                for i in range(total):
-                    await sender.send_message(chat_frame(f"{i}:{big}", room_id=66))
-        assert [c.split(":")[0] for c in got] == [str(i) for i in range(total)]
-        await wait_until(lambda: server.metrics.slow_consumer_disconnects == 1)
-        await wait_until(lambda: len(server.hub.connections) == 2)
-    slow_sock.close()
+            with trio.fail_after(60):
+                async with trio.open_nursery() as work:
+                    work.start_soon(read_all)
+                    work.start_soon(drain_sender)
+                    for i in range(total):
+                        await sender.send_message(chat_frame(f"{i}:{big}", room_id=66))
+            assert [c.split(":")[0] for c in got] == [str(i) for i in range(total)]
+            await wait_until(lambda: server.metrics.slow_consumer_disconnects == 1)
+            await wait_until(lambda: len(server.hub.connections) == 2)
+    finally:
+        slow_sock.close()
 
 
 async def test_peer_that_never_answers_pings_is_closed(nursery, db_path) -> None:

@@ -78,7 +78,7 @@ async def test_ids_dropped_from_memory_are_still_recognised_from_the_store(
     server.broker.sent_limit = 3
     # Once the ids sent before the start are loaded, a miss in memory no longer asks the
     # store by itself.
-    await server.broker._loaded.wait()
+    await server.broker.loaded.wait()
     acks = {}
     async with open_ws(ws_url(server, ROOM)) as sender:
         for i in range(6):

@@ -191,7 +191,7 @@ async def test_a_database_outage_keeps_chat_running(nursery, tmp_path, proxied,
                                                     mysql_db) -> None:
     proxy, db = proxied
     server = await start_server(nursery, make_config(tmp_path / "x.db", db=db))
-    await server.broker._loaded.wait()
+    await server.broker.loaded.wait()
     url = f"ws://127.0.0.1:{server.port}/ws/42"
     async with open_ws(url) as sender, open_ws(url) as member:
         await sender.send_message(chat_frame("up", room_id=42, client_msg_id="u"))

@@ -231,3 +231,34 @@ async def test_protocol_errors_on_a_real_socket_close_with_their_code(server) ->
     for client in (unmasked, huge):
         await client.aclose()
     await wait_until(lambda: not server.hub.connections)
+
+
+async def test_a_close_after_a_half_written_frame_keeps_the_stream_whole(
+        nursery, db_path) -> None:
+    """A close frame waits for the rest of a frame the socket took only part of
+    (it once went out in the middle of one: the peer saw invalid UTF-8)."""
+    server = await start_server(nursery, make_config(db_path, write_wait=30.0))
+    client = await RawClient.connect(server.port, "/ws/6")
+    try:
+        client.stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        async with open_ws(ws_url(server, 6)) as sender:
+            await wait_until(lambda: len(server.hub.rooms[6].members) == 2)
+            # Frames until the client's socket is full and one is only half written.
+            member = None
+            for i in range(200):
+                await sender.send_message(chat_frame(f"{i}:" + "y" * 3000, room_id=6))
+                await recv(sender)
+                member = next((m for m in server.hub.connections
+                               if m.room_id == 6 and m.ws._queue), None)
+                if member is not None:
+                    break
+            assert member is not None, "the client's socket never filled"
+            member.close(4004, "kicked")
+        texts = 0
+        with trio.fail_after(30):
+            while not isinstance(event := await client.next_event(), CloseConnection):
+                assert isinstance(event, TextMessage), event
+                texts += 1
+        assert event.code == 4004 and texts >= 1
+    finally:
+        await client.aclose()

@@ -165,7 +165,7 @@ class LocalBroker:
     sent_limit: int = 100_000
     # Set once the ids sent within the window before this process started are in
     # memory (run() reads them from the store); until then the store is asked.
-    _loaded: trio.Event = attrs.field(init=False, factory=trio.Event)
+    loaded: trio.Event = attrs.field(init=False, factory=trio.Event)
     # Until then, an id not in memory may have been dropped for sent_limit.
     _evicted_until: float = attrs.field(init=False, default=-math.inf)
 
@@ -201,7 +201,7 @@ class LocalBroker:
         if len(sent) >= self.sent_limit:
             self._evicted_until = time.monotonic() + self.idempotency_window
         self._trim_sent()
-        self._loaded.set()
+        self.loaded.set()
         log.debug("loaded %d client_msg_ids of the last %gs", len(loaded),
                   self.idempotency_window)
 
@@ -212,7 +212,7 @@ class LocalBroker:
         assert draft.author_id is not None and draft.client_msg_id is not None
         key = (draft.room_id, draft.author_id, draft.client_msg_id)
         sent = self._sent.get(key)
-        if sent is None and (not self._loaded.is_set() or now < self._evicted_until):
+        if sent is None and (not self.loaded.is_set() or now < self._evicted_until):
             # Sent before this process started and not loaded yet, or dropped from
             # memory: only the store knows (StoreUnavailable if it cannot say).
             sent = await _sent_to_store(self._store, draft, self.idempotency_window)

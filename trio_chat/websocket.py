@@ -390,13 +390,17 @@ class WebSocket:
         self._flush_soon()
 
     def close(self, code: int, reason: str = "") -> None:
-        """Start the close handshake: drop what is queued, send a close frame."""
+        """Start the close handshake: send a close frame after what is queued.
+
+        What is queued is sent first: its head may be the rest of a frame already
+        half written, and a close frame in the middle of a frame breaks the
+        stream. Nothing more is queued after it, and a peer that does not take it
+        within writeWait is dropped like any slow consumer.
+        """
         if self._closing:
             return
         self._closing = True
         self.close_code, self.close_reason = code, reason
-        self._queue.clear()
-        self._queued_bytes = 0
         self._send(close_frame(code, reason))
         # The peer has close_timeout to answer; a dead peer must not hold the reader.
         self._read_scope.deadline = min(
