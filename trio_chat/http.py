@@ -746,7 +746,9 @@ async def _serve_requests(server: Server, stream: trio.abc.Stream, remote: str,
                 try:
                     response = await _route(server, request)
                 except Exception:
-                    log.exception("%s: %s %s failed", remote, request.method, request.path)
+                    # One request's failure is its own: the connection goes on.
+                    server.metrics.unexpected("http_errors", log, "%s: %s %s failed", remote,
+                                              request.method, request.path)
                     response = error(500, "internal_error", "internal server error")
             assert response is not None
             keep_alive = conn.their_state is h11.DONE and not upgrade

@@ -1,12 +1,20 @@
-"""Counters and gauges, rendered in the Prometheus text format. Runs no tasks.
+"""Counters and gauges, rendered in the Prometheus text format, and how a failure
+boundary reports what it caught. Runs no tasks.
 
 Counters are plain integer attributes bumped on the hot path (no locks: trio
 runs one task at a time); gauges that already live elsewhere (open
 connections, live rooms, trio tasks) are read when ``/metrics`` is scraped.
+
+A failure boundary (one frame, one broker payload, one room, presence, one
+connection, one HTTP request) catches ``Exception``, never ``BaseException``,
+so cancellation passes through, and calls :meth:`Metrics.unexpected`: the
+failure is counted and logged once with its traceback, so a bug is seen
+without being fatal.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 
 import attrs
@@ -48,8 +56,18 @@ class Metrics:
     ip_limit_refusals: int = 0
     rate_limited: int = 0
     flood_disconnects: int = 0
+    frame_failures: int = 0
+    connection_failures: int = 0
+    http_errors: int = 0
     # Gauges read at scrape time; the server plugs in its own readers.
     gauges: dict[str, tuple[str, Callable[[], float]]] = attrs.field(factory=dict)
+
+    def unexpected(self, counter: str, logger: logging.Logger, message: str,
+                   *args: object) -> None:
+        """At a failure boundary, in its ``except Exception`` clause: count the failure
+        in ``counter`` and log ``message`` once, at error level, with the traceback."""
+        setattr(self, counter, getattr(self, counter) + 1)
+        logger.error(message, *args, exc_info=True)
 
     def add_gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
         self.gauges[name] = (help_text, read)
@@ -91,4 +109,8 @@ _COUNTERS: Iterable[tuple[str, str]] = (
     ("ip_limit_refusals", "WebSocket upgrades refused: too many connections from the address."),
     ("rate_limited", "Client frames refused for going over the message rate."),
     ("flood_disconnects", "Connections closed (1008) for flooding past the rate limit."),
+    ("frame_failures", "Connections closed (1011) by an unexpected error handling one of "
+                       "their frames."),
+    ("connection_failures", "Connections ended by an unexpected error."),
+    ("http_errors", "HTTP requests answered 500: an unexpected error in their handler."),
 )

@@ -248,4 +248,5 @@ class Server:
             log.debug("%s: connection lost: %s", remote, exc)
         except Exception:
             # One connection's failure is its own: log it once, never reach the root.
-            log.exception("%s: connection failed", remote)
+            self.metrics.unexpected("connection_failures", log, "%s: connection failed",
+                                    remote)
