@@ -6,16 +6,30 @@ node logs it once with its traceback, counts it, and goes on serving.
 
 from __future__ import annotations
 
+import json
 import logging
+from typing import Any
 
 import pytest
+import redis
 import trio
 
 import trio_chat.server
 from trio_chat.store import SqliteBackend
 
-from .conftest import chat_frame, open_ws, recv, ws_url
+from .conftest import (
+    REDIS_PORT,
+    chat_frame,
+    node_config,
+    open_ws,
+    recv,
+    start_server,
+    wait_until,
+    ws_url,
+)
 from .rawws import http_call
+
+AT = "2022-06-05T12:00:00.000Z"
 
 
 def tracebacks(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
@@ -59,3 +73,84 @@ async def test_a_failing_connection_is_counted_and_ends_alone(server, monkeypatc
     async with open_ws(ws_url(server, 7)) as ws:
         await ws.send_message(chat_frame("still serving", room_id=7))
         assert (await recv(ws))["content"] == "still serving"
+
+
+def wire_message(message_id: Any, room_id: int = 9, **fields: Any) -> dict[str, Any]:
+    """A message as the Redis broker's publish script sends it between nodes."""
+    return {"id": message_id, "message_type": "chat_txt", "author_id": 4, "room_id": room_id,
+            "content": f"message {message_id}", "create_at": AT, "received_at": AT, **fields}
+
+
+# What a broken (or hostile) publisher on the room's channel could send.
+GARBAGE = [
+    b'{"id":5}',
+    b"not json",
+    b"",
+    b'{"message_type":"bogus"}',
+    b'{"control":"nope"}',
+    b'{"control":"close","author_id":null,"code":"x","reason":""}',
+    b"[1, 2, 3]",
+    b'"just a string"',
+    b"\xff\xfe is not UTF-8",
+    json.dumps(wire_message(2**70)).encode(),
+    json.dumps(wire_message(0)).encode(),
+    json.dumps(wire_message("7")).encode(),
+    json.dumps(wire_message(7, room_id=10)).encode(),
+    json.dumps(wire_message(7, message_type="chat_poll")).encode(),
+    json.dumps(wire_message(7, content=None)).encode(),
+    json.dumps(wire_message(7, content="\ud800")).encode(),
+    json.dumps(wire_message(7, message_type="chat_edit")).encode(),
+    b'{"message_type":"chat_enter","room_id":9}',
+    json.dumps({"message_type": "typing", "author_id": "4", "room_id": 9,
+                "create_at": AT}).encode(),
+    json.dumps({"message_type": "chat_exit", "author_id": 4, "room_id": 9, "content": "",
+                "create_at": AT, "online": 0, "extra": "\ud800"}).encode(),
+]
+
+
+async def test_bad_broker_payloads_are_dropped_and_the_node_goes_on(
+        nursery, tmp_path, channel, caplog) -> None:
+    server = await start_server(nursery, node_config(tmp_path / "n.db", REDIS_PORT, channel))
+    with redis.Redis(port=REDIS_PORT) as client:
+        async with open_ws(ws_url(server, 9, "?author_id=3")) as ws:
+            # Our own arrival, back through Redis: the room is listening.
+            assert (await recv(ws, events=True))["message_type"] == "chat_enter"
+            for payload in GARBAGE:
+                client.execute_command("SPUBLISH", f"{channel}:{{9}}", payload)
+            # From a newer trio-chat: fields this one does not know are no reason to drop.
+            # (It takes id 1 as the publish script would: the room's counter knows.)
+            client.set(f"{channel}:{{9}}:seq", 1)
+            client.execute_command("SPUBLISH", f"{channel}:{{9}}",
+                                   json.dumps(wire_message(1, reactions={"+1": 2})))
+            typing = {"message_type": "typing", "author_id": 4, "room_id": 9,
+                      "create_at": AT, "device": "phone"}
+            client.execute_command("SPUBLISH", f"{channel}:{{9}}", json.dumps(typing))
+            await ws.send_message(chat_frame("after the garbage", room_id=9, author_id=3))
+            got = [await recv(ws, events=True) for _ in range(3)]
+            assert got[0] == wire_message(1)
+            assert got[1] == typing
+            assert (got[2]["id"], got[2]["content"]) == (2, "after the garbage")
+            await wait_until(lambda: server.metrics.broker_payloads_dropped == len(GARBAGE))
+            async with open_ws(ws_url(server, 9)) as newcomer, \
+                    open_ws(ws_url(server, 10)) as elsewhere:
+                assert [(await recv(newcomer))["id"] for _ in range(2)] == [1, 2]
+                await newcomer.send_message(chat_frame("hello", room_id=9))
+                assert (await recv(ws))["content"] == (await recv(newcomer))["content"]
+                await elsewhere.send_message(chat_frame("elsewhere", room_id=10))
+                assert (await recv(elsewhere))["content"] == "elsewhere"
+    # Another node's nonsense is worth a warning, not a traceback.
+    assert not tracebacks(caplog)
+    assert 0 < sum("dropped" in r.getMessage() for r in caplog.records) < len(GARBAGE)
+
+
+async def test_bad_entries_in_a_rooms_recent_list_are_dropped(nursery, tmp_path,
+                                                              channel) -> None:
+    server = await start_server(nursery, node_config(tmp_path / "n.db", REDIS_PORT, channel))
+    with redis.Redis(port=REDIS_PORT) as client:
+        client.rpush(f"{channel}:{{12}}:recent", b'{"id":1}', b"not json",
+                     json.dumps(wire_message(2, room_id=12)))
+        async with open_ws(ws_url(server, 12)) as ws:
+            assert (await recv(ws))["content"] == "message 2"
+            await ws.send_message(chat_frame("next", room_id=12))
+            assert ((got := await recv(ws))["id"], got["content"]) == (3, "next")
+        assert server.metrics.broker_payloads_dropped == 2

@@ -23,6 +23,13 @@ keys and its shard channel carry the room's ``{hash tag}``, so they live on one
 shard and the script runs there. Subscriptions keep one connection per shard
 node, each read by a task of its own below :meth:`RedisBroker.run`; losing any
 of them counts as losing Redis.
+
+One payload is a failure boundary: whatever anyone publishes on a room's
+channel is checked (:func:`~trio_chat.protocol.read_payload`) before it reaches
+the room, and one that is not JSON, malformed, of an unknown kind or for
+another room is dropped, as is one whose delivery fails unexpectedly. Each drop
+is counted (``broker_payloads_dropped``) and logged, at most once a minute per
+kind of problem; the subscription and every other room go on.
 """
 
 from __future__ import annotations
@@ -46,13 +53,17 @@ from redis.backoff import NoBackoff
 
 from . import bridge
 from .config import RedisConfig
+from .metrics import LogThrottle, Metrics
 from .protocol import (
     Draft,
     Message,
+    PayloadError,
+    RelayedEvent,
     accept,
     apply_change,
     message_from_wire,
     presence_event,
+    read_payload,
     utc_after,
     utc_now,
 )
@@ -383,6 +394,9 @@ class RedisBroker:
     outage_hold: float = 3.0
     idempotency_window: float = 600.0
     node: str = attrs.field(factory=lambda: secrets.token_hex(4))
+    _metrics: Metrics = attrs.field(factory=Metrics)
+    # Bad payloads are logged at most once a minute per kind of problem.
+    _throttle: LogThrottle = attrs.field(init=False, factory=LogThrottle)
     _rooms: dict[int, list[Subscriber]] = attrs.field(init=False, factory=dict)
     _confirmations: dict[str, trio.Event] = attrs.field(init=False, factory=dict)
     _client: Any = attrs.field(init=False, default=None)
@@ -474,7 +488,10 @@ class RedisBroker:
             client_name=f"{c.listening_channel_name}:{self.node}",
             # No silent retries: a reconnection must go through run(), which
             # resubscribes and recovers what was missed; redis-py's own would not.
-            retry=Retry(NoBackoff(), 0), decode_responses=True)
+            retry=Retry(NoBackoff(), 0), decode_responses=True,
+            # Bytes that are not UTF-8 must not fail the read they arrive in (and every
+            # payload read with them): read_payload refuses them.
+            encoding_errors="surrogateescape")
 
     async def _aio_connect_node(self) -> bool:
         """Asyncio flavour. Connect to the configured node as a single Redis.
@@ -740,22 +757,50 @@ class RedisBroker:
                     self._unsubscribed(message["channel"])
 
     def _dispatch(self, channel: str, data: str) -> None:
+        """Hand one payload to its room here: the failure boundary of one payload."""
         room_id = self._room_of(channel)
         subscribers = self._rooms.get(room_id) if room_id is not None else None
         if not subscribers:
             return
-        if data.startswith('{"control":'):
-            command = json.loads(data)
-            for subscriber in list(subscribers):
-                subscriber.control(command)
-            return
-        if not data.startswith('{"id":'):
-            for subscriber in subscribers:  # an event, already in its wire form
-                subscriber.deliver_event(data)
-            return
-        message = message_from_wire(json.loads(data))
-        for subscriber in subscribers:
-            subscriber.deliver(message)
+        assert room_id is not None
+        try:
+            payload = read_payload(data, room_id)
+            if isinstance(payload, Message):
+                for subscriber in subscribers:
+                    subscriber.deliver(payload)
+            elif isinstance(payload, RelayedEvent):
+                for subscriber in subscribers:
+                    subscriber.deliver_event(payload.text)
+            else:
+                for subscriber in list(subscribers):
+                    subscriber.control(payload.command)
+        except PayloadError as exc:
+            self._drop(room_id, exc)
+        except Exception:
+            self._metrics.unexpected("broker_payloads_dropped", log,
+                                     "room %d: delivering a broker payload failed; dropped",
+                                     room_id, throttle=self._throttle)
+
+    def _drop(self, room_id: int, exc: PayloadError) -> None:
+        self._metrics.broker_payloads_dropped += 1
+        held = self._throttle.allow(exc.kind)
+        if held is not None:
+            log.warning("room %d: dropped a broker payload (%s): %s%s", room_id, exc.kind, exc,
+                        f" ({held} more since the last report)" if held else "")
+
+    def _messages(self, room_id: int, listed: list[str]) -> list[Message]:
+        """The messages of a room's recent list; an entry that is not one is dropped."""
+        messages = []
+        for data in listed:
+            try:
+                payload = read_payload(data, room_id)
+                if not isinstance(payload, Message):
+                    raise PayloadError("unknown_kind", "not a message, in the recent list")
+            except PayloadError as exc:
+                self._drop(room_id, exc)
+            else:
+                messages.append(payload)
+        return messages
 
     async def _recover(self, room_id: int) -> None:
         subscribers = self._rooms.get(room_id)
@@ -764,7 +809,7 @@ class RedisBroker:
         last = min(s.last_id for s in subscribers)
         with trio.fail_after(self.timeout):
             listed = await bridge.call(self._client.lrange, self._recent_key(room_id), 0, -1)
-        missed = [m for m in map(message_from_wire, map(json.loads, listed)) if m.id > last]
+        missed = [m for m in self._messages(room_id, listed) if m.id > last]
         if missed and missed[0].id > last + 1:
             # More was published meanwhile than the recent list keeps: the rest is in
             # the history store, if the nodes share one.
@@ -842,7 +887,7 @@ class RedisBroker:
         # The counter first: whatever is published after it is in the list read next.
         seq = int(await self._command("get", self._seq_key(room_id)) or 0)
         listed = await self._command("lrange", self._recent_key(room_id), -max(limit, 1), -1)
-        recent = [message_from_wire(json.loads(data)) for data in listed]
+        recent = self._messages(room_id, listed)
         stored_last = await self._store.last_id(room_id)
         last = max(seq, stored_last, *(m.id for m in recent), 0)
         if len(recent) < limit and stored_last:
@@ -854,8 +899,7 @@ class RedisBroker:
 
     async def history(self, room_id: int, after: int, before: int) -> list[Message]:
         listed = await self._command("lrange", self._recent_key(room_id), 0, -1)
-        merged = {m.id: m for m in map(message_from_wire, map(json.loads, listed))
-                  if after < m.id < before}
+        merged = {m.id: m for m in self._messages(room_id, listed) if after < m.id < before}
         if len(merged) < before - after - 1:
             stored = await self._store.page(room_id, after=after, before=before,
                                             limit=before - after - 1, newest_first=False)

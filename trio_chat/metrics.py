@@ -9,12 +9,17 @@ A failure boundary (one frame, one broker payload, one room, presence, one
 connection, one HTTP request) catches ``Exception``, never ``BaseException``,
 so cancellation passes through, and calls :meth:`Metrics.unexpected`: the
 failure is counted and logged once with its traceback, so a bug is seen
-without being fatal.
+without being fatal. :class:`LogThrottle` keeps a failure that repeats (a
+stream of bad payloads) from flooding the log.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import sys
+import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 
 import attrs
@@ -33,6 +38,25 @@ def count_tasks(root: trio.lowlevel.Task | None = None) -> int:
         for nursery in task.child_nurseries:
             stack.extend(nursery.child_tasks)
     return count
+
+
+@attrs.define
+class LogThrottle:
+    """Lets one log record per key through every ``interval`` seconds and counts the
+    ones it holds back, which the next record reports."""
+
+    interval: float = 60.0
+    _next: dict[str, float] = attrs.field(init=False, factory=dict)
+    _held: Counter[str] = attrs.field(init=False, factory=Counter)
+
+    def allow(self, key: str) -> int | None:
+        """None: hold this record back. Else log it, saying how many were held back."""
+        now = time.monotonic()
+        if now < self._next.get(key, -math.inf):
+            self._held[key] += 1
+            return None
+        self._next[key] = now + self.interval
+        return self._held.pop(key, 0)
 
 
 @attrs.define
@@ -57,16 +81,27 @@ class Metrics:
     rate_limited: int = 0
     flood_disconnects: int = 0
     frame_failures: int = 0
+    broker_payloads_dropped: int = 0
     connection_failures: int = 0
     http_errors: int = 0
     # Gauges read at scrape time; the server plugs in its own readers.
     gauges: dict[str, tuple[str, Callable[[], float]]] = attrs.field(factory=dict)
 
-    def unexpected(self, counter: str, logger: logging.Logger, message: str,
-                   *args: object) -> None:
+    def unexpected(self, counter: str, logger: logging.Logger, message: str, *args: object,
+                   throttle: LogThrottle | None = None) -> None:
         """At a failure boundary, in its ``except Exception`` clause: count the failure
-        in ``counter`` and log ``message`` once, at error level, with the traceback."""
+        in ``counter`` and log ``message`` once, at error level, with the traceback.
+
+        ``throttle`` limits the log (never the count) per kind of exception.
+        """
         setattr(self, counter, getattr(self, counter) + 1)
+        if throttle is not None:
+            held = throttle.allow(f"{counter}:{type(sys.exc_info()[1]).__name__}")
+            if held is None:
+                return
+            if held:
+                message += " (%d more since the last report)"
+                args = (*args, held)
         logger.error(message, *args, exc_info=True)
 
     def add_gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
@@ -111,6 +146,8 @@ _COUNTERS: Iterable[tuple[str, str]] = (
     ("flood_disconnects", "Connections closed (1008) for flooding past the rate limit."),
     ("frame_failures", "Connections closed (1011) by an unexpected error handling one of "
                        "their frames."),
+    ("broker_payloads_dropped", "Payloads from the broker dropped: not JSON, malformed, of "
+                                "an unknown kind, for another room, or failing unexpectedly."),
     ("connection_failures", "Connections ended by an unexpected error."),
     ("http_errors", "HTTP requests answered 500: an unexpected error in their handler."),
 )

@@ -141,7 +141,7 @@ class Server:
                       batch_size=s.store_batch)
         broker: LocalBroker | RedisBroker = (
             RedisBroker(config.redis, store, recent_size=max(100, s.history_on_join),
-                        idempotency_window=s.idempotency_window)
+                        idempotency_window=s.idempotency_window, metrics=metrics)
             if config.redis is not None else LocalBroker(store, s.idempotency_window))
         hub = Hub(store, broker, metrics, s.history_on_join, s.replay_limit, s.presence_ttl,
                   s.room_policy, config.media)
