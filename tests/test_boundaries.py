@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 from typing import Any
 
 import pytest
@@ -154,3 +156,33 @@ async def test_bad_entries_in_a_rooms_recent_list_are_dropped(nursery, tmp_path,
             await ws.send_message(chat_frame("next", room_id=12))
             assert ((got := await recv(ws))["id"], got["content"]) == (3, "next")
         assert server.metrics.broker_payloads_dropped == 2
+
+
+async def test_a_hung_redis_is_noticed_and_sends_are_refused_not_held(
+        nursery, tmp_path, channel, redis_server) -> None:
+    port = redis_server()
+    server = await start_server(nursery, node_config(tmp_path / "n.db", port, channel))
+    # Quick to give up, so the test is quick; the defaults are 5 s and 3 s.
+    server.broker.timeout = 1.0
+    server.broker.outage_hold = 0.5
+    process = redis_server.processes[-1]  # type: ignore[attr-defined]
+    async with open_ws(ws_url(server, 15, "?author_id=3")) as ws:
+        await ws.send_message(chat_frame("before", room_id=15, author_id=3))
+        assert (await recv(ws))["content"] == "before"
+        os.kill(process.pid, signal.SIGSTOP)
+        try:
+            # Stopped, Redis keeps the connections open and answers nothing.
+            await wait_until(lambda: not server.broker.connected)
+            assert server.broker.down_since is not None
+            assert server.metrics.gauges["redis_connected"][1]() == 0
+            await ws.send_message(chat_frame("during", room_id=15, author_id=3,
+                                             client_msg_id="hung-1"))
+            refused = await recv(ws)
+            assert (refused["message_type"], refused["code"], refused["client_msg_id"]) == (
+                "error", "sync_unavailable", "hung-1")
+        finally:
+            os.kill(process.pid, signal.SIGCONT)
+        await wait_until(lambda: server.broker.connected, timeout=40)
+        assert server.broker.down_since is None
+        await ws.send_message(chat_frame("after", room_id=15, author_id=3))
+        assert (await recv(ws))["content"] == "after"

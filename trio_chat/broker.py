@@ -22,7 +22,10 @@ The configured Redis may be one node of a Redis Cluster (``INFO cluster`` says
 keys and its shard channel carry the room's ``{hash tag}``, so they live on one
 shard and the script runs there. Subscriptions keep one connection per shard
 node, each read by a task of its own below :meth:`RedisBroker.run`; losing any
-of them counts as losing Redis.
+of them counts as losing Redis. So does a Redis that hangs (stopped, or a
+network that drops packets): a subscription connection that has heard nothing
+for half the broker's timeout sends a PING, and no answer within the timeout
+counts as losing Redis.
 
 One payload is a failure boundary: whatever anyone publishes on a room's
 channel is checked (:func:`~trio_chat.protocol.read_payload`) before it reaches
@@ -384,6 +387,15 @@ def _json(obj: dict[str, Any]) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
 
+@attrs.define
+class _Quiet:
+    """When a subscription connection last heard from Redis, and when it sent a PING
+    not answered yet."""
+
+    heard: float
+    pinged: float | None = None
+
+
 @attrs.define(eq=False)
 class RedisBroker:
     _config: RedisConfig
@@ -588,6 +600,12 @@ class RedisBroker:
             timeout = 0.0
         return batch
 
+    async def _aio_ping_shard(self, name: str) -> None:
+        """Asyncio flavour. PING on the subscription connection to one shard node, if open."""
+        pubsub = self._pubsub.node_pubsub_mapping.get(name)
+        if pubsub is not None and pubsub.connection is not None:
+            await pubsub.ping()
+
     def _shards(self) -> set[str]:
         """Either flavour (awaits nothing). Shard nodes with an open subscription connection."""
         if self._pubsub is None or not self.cluster:
@@ -646,9 +664,36 @@ class RedisBroker:
         finally:
             await self._close()
 
+    async def _watch(self, batch: list[dict[str, Any]], quiet: _Quiet,
+                     ping: Callable[[], Awaitable[Any]]) -> None:
+        """After each read of a subscription connection: is Redis still answering?
+
+        A quiet subscription looks like a hung Redis (a read returns nothing
+        either way): after ``timeout / 2`` seconds with nothing read, ``ping``
+        sends a PING, whose answer is read like any message. No message within
+        ``timeout`` seconds of it raises, which is losing Redis.
+        """
+        now = trio.current_time()
+        if batch:
+            quiet.heard, quiet.pinged = now, None
+        elif quiet.pinged is not None:
+            if now - quiet.pinged > self.timeout:
+                raise redis.TimeoutError(f"no answer to PING within {self.timeout:g}s")
+        elif now - quiet.heard >= self.timeout / 2:
+            with trio.fail_after(self.timeout):
+                await ping()
+            quiet.pinged = now
+
     async def _read_until_error(self, channels: int, ready: Callable[[], None]) -> None:
         if not self.cluster:
-            await self._follow(channels, ready, lambda: bridge.call(self._aio_read))
+            quiet = _Quiet(trio.current_time())
+
+            async def read() -> list[dict[str, Any]]:
+                batch = await bridge.call(self._aio_read)
+                await self._watch(batch, quiet, lambda: bridge.call(self._pubsub.ping))
+                return batch
+
+            await self._follow(channels, ready, read)
             return
         # Cluster: one subscription connection per shard node, each read by a task
         # of its own (ClusterPubSub.get_sharded_message without a target node asks
@@ -688,11 +733,13 @@ class RedisBroker:
 
     async def _read_shard(self, name: str, send: trio.MemorySendChannel[Any]) -> None:
         """Cluster mode: read one shard node's subscription connection while it is open."""
+        quiet = _Quiet(trio.current_time())
         try:
             # No checkpoint between this test and the finally clause: a subscription
             # that opens the connection again afterwards starts a new reader.
             while name in self._shards():
                 batch = await bridge.call(self._aio_read_shard, name)
+                await self._watch(batch, quiet, lambda: bridge.call(self._aio_ping_shard, name))
                 if batch:
                     await send.send(batch)
                 # redis-py may have opened connections by itself (slot moves).
