@@ -15,8 +15,12 @@ from typing import Any
 import pytest
 import redis
 import trio
+from trio_websocket import ConnectionClosed
 
 import trio_chat.server
+from trio_chat.broker import LocalBroker
+from trio_chat.metrics import count_tasks
+from trio_chat.room import Room
 from trio_chat.store import SqliteBackend
 
 from .conftest import (
@@ -36,6 +40,22 @@ AT = "2022-06-05T12:00:00.000Z"
 
 def tracebacks(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     return [r for r in caplog.records if r.levelno >= logging.ERROR and r.exc_info]
+
+
+def room_tasks(server: Any) -> int:
+    """The tasks under the hub: Hub.run, presence and each live room's task.
+
+    Counted there rather than under the whole server, whose start-up may leave a task
+    or two running for a while after it is ready.
+    """
+    return count_tasks(server.hub._nursery.parent_task)
+
+
+async def closed_with(ws: Any, timeout: float = 15) -> int:
+    with pytest.raises(ConnectionClosed) as info, trio.fail_after(timeout):
+        while True:
+            await ws.get_message()
+    return info.value.reason.code
 
 
 async def test_a_failing_http_handler_answers_500_and_is_counted(server, monkeypatch,
@@ -186,3 +206,82 @@ async def test_a_hung_redis_is_noticed_and_sends_are_refused_not_held(
         assert server.broker.down_since is None
         await ws.send_message(chat_frame("after", room_id=15, author_id=3))
         assert (await recv(ws))["content"] == "after"
+
+
+@pytest.mark.parametrize("failing", ["ensure_room", "tail"])
+async def test_a_room_that_fails_to_start_fails_every_joiner_waiting_for_it(
+        server, monkeypatch, failing) -> None:
+    """The first joiner starts the room: making sure it exists in the store, then
+    reading its history. If that fails, a second joiner waiting for the room is told
+    too (1013, try again later), and the next joiner starts the room afresh."""
+    baseline = room_tasks(server)
+    entered, release = trio.Event(), trio.Event()
+    owner = {"ensure_room": SqliteBackend, "tail": LocalBroker}[failing]
+    original = getattr(owner, failing)
+    calls = 0
+
+    async def fails_first(self, room_id, *args):
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            entered.set()
+            await release.wait()
+            raise OSError("the database went away")
+        return await original(self, room_id, *args)
+
+    monkeypatch.setattr(owner, failing, fails_first)
+    async with open_ws(ws_url(server, 20)) as first:
+        with trio.fail_after(10):
+            await entered.wait()
+        async with open_ws(ws_url(server, 20)) as second:
+            room = server.hub.rooms[20]
+            await wait_until(lambda: room.ready.statistics().tasks_waiting == 1)
+            release.set()
+            assert await closed_with(first, timeout=10) == 1013
+            assert await closed_with(second, timeout=10) == 1013
+    assert 20 not in server.hub.rooms
+    async with open_ws(ws_url(server, 20)) as third:
+        await third.send_message(chat_frame("third time lucky", room_id=20))
+        assert (await recv(third))["content"] == "third time lucky"
+    await wait_until(lambda: not server.hub.rooms and not server.hub.connections)
+    await wait_until(lambda: room_tasks(server) == baseline)
+
+
+async def test_a_room_that_fails_once_started_ends_alone(server, monkeypatch,
+                                                         caplog) -> None:
+    baseline = room_tasks(server)
+    boom = trio.Event()
+    original = Room.run
+    failed = False
+
+    async def fails_when_told(self, *, task_status=trio.TASK_STATUS_IGNORED):
+        nonlocal failed
+        if self.id != 21 or failed:
+            return await original(self, task_status=task_status)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(original, self)
+            task_status.started()
+            await boom.wait()
+            failed = True
+            raise RuntimeError("a bug in room 21")
+
+    monkeypatch.setattr(Room, "run", fails_when_told)
+    async with open_ws(ws_url(server, 21)) as doomed, \
+            open_ws(ws_url(server, 22)) as bystander:
+        await doomed.send_message(chat_frame("before", room_id=21))
+        assert (await recv(doomed))["content"] == "before"
+        boom.set()
+        assert await closed_with(doomed) == 1011
+        assert server.metrics.room_failures == 1
+        [record] = tracebacks(caplog)
+        assert "room 21" in record.getMessage()
+        assert 21 not in server.hub.rooms
+        await bystander.send_message(chat_frame("unaffected", room_id=22))
+        assert (await recv(bystander))["content"] == "unaffected"
+        async with open_ws(ws_url(server, 21)) as again:
+            assert (await recv(again))["content"] == "before"
+            await again.send_message(chat_frame("after", room_id=21))
+            assert ((got := await recv(again))["id"], got["content"]) == (2, "after")
+    await wait_until(lambda: not server.hub.rooms and not server.hub.connections)
+    await wait_until(lambda: room_tasks(server) == baseline)
+

@@ -33,6 +33,7 @@ import trio
 from .auth import AuthError, Claims, authenticate, check_admin, check_origin
 from .broker import BrokerUnavailable
 from .connection import serve_connection
+from .hub import RoomUnavailable
 from .media import ImageError, save_image
 from .protocol import (
     CHAT_TYPES,
@@ -386,6 +387,9 @@ async def _publish(server: Server, draft: Draft, status: int) -> Response:
         raise HttpError(error(503, "persistence_unavailable", str(exc))) from None
     except BrokerUnavailable as exc:
         raise HttpError(error(503, "sync_unavailable", str(exc))) from None
+    except RoomUnavailable as exc:
+        raise HttpError(error(503, "room_unavailable", str(exc),
+                              (("retry-after", "1"),))) from None
     return json_response(status, message.to_wire())
 
 

@@ -5,6 +5,14 @@ room, and the nursery the rooms run in (:meth:`Hub.run`). A room is created
 when its first member joins and removed from the registry the moment its last
 member leaves, so a new joiner never lands in a room that is shutting down.
 
+One room is a failure boundary. If its start fails (the store or the broker
+cannot be reached, or a bug), the joiner starting it and every joiner waiting
+for it are refused (:class:`RoomUnavailable`; their connections close with
+1013) and the room is dropped from the registry, so the next joiner starts it
+afresh. If it fails once started, the error is logged with its traceback and
+counted (``room_failures``), its members are closed with 1011 and the room is
+dropped: never restarted, the next joiner starts it afresh.
+
 Presence (:class:`Presence`) counts this node's connections per author and
 room and keeps the broker's registry, shared by every node, in step: an author
 is online in a room while any node has a connection of theirs there. Its task
@@ -29,11 +37,16 @@ from .metrics import Metrics
 from .protocol import INT64_MAX, Draft, Message, check_change, typing_event, utc_now
 from .room import Member, Room
 from .store import Ban, Store
+from .websocket import INTERNAL_ERROR
 
 ENSURED_FOR = 60.0
 ENSURED_MAX = 100_000
 
 log = logging.getLogger(__name__)
+
+
+class RoomUnavailable(Exception):
+    """The room failed to start on this node; joining may succeed later."""
 
 
 class Connection(Member, Protocol):
@@ -189,22 +202,12 @@ class Hub:
         """
         room = self.rooms.get(room_id)
         if room is None:
-            assert self._nursery is not None, "Hub.run is not running"
-            room = Room(room_id, self._broker, self._metrics, self._history_size,
-                        self._replay_limit)
-            self.rooms[room_id] = room
-            try:
-                if self.room_policy == "auto":
-                    await self._ensure_room(room_id)
-                await self._nursery.start(room.run)
-            except BaseException:
-                if self.rooms.get(room_id) is room:
-                    del self.rooms[room_id]
-                raise
+            room = await self._start_room(room_id)
         elif not room.ready.is_set():
             await room.ready.wait()
             if room.failed is not None:
-                raise RuntimeError(f"room {room_id} failed to start") from room.failed
+                raise RoomUnavailable(f"room {room_id} failed to start: {room.failed!r}"
+                                      ) from room.failed
         try:
             await room.join(member, since)
         except BaseException:
@@ -213,6 +216,40 @@ class Hub:
         if member.author_id is not None:
             self.presence.add(room_id, member.author_id)
         return room
+
+    async def _start_room(self, room_id: int) -> Room:
+        assert self._nursery is not None, "Hub.run is not running"
+        room = Room(room_id, self._broker, self._metrics, self._history_size,
+                    self._replay_limit)
+        self.rooms[room_id] = room
+        try:
+            if self.room_policy == "auto":
+                await self._ensure_room(room_id)
+            await self._nursery.start(self._run_room, room)
+        except BaseException as exc:
+            # Joiners waiting for the room fail with it (cancelled too: the room will
+            # never be ready); the next joiner starts it afresh.
+            room.failed = exc
+            room.ready.set()
+            if self.rooms.get(room_id) is room:
+                del self.rooms[room_id]
+            raise
+        return room
+
+    async def _run_room(self, room: Room, *,
+                        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """``room``'s task in the rooms' nursery: once started, its failure is its own."""
+        try:
+            await room.run(task_status=task_status)
+        except Exception:
+            if not room.ready.is_set():
+                raise  # not started: the joiner starting it hears of it (_start_room)
+            self._metrics.unexpected("room_failures", log, "room %d failed; closing its %d "
+                                     "members with 1011", room.id, len(room.members))
+            if self.rooms.get(room.id) is room:
+                del self.rooms[room.id]
+            for member in list(room.members):
+                member.close(INTERNAL_ERROR, "room failed; join again")
 
     async def _ensure_room(self, room_id: int) -> None:
         now = trio.current_time()

@@ -82,6 +82,7 @@ class Metrics:
     flood_disconnects: int = 0
     frame_failures: int = 0
     broker_payloads_dropped: int = 0
+    room_failures: int = 0
     connection_failures: int = 0
     http_errors: int = 0
     # Gauges read at scrape time; the server plugs in its own readers.
@@ -148,6 +149,8 @@ _COUNTERS: Iterable[tuple[str, str]] = (
                        "their frames."),
     ("broker_payloads_dropped", "Payloads from the broker dropped: not JSON, malformed, of "
                                 "an unknown kind, for another room, or failing unexpectedly."),
+    ("room_failures", "Rooms ended by an unexpected error once started (their members "
+                      "closed with 1011)."),
     ("connection_failures", "Connections ended by an unexpected error."),
     ("http_errors", "HTTP requests answered 500: an unexpected error in their handler."),
 )
