@@ -285,3 +285,25 @@ async def test_a_room_that_fails_once_started_ends_alone(server, monkeypatch,
     await wait_until(lambda: not server.hub.rooms and not server.hub.connections)
     await wait_until(lambda: room_tasks(server) == baseline)
 
+
+async def test_a_failing_presence_update_is_retried_with_backoff(server, monkeypatch,
+                                                                 caplog) -> None:
+    original = LocalBroker.presence
+    failures = 0
+
+    async def fails_twice(self, room_id, add, remove, ttl):
+        nonlocal failures
+        if add and failures < 2:
+            failures += 1
+            raise RuntimeError("a bug in presence")
+        return await original(self, room_id, add, remove, ttl)
+
+    monkeypatch.setattr(LocalBroker, "presence", fails_twice)
+    async with open_ws(ws_url(server, 23, "?author_id=5")) as ws:
+        # Retried until it goes through: the author's arrival is announced after all.
+        entered = await recv(ws, events=True, timeout=30)
+        assert (entered["message_type"], entered["author_id"]) == ("chat_enter", 5)
+        await ws.send_message(chat_frame("still here", room_id=23, author_id=5))
+        assert (await recv(ws))["content"] == "still here"
+    assert server.metrics.presence_failures == 2
+    assert [r.exc_info[1].args for r in tracebacks(caplog)] == [("a bug in presence",)] * 2

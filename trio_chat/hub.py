@@ -16,7 +16,8 @@ dropped: never restarted, the next joiner starts it afresh.
 Presence (:class:`Presence`) counts this node's connections per author and
 room and keeps the broker's registry, shared by every node, in step: an author
 is online in a room while any node has a connection of theirs there. Its task
-runs in the hub's nursery beside the rooms.
+runs in the hub's nursery beside the rooms, and is a failure boundary too: an
+update that fails is retried (see :class:`Presence`), never fatal to the node.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ from .websocket import INTERNAL_ERROR
 
 ENSURED_FOR = 60.0
 ENSURED_MAX = 100_000
+# Presence retries an update that failed unexpectedly after 1 s, doubling up to this.
+PRESENCE_BACKOFF_MAX = 60.0
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +66,9 @@ class Presence:
     announced), and every ``ttl / 3`` seconds re-registers every entry of this
     node, which also purges the expired entries of nodes that died. When the
     broker is unreachable it retries every second, re-registering everything
-    once it answers.
+    once it answers. Any other failure (a bug, a broker answering nonsense) is
+    logged with its traceback, counted, and retried the same way after a
+    backoff (1 s, doubling up to ``PRESENCE_BACKOFF_MAX``).
     """
 
     _broker: Broker
@@ -120,6 +125,7 @@ class Presence:
                   ) -> None:
         task_status.started()
         refresh_at = trio.current_time() + self.ttl / 3
+        backoff = 1.0
         while True:
             with trio.move_on_at(refresh_at):
                 await self._wake.wait()
@@ -134,6 +140,14 @@ class Presence:
                 log.debug("presence update failed: %s", exc)
                 await trio.sleep(1)
                 self.refresh_soon()
+            except Exception:
+                self._metrics.unexpected("presence_failures", log, "presence update failed; "
+                                         "retrying in %gs", backoff)
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, PRESENCE_BACKOFF_MAX)
+                self.refresh_soon()
+            else:
+                backoff = 1.0
 
     async def flush(self) -> None:
         """Send what changed now (graceful shutdown: withdraw before exiting)."""

@@ -130,7 +130,8 @@ _COUNTERS: Iterable[tuple[str, str]] = (
                    "not published)."),
     ("messages_delivered", "Frames queued for room members by fan-out."),
     ("events_delivered", "Event frames (chat_enter, chat_exit, typing) queued for room members."),
-    ("presence_failures", "Presence updates that failed (each retried)."),
+    ("presence_failures", "Presence updates that failed, the broker unreachable or an "
+                          "unexpected error (each retried)."),
     ("slow_consumer_disconnects", "Connections closed because they could not keep up."),
     ("bad_frames", "Client frames refused with an error frame."),
     ("oversized_frames", "Connections closed for a frame over the size limit (1009)."),

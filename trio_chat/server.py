@@ -223,6 +223,10 @@ class Server:
                 except BrokerUnavailable:
                     log.warning("could not withdraw presence; it expires in %gs",
                                 s.presence_ttl)
+                except Exception:
+                    # Still flush the store below.
+                    self.metrics.unexpected("presence_failures", log, "could not withdraw "
+                                            "presence; it expires in %gs", s.presence_ttl)
                 await self.store.flush()
             if flush_scope.cancelled_caught:
                 log.error("shutdown deadline passed with %d messages not stored",
