@@ -338,13 +338,14 @@ async def _delete_room(server: Server, request: Request, match: re.Match[str]) -
                               f"{purge[:40]!r}"))
     await _existing_room(server, room_id)
     await _close_members(server, room_id, None, ROOM_DELETED, "room deleted")
-    server.hub.forget_room(room_id)
     if purge == "true":
         with trio.fail_after(30):
             await server.store.purge(room_id)
         await server.broker.forget(room_id)
     else:
         await server.store.backend.delete_room(room_id, purge=False)
+    # Once deleted: a join that made sure of the room meanwhile must not count.
+    server.hub.forget_room(room_id)
     return json_response(200, {"id": room_id, "deleted": True, "purged": purge == "true"})
 
 

@@ -192,7 +192,8 @@ class Hub:
     presence: Presence = attrs.field(init=False)
     # Rooms this node made sure exist (auto policy), and when: a room that empties and
     # fills again often (churn) costs no write each time. Another node's deletion is
-    # seen once the entry is ENSURED_FOR old.
+    # seen once the entry is ENSURED_FOR old: until then a join here does not bring
+    # the room back (messages never create rooms).
     _ensured: dict[int, float] = attrs.field(init=False, factory=dict)
     _nursery: trio.Nursery | None = attrs.field(init=False, default=None)
 
@@ -214,6 +215,12 @@ class Hub:
 
         ``since`` resumes after that message id (see :meth:`Room.join`).
         """
+        live = self.rooms.get(room_id)
+        if self.room_policy == "auto" and live is not None and live.ready.is_set() and \
+                room_id not in self._ensured:
+            # Deleted through the API while still closing here (forget_room): joining
+            # makes it exist again, as it would a room alive nowhere.
+            await self._ensure_room(room_id)
         room = self.rooms.get(room_id)
         if room is None:
             room = await self._start_room(room_id)
@@ -275,7 +282,8 @@ class Hub:
         self._ensured[room_id] = now
 
     def forget_room(self, room_id: int) -> None:
-        """``room_id`` was deleted: the next join creates it again."""
+        """``room_id`` was deleted: the next join creates it again (auto policy), even
+        while the room is still alive here."""
         self._ensured.pop(room_id, None)
 
     def identify(self, room: Room, member: Member, author_id: int) -> None:
