@@ -195,4 +195,4 @@ async def test_with_redis_another_node_completes_the_write(
         await wait_until(lambda room=room, wanted=wanted: wanted <= {
             row[0] for row in mysql_rows(mysql_db, ROWS, (room,))}, timeout=30)
         assert_each_once(acks, mysql_rows(mysql_db, ROWS, (room,)))
-    assert b.broker.orphans_written > 0
+    assert b.metrics.orphans_written > 0

@@ -10,7 +10,9 @@ other.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -355,6 +357,32 @@ async def test_losing_one_shards_subscription_is_a_lost_connection(
     assert views["a"] == views["b"], "one order, nothing missed or doubled across the loss"
     assert [i for i, _ in views["a"]] == list(range(1, len(sent) + 1))
     assert [c for _, c in views["a"]] == sent
+
+
+async def test_a_hung_shard_is_a_lost_connection(nodes, redis_cluster: Cluster) -> None:
+    """A master stops answering (SIGSTOP) while its connections stay open: the reader
+    of node a's subscription to it notices by PING, and a reconnects once it is back."""
+    (a,) = await nodes(1)
+    a.broker.timeout = 1.0  # quick to give up, so the master is stopped only briefly
+    a.broker.outage_hold = 0.5
+    # A shard other than the one a was pointed at, which a finds again through the others.
+    port = redis_cluster.ports[1]
+    room = redis_cluster.rooms_by_shard(1)[port][0]
+    pid = int(redis_cluster.clients[port].info("server")["process_id"])
+    async with open_ws(ws_url(a, room)) as ws:
+        await ws.send_message(chat_frame("before", room_id=room))
+        assert (await recv(ws))["content"] == "before"
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            await wait_until(lambda: not a.broker.connected)
+            await ws.send_message(chat_frame("during", room_id=room, client_msg_id="hung-1"))
+            refused = await recv(ws)
+            assert (refused["code"], refused["client_msg_id"]) == ("sync_unavailable", "hung-1")
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        await wait_until(lambda: a.broker.connected, timeout=40)
+        await ws.send_message(chat_frame("after", room_id=room))
+        assert (await recv(ws))["content"] == "after"
 
 
 async def test_a_shard_dropping_a_subscription_is_a_lost_connection(

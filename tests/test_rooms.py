@@ -19,7 +19,7 @@ from .conftest import (
     wait_until,
     ws_url,
 )
-from .rawws import handshake_request, http_call, read_http_response
+from .rawws import RawClient, handshake_request, http_call, read_http_response
 
 
 @pytest.fixture
@@ -143,6 +143,57 @@ async def test_delete_disconnects_members_and_keeps_or_purges_history(api) -> No
         assert status == 200 and answer["purged"]
         assert await closed_with(a) == 4003
     assert (await call(api, "GET", f"/rooms/{rid}/messages"))[1]["messages"] == []
+
+
+async def test_a_deleted_room_stays_deleted_when_its_messages_are_written_later(
+        api, monkeypatch) -> None:
+    """A message accepted before the delete and written after it (write-behind) does not
+    bring the room back."""
+    backend = type(api.store.backend)
+    original = backend.insert
+    holding, release = trio.Event(), trio.Event()
+
+    async def held(self, messages):
+        holding.set()
+        await release.wait()
+        await original(self, messages)
+
+    monkeypatch.setattr(backend, "insert", held)
+    _, room = await call(api, "POST", "/rooms", {"name": "doomed"})
+    rid = room["id"]
+    async with open_ws(ws_url(api, rid)) as ws:
+        await ws.send_message(chat_frame("accepted before the delete", room_id=rid))
+        await recv(ws)
+        with trio.fail_after(10):
+            await holding.wait()
+        assert api.store.lag == 1
+        assert (await call(api, "DELETE", f"/rooms/{rid}"))[0] == 200
+        assert await closed_with(ws) == 4003
+    release.set()
+    await wait_until(lambda: api.store.lag == 0)
+    assert (await call(api, "GET", f"/rooms/{rid}"))[0] == 404
+    _, history = await call(api, "GET", f"/rooms/{rid}/messages")
+    assert [m["content"] for m in history["messages"]] == ["accepted before the delete"]
+
+
+async def test_joining_a_deleted_room_still_closing_here_makes_it_exist_again(
+        nursery, any_config) -> None:
+    # A member that does not answer the close keeps the room alive here that long.
+    api = await start_server(nursery, any_config(close_timeout=30))
+    _, room = await call(api, "POST", "/rooms", {"name": "doomed"})
+    rid = room["id"]
+    lingering = await RawClient.connect(api.port, f"/ws/{rid}")
+    try:
+        await wait_until(lambda: rid in api.hub.rooms and bool(api.hub.rooms[rid].members))
+        assert (await call(api, "DELETE", f"/rooms/{rid}"))[0] == 200
+        assert await lingering.wait_closed() == 4003
+        assert rid in api.hub.rooms, "the room is still closing"
+        async with open_ws(ws_url(api, rid)) as ws:
+            await ws.send_message(chat_frame("back", room_id=rid))
+            assert (await recv(ws))["content"] == "back"
+            assert (await call(api, "GET", f"/rooms/{rid}"))[0] == 200
+    finally:
+        await lingering.aclose()
 
 
 async def test_kick_closes_that_authors_connections_only(api) -> None:

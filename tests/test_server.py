@@ -327,6 +327,7 @@ async def test_exception_in_one_handler_leaves_others_alone(server, monkeypatch)
         with pytest.raises(ConnectionClosed) as info, trio.fail_after(10):
             await recv_text(victim)
         assert info.value.reason.code == 1011
+        assert server.metrics.frame_failures == 1
         await bystander.send_message(chat_frame("fine", room_id=4))
         assert (await recv(bystander))["content"] == "fine"
     async with open_ws(ws_url(server, 4)) as again:

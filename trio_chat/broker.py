@@ -22,7 +22,17 @@ The configured Redis may be one node of a Redis Cluster (``INFO cluster`` says
 keys and its shard channel carry the room's ``{hash tag}``, so they live on one
 shard and the script runs there. Subscriptions keep one connection per shard
 node, each read by a task of its own below :meth:`RedisBroker.run`; losing any
-of them counts as losing Redis.
+of them counts as losing Redis. So does a Redis that hangs (stopped, or a
+network that drops packets): a subscription connection that has heard nothing
+for half the broker's timeout sends a PING, and no answer within the timeout
+counts as losing Redis.
+
+One payload is a failure boundary: whatever anyone publishes on a room's
+channel is checked (:func:`~trio_chat.protocol.read_payload`) before it reaches
+the room, and one that is not JSON, malformed, of an unknown kind or for
+another room is dropped, as is one whose delivery fails unexpectedly. Each drop
+is counted (``broker_payloads_dropped``) and logged, at most once a minute per
+kind of problem; the subscription and every other room go on.
 """
 
 from __future__ import annotations
@@ -47,13 +57,17 @@ from redis.backoff import NoBackoff
 
 from . import bridge
 from .config import RedisConfig
+from .metrics import LogThrottle, Metrics
 from .protocol import (
     Draft,
     Message,
+    PayloadError,
+    RelayedEvent,
     accept,
     apply_change,
     message_from_wire,
     presence_event,
+    read_payload,
     utc_after,
     utc_now,
 )
@@ -458,6 +472,15 @@ def _json(obj: dict[str, Any]) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
 
+@attrs.define
+class _Quiet:
+    """When a subscription connection last heard from Redis, and when it sent a PING
+    not answered yet."""
+
+    heard: float
+    pinged: float | None = None
+
+
 @attrs.define(eq=False)
 class RedisBroker:
     _config: RedisConfig
@@ -468,6 +491,9 @@ class RedisBroker:
     outage_hold: float = 3.0
     idempotency_window: float = 600.0
     node: str = attrs.field(factory=lambda: secrets.token_hex(4))
+    _metrics: Metrics = attrs.field(factory=Metrics)
+    # Bad payloads are logged at most once a minute per kind of problem.
+    _throttle: LogThrottle = attrs.field(init=False, factory=LogThrottle)
     _rooms: dict[int, list[Subscriber]] = attrs.field(init=False, factory=dict)
     _confirmations: dict[str, trio.Event] = attrs.field(init=False, factory=dict)
     _client: Any = attrs.field(init=False, default=None)
@@ -503,8 +529,6 @@ class RedisBroker:
     _log_entries: dict[tuple[int, int], str] = attrs.field(init=False, factory=dict)
     # When this node last registered each room in the log registry (wall clock).
     _log_registered: dict[int, float] = attrs.field(init=False, factory=dict)
-    # Messages this node wrote for other nodes (or its earlier self) from their logs.
-    orphans_written: int = attrs.field(init=False, default=0)
     # The token Redis held when this node last saw it: a different one (or none)
     # means Redis lost its data meanwhile, sent-id records included.
     _epoch: str | None = attrs.field(init=False, default=None)
@@ -589,7 +613,10 @@ class RedisBroker:
             client_name=f"{c.listening_channel_name}:{self.node}",
             # No silent retries: a reconnection must go through run(), which
             # resubscribes and recovers what was missed; redis-py's own would not.
-            retry=Retry(NoBackoff(), 0), decode_responses=True)
+            retry=Retry(NoBackoff(), 0), decode_responses=True,
+            # Bytes that are not UTF-8 must not fail the read they arrive in (and every
+            # payload read with them): read_payload refuses them.
+            encoding_errors="surrogateescape")
 
     async def _aio_connect_node(self) -> bool:
         """Asyncio flavour. Connect to the configured node as a single Redis.
@@ -686,6 +713,12 @@ class RedisBroker:
             timeout = 0.0
         return batch
 
+    async def _aio_ping_shard(self, name: str) -> None:
+        """Asyncio flavour. PING on the subscription connection to one shard node, if open."""
+        pubsub = self._pubsub.node_pubsub_mapping.get(name)
+        if pubsub is not None and pubsub.connection is not None:
+            await pubsub.ping()
+
     def _shards(self) -> set[str]:
         """Either flavour (awaits nothing). Shard nodes with an open subscription connection."""
         if self._pubsub is None or not self.cluster:
@@ -744,9 +777,36 @@ class RedisBroker:
         finally:
             await self._close()
 
+    async def _watch(self, batch: list[dict[str, Any]], quiet: _Quiet,
+                     ping: Callable[[], Awaitable[Any]]) -> None:
+        """After each read of a subscription connection: is Redis still answering?
+
+        A quiet subscription looks like a hung Redis (a read returns nothing
+        either way): after ``timeout / 2`` seconds with nothing read, ``ping``
+        sends a PING, whose answer is read like any message. No message within
+        ``timeout`` seconds of it raises, which is losing Redis.
+        """
+        now = trio.current_time()
+        if batch:
+            quiet.heard, quiet.pinged = now, None
+        elif quiet.pinged is not None:
+            if now - quiet.pinged > self.timeout:
+                raise redis.TimeoutError(f"no answer to PING within {self.timeout:g}s")
+        elif now - quiet.heard >= self.timeout / 2:
+            with trio.fail_after(self.timeout):
+                await ping()
+            quiet.pinged = now
+
     async def _read_until_error(self, channels: int, ready: Callable[[], None]) -> None:
         if not self.cluster:
-            await self._follow(channels, ready, lambda: bridge.call(self._aio_read))
+            quiet = _Quiet(trio.current_time())
+
+            async def read() -> list[dict[str, Any]]:
+                batch = await bridge.call(self._aio_read)
+                await self._watch(batch, quiet, lambda: bridge.call(self._pubsub.ping))
+                return batch
+
+            await self._follow(channels, ready, read)
             return
         # Cluster: one subscription connection per shard node, each read by a task
         # of its own (ClusterPubSub.get_sharded_message without a target node asks
@@ -786,11 +846,13 @@ class RedisBroker:
 
     async def _read_shard(self, name: str, send: trio.MemorySendChannel[Any]) -> None:
         """Cluster mode: read one shard node's subscription connection while it is open."""
+        quiet = _Quiet(trio.current_time())
         try:
             # No checkpoint between this test and the finally clause: a subscription
             # that opens the connection again afterwards starts a new reader.
             while name in self._shards():
                 batch = await bridge.call(self._aio_read_shard, name)
+                await self._watch(batch, quiet, lambda: bridge.call(self._aio_ping_shard, name))
                 if batch:
                     await send.send(batch)
                 # redis-py may have opened connections by itself (slot moves).
@@ -860,22 +922,50 @@ class RedisBroker:
                     self._unsubscribed(message["channel"])
 
     def _dispatch(self, channel: str, data: str) -> None:
+        """Hand one payload to its room here: the failure boundary of one payload."""
         room_id = self._room_of(channel)
         subscribers = self._rooms.get(room_id) if room_id is not None else None
         if not subscribers:
             return
-        if data.startswith('{"control":'):
-            command = json.loads(data)
-            for subscriber in list(subscribers):
-                subscriber.control(command)
-            return
-        if not data.startswith('{"id":'):
-            for subscriber in subscribers:  # an event, already in its wire form
-                subscriber.deliver_event(data)
-            return
-        message = message_from_wire(json.loads(data))
-        for subscriber in subscribers:
-            subscriber.deliver(message)
+        assert room_id is not None
+        try:
+            payload = read_payload(data, room_id)
+            if isinstance(payload, Message):
+                for subscriber in subscribers:
+                    subscriber.deliver(payload)
+            elif isinstance(payload, RelayedEvent):
+                for subscriber in subscribers:
+                    subscriber.deliver_event(payload.text)
+            else:
+                for subscriber in list(subscribers):
+                    subscriber.control(payload.command)
+        except PayloadError as exc:
+            self._drop(room_id, exc)
+        except Exception:
+            self._metrics.unexpected("broker_payloads_dropped", log,
+                                     "room %d: delivering a broker payload failed; dropped",
+                                     room_id, throttle=self._throttle)
+
+    def _drop(self, room_id: int, exc: PayloadError) -> None:
+        self._metrics.broker_payloads_dropped += 1
+        held = self._throttle.allow(exc.kind)
+        if held is not None:
+            log.warning("room %d: dropped a broker payload (%s): %s%s", room_id, exc.kind, exc,
+                        f" ({held} more since the last report)" if held else "")
+
+    def _messages(self, room_id: int, listed: list[str]) -> list[Message]:
+        """The messages of a room's recent list; an entry that is not one is dropped."""
+        messages = []
+        for data in listed:
+            try:
+                payload = read_payload(data, room_id)
+                if not isinstance(payload, Message):
+                    raise PayloadError("unknown_kind", "not a message, in the recent list")
+            except PayloadError as exc:
+                self._drop(room_id, exc)
+            else:
+                messages.append(payload)
+        return messages
 
     async def _kept_data(self) -> bool:
         """Whether Redis still holds what it held when this node last saw it (at the
@@ -900,7 +990,7 @@ class RedisBroker:
         last = min(s.last_id for s in subscribers)
         with trio.fail_after(self.timeout):
             listed = await bridge.call(self._client.lrange, self._recent_key(room_id), 0, -1)
-        missed = [m for m in map(message_from_wire, map(json.loads, listed)) if m.id > last]
+        missed = [m for m in self._messages(room_id, listed) if m.id > last]
         if missed and missed[0].id > last + 1:
             # More was published meanwhile than the recent list keeps: the rest is in
             # the history store, if the nodes share one.
@@ -982,7 +1072,7 @@ class RedisBroker:
         # The counter first: whatever is published after it is in the list read next.
         seq = int(await self._command("get", self._seq_key(room_id)) or 0)
         listed = await self._command("lrange", self._recent_key(room_id), -max(limit, 1), -1)
-        recent = [message_from_wire(json.loads(data)) for data in listed]
+        recent = self._messages(room_id, listed)
         try:
             stored_last = await self._store.last_id(room_id)
         except StoreUnavailable as exc:
@@ -1001,8 +1091,7 @@ class RedisBroker:
 
     async def history(self, room_id: int, after: int, before: int) -> list[Message]:
         listed = await self._command("lrange", self._recent_key(room_id), 0, -1)
-        merged = {m.id: m for m in map(message_from_wire, map(json.loads, listed))
-                  if after < m.id < before}
+        merged = {m.id: m for m in self._messages(room_id, listed) if after < m.id < before}
         if len(merged) < before - after - 1:
             stored = await self._store.page(room_id, after=after, before=before,
                                             limit=before - after - 1, newest_first=False)
@@ -1126,10 +1215,10 @@ class RedisBroker:
             entries = await self._command("xrange", key, "-", str(cutoff),
                                           count=SWEEP_ENTRIES)
             if entries:
-                messages = [message_from_wire(json.loads(fields["m"])) for _, fields in entries]
+                messages = self._messages(room_id, [fields["m"] for _, fields in entries])
                 await self._store.write_now(messages)
                 await self._command("xdel", key, *(entry for entry, _ in entries))
-                self.orphans_written += len(messages)
+                self._metrics.orphans_written += len(messages)
                 log.info("room %d: wrote %d messages another node had logged but not "
                          "stored", room_id, len(messages))
             elif registered < time.time() - 2 * LOG_REGISTER_EVERY and \

@@ -217,7 +217,10 @@ async def serve_connection(stream: trio.abc.Stream, *, hub: Hub, metrics: Metric
         metrics.slow_consumer_disconnects += 1
         log.info("%s: slow consumer in room %d, disconnecting", remote, room_id)
 
-    ws = connection.ws = WebSocket(stream, writers, on_slow, trailing_data)
+    def on_failure() -> None:
+        metrics.frame_failures += 1
+
+    ws = connection.ws = WebSocket(stream, writers, on_slow, trailing_data, on_failure)
     metrics.connections_total += 1
     hub.connections.add(connection)
     try:

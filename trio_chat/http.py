@@ -33,6 +33,7 @@ import trio
 from .auth import AuthError, Claims, authenticate, check_admin, check_origin
 from .broker import BrokerUnavailable
 from .connection import serve_connection
+from .hub import RoomUnavailable
 from .media import ImageError, save_image
 from .protocol import (
     CHAT_TYPES,
@@ -337,13 +338,14 @@ async def _delete_room(server: Server, request: Request, match: re.Match[str]) -
                               f"{purge[:40]!r}"))
     await _existing_room(server, room_id)
     await _close_members(server, room_id, None, ROOM_DELETED, "room deleted")
-    server.hub.forget_room(room_id)
     if purge == "true":
         with trio.fail_after(30):
             await server.store.purge(room_id)
         await server.broker.forget(room_id)
     else:
         await server.store.backend.delete_room(room_id, purge=False)
+    # Once deleted: a join that made sure of the room meanwhile must not count.
+    server.hub.forget_room(room_id)
     return json_response(200, {"id": room_id, "deleted": True, "purged": purge == "true"})
 
 
@@ -386,6 +388,9 @@ async def _publish(server: Server, draft: Draft, status: int) -> Response:
         raise HttpError(error(503, "persistence_unavailable", str(exc))) from None
     except BrokerUnavailable as exc:
         raise HttpError(error(503, "sync_unavailable", str(exc))) from None
+    except RoomUnavailable as exc:
+        raise HttpError(error(503, "room_unavailable", str(exc),
+                              (("retry-after", "1"),))) from None
     return json_response(status, message.to_wire())
 
 
@@ -749,7 +754,9 @@ async def _serve_requests(server: Server, stream: trio.abc.Stream, remote: str,
                     response = error(503, "persistence_unavailable", str(exc),
                                      (("retry-after", "1"),))
                 except Exception:
-                    log.exception("%s: %s %s failed", remote, request.method, request.path)
+                    # One request's failure is its own: the connection goes on.
+                    server.metrics.unexpected("http_errors", log, "%s: %s %s failed", remote,
+                                              request.method, request.path)
                     response = error(500, "internal_error", "internal server error")
             assert response is not None
             keep_alive = conn.their_state is h11.DONE and not upgrade

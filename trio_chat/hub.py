@@ -5,10 +5,19 @@ room, and the nursery the rooms run in (:meth:`Hub.run`). A room is created
 when its first member joins and removed from the registry the moment its last
 member leaves, so a new joiner never lands in a room that is shutting down.
 
+One room is a failure boundary. If its start fails (the store or the broker
+cannot be reached, or a bug), the joiner starting it and every joiner waiting
+for it are refused (:class:`RoomUnavailable`; their connections close with
+1013) and the room is dropped from the registry, so the next joiner starts it
+afresh. If it fails once started, the error is logged with its traceback and
+counted (``room_failures``), its members are closed with 1011 and the room is
+dropped: never restarted, the next joiner starts it afresh.
+
 Presence (:class:`Presence`) counts this node's connections per author and
 room and keeps the broker's registry, shared by every node, in step: an author
 is online in a room while any node has a connection of theirs there. Its task
-runs in the hub's nursery beside the rooms.
+runs in the hub's nursery beside the rooms, and is a failure boundary too: an
+update that fails is retried (see :class:`Presence`), never fatal to the node.
 """
 
 from __future__ import annotations
@@ -30,14 +39,21 @@ from .metrics import Metrics
 from .protocol import INT64_MAX, Draft, Message, check_change, typing_event, utc_now
 from .room import Member, Room
 from .store import Ban, Outcome, Store, StoreUnavailable
+from .websocket import INTERNAL_ERROR
 
 ENSURED_FOR = 60.0
 ENSURED_MAX = 100_000
+# Presence retries an update that failed unexpectedly after 1 s, doubling up to this.
+PRESENCE_BACKOFF_MAX = 60.0
 
 log = logging.getLogger(__name__)
 
 # Told what became of a published message: (the message, its outcome).
 Settled = Callable[[Message, Outcome], None]
+
+
+class RoomUnavailable(Exception):
+    """The room failed to start on this node; joining may succeed later."""
 
 
 class Connection(Member, Protocol):
@@ -54,7 +70,9 @@ class Presence:
     announced), and every ``ttl / 3`` seconds re-registers every entry of this
     node, which also purges the expired entries of nodes that died. When the
     broker is unreachable it retries every second, re-registering everything
-    once it answers.
+    once it answers. Any other failure (a bug, a broker answering nonsense) is
+    logged with its traceback, counted, and retried the same way after a
+    backoff (1 s, doubling up to ``PRESENCE_BACKOFF_MAX``).
     """
 
     _broker: Broker
@@ -111,6 +129,7 @@ class Presence:
                   ) -> None:
         task_status.started()
         refresh_at = trio.current_time() + self.ttl / 3
+        backoff = 1.0
         while True:
             with trio.move_on_at(refresh_at):
                 await self._wake.wait()
@@ -125,6 +144,14 @@ class Presence:
                 log.debug("presence update failed: %s", exc)
                 await trio.sleep(1)
                 self.refresh_soon()
+            except Exception:
+                self._metrics.unexpected("presence_failures", log, "presence update failed; "
+                                         "retrying in %gs", backoff)
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, PRESENCE_BACKOFF_MAX)
+                self.refresh_soon()
+            else:
+                backoff = 1.0
 
     async def flush(self) -> None:
         """Send what changed now (graceful shutdown: withdraw before exiting)."""
@@ -172,7 +199,8 @@ class Hub:
     presence: Presence = attrs.field(init=False)
     # Rooms this node made sure exist (auto policy), and when: a room that empties and
     # fills again often (churn) costs no write each time. Another node's deletion is
-    # seen once the entry is ENSURED_FOR old.
+    # seen once the entry is ENSURED_FOR old: until then a join here does not bring
+    # the room back (messages never create rooms).
     _ensured: dict[int, float] = attrs.field(init=False, factory=dict)
     _nursery: trio.Nursery | None = attrs.field(init=False, default=None)
 
@@ -194,24 +222,20 @@ class Hub:
 
         ``since`` resumes after that message id (see :meth:`Room.join`).
         """
+        live = self.rooms.get(room_id)
+        if self.room_policy == "auto" and live is not None and live.ready.is_set() and \
+                room_id not in self._ensured:
+            # Deleted through the API while still closing here (forget_room): joining
+            # makes it exist again, as it would a room alive nowhere.
+            await self._ensure_room(room_id)
         room = self.rooms.get(room_id)
         if room is None:
-            assert self._nursery is not None, "Hub.run is not running"
-            room = Room(room_id, self._broker, self._metrics, self._history_size,
-                        self._replay_limit)
-            self.rooms[room_id] = room
-            try:
-                if self.room_policy == "auto":
-                    await self._ensure_room(room_id)
-                await self._nursery.start(room.run)
-            except BaseException:
-                if self.rooms.get(room_id) is room:
-                    del self.rooms[room_id]
-                raise
+            room = await self._start_room(room_id)
         elif not room.ready.is_set():
             await room.ready.wait()
             if room.failed is not None:
-                raise RuntimeError(f"room {room_id} failed to start") from room.failed
+                raise RoomUnavailable(f"room {room_id} failed to start: {room.failed!r}"
+                                      ) from room.failed
         try:
             await room.join(member, since)
         except BaseException:
@@ -220,6 +244,40 @@ class Hub:
         if member.author_id is not None:
             self.presence.add(room_id, member.author_id)
         return room
+
+    async def _start_room(self, room_id: int) -> Room:
+        assert self._nursery is not None, "Hub.run is not running"
+        room = Room(room_id, self._broker, self._metrics, self._history_size,
+                    self._replay_limit)
+        self.rooms[room_id] = room
+        try:
+            if self.room_policy == "auto":
+                await self._ensure_room(room_id)
+            await self._nursery.start(self._run_room, room)
+        except BaseException as exc:
+            # Joiners waiting for the room fail with it (cancelled too: the room will
+            # never be ready); the next joiner starts it afresh.
+            room.failed = exc
+            room.ready.set()
+            if self.rooms.get(room_id) is room:
+                del self.rooms[room_id]
+            raise
+        return room
+
+    async def _run_room(self, room: Room, *,
+                        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """``room``'s task in the rooms' nursery: once started, its failure is its own."""
+        try:
+            await room.run(task_status=task_status)
+        except Exception:
+            if not room.ready.is_set():
+                raise  # not started: the joiner starting it hears of it (_start_room)
+            self._metrics.unexpected("room_failures", log, "room %d failed; closing its %d "
+                                     "members with 1011", room.id, len(room.members))
+            if self.rooms.get(room.id) is room:
+                del self.rooms[room.id]
+            for member in list(room.members):
+                member.close(INTERNAL_ERROR, "room failed; join again")
 
     async def _ensure_room(self, room_id: int) -> None:
         now = trio.current_time()
@@ -231,7 +289,8 @@ class Hub:
         self._ensured[room_id] = now
 
     def forget_room(self, room_id: int) -> None:
-        """``room_id`` was deleted: the next join creates it again."""
+        """``room_id`` was deleted: the next join creates it again (auto policy), even
+        while the room is still alive here."""
         self._ensured.pop(room_id, None)
 
     def identify(self, room: Room, member: Member, author_id: int) -> None:

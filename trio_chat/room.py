@@ -4,7 +4,8 @@ Owns one room's live state while it has members, and the history a member
 gets on joining or resuming. Its one task,
 :meth:`Room.run`, is the room's lifetime: it subscribes to the broker, loads
 the recent history, reports ready, and waits until the last member leaves;
-cancelling it unsubscribes. Fan-out (:meth:`Room.deliver`) is synchronous: a
+cancelling it unsubscribes; if it fails, the hub ends this room alone (see
+trio_chat/hub.py). Fan-out (:meth:`Room.deliver`) is synchronous: a
 message is encoded and framed once, and the same bytes are written or queued
 for every member without waiting for any of them.
 """
@@ -61,6 +62,7 @@ class Room:
     # member on joining.
     _recent: deque[tuple[Message, bytes]] = attrs.field(init=False)
     _early: list[Message] | None = attrs.field(init=False, factory=list)
+    # Set once the room is started, or once its start failed (then ``failed`` says why).
     ready: trio.Event = attrs.field(init=False, factory=trio.Event)
     _empty: trio.Event = attrs.field(init=False, factory=trio.Event)
     failed: BaseException | None = attrs.field(init=False, default=None)
@@ -70,29 +72,24 @@ class Room:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
+        await self._broker.subscribe(self.id, self)
         try:
-            await self._broker.subscribe(self.id, self)
-            try:
-                # Subscribed first, loaded second: whatever is published meanwhile
-                # waits in _early, so nothing falls between history and live.
-                recent, last_id = await self._broker.tail(self.id, self._history_size)
-                for message in recent:
-                    self._remember(message)
-                self.last_id = max(self.last_id, last_id)
-                early, self._early = self._early, None
-                for message in early or ():
-                    if message.id > self.last_id:
-                        self.deliver(message)
-                self.ready.set()
-                task_status.started()
-                await self._empty.wait()
-            finally:
-                with trio.move_on_after(5, shield=True):
-                    await self._broker.unsubscribe(self.id, self)
-        except BaseException as exc:
-            self.failed = exc
+            # Subscribed first, loaded second: whatever is published meanwhile
+            # waits in _early, so nothing falls between history and live.
+            recent, last_id = await self._broker.tail(self.id, self._history_size)
+            for message in recent:
+                self._remember(message)
+            self.last_id = max(self.last_id, last_id)
+            early, self._early = self._early, None
+            for message in early or ():
+                if message.id > self.last_id:
+                    self.deliver(message)
             self.ready.set()
-            raise
+            task_status.started()
+            await self._empty.wait()
+        finally:
+            with trio.move_on_after(5, shield=True):
+                await self._broker.unsubscribe(self.id, self)
 
     def _remember(self, message: Message) -> bytes:
         frame = message_frame(message)

@@ -145,7 +145,7 @@ class Server:
         if config.redis is not None:
             broker = RedisBroker(config.redis, store, recent_size=max(100, s.history_on_join),
                                  idempotency_window=s.idempotency_window, log=stored,
-                                 orphaned_after=s.orphaned_after)
+                                 orphaned_after=s.orphaned_after, metrics=metrics)
             if stored:
                 store.after_write = broker.written
         else:
@@ -234,6 +234,10 @@ class Server:
                 except BrokerUnavailable:
                     log.warning("could not withdraw presence; it expires in %gs",
                                 s.presence_ttl)
+                except Exception:
+                    # Still flush the store below.
+                    self.metrics.unexpected("presence_failures", log, "could not withdraw "
+                                            "presence; it expires in %gs", s.presence_ttl)
                 await self.store.flush()
             if flush_scope.cancelled_caught:
                 log.error("shutdown deadline passed with %d messages not stored",
@@ -259,4 +263,5 @@ class Server:
             log.debug("%s: connection lost: %s", remote, exc)
         except Exception:
             # One connection's failure is its own: log it once, never reach the root.
-            log.exception("%s: connection failed", remote)
+            self.metrics.unexpected("connection_failures", log, "%s: connection failed",
+                                    remote)

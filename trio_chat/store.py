@@ -304,9 +304,9 @@ class Store:
                 settle(outcome)
             except Exception:
                 # A waiter's bug is its own; the writer and the other waiters go on.
-                self._metrics.unexpected_errors += 1
-                log.exception("settling message %d of room %d failed", entry.message.id,
-                              entry.message.room_id)
+                self._metrics.unexpected("settle_failures", log, "settling message %d of "
+                                         "room %d failed", entry.message.id,
+                                         entry.message.room_id)
 
     def _settle_all_buffered(self) -> None:
         """The store cannot say when: tell every waiter that its message is in memory."""
@@ -955,13 +955,11 @@ class SqliteBackend(_Rooms):
             db, self._db = self._db, None
             await self._call(db.close)
 
-    def _insert(self, rows: list[tuple[object, ...]], rooms: list[tuple[object, ...]],
+    def _insert(self, rows: list[tuple[object, ...]],
                 changes: list[tuple[str, tuple[object, ...]]]) -> None:
         assert self._db is not None
         with self._db:
             self._db.execute("BEGIN")
-            self._db.executemany(
-                "INSERT OR IGNORE INTO rooms (id, created_at) VALUES (?, ?)", rooms)
             self._db.executemany(
                 f"INSERT OR IGNORE INTO messages ({_COLUMNS}) "
                 f"VALUES ({', '.join('?' * _MARKS)})", rows)
@@ -970,10 +968,8 @@ class SqliteBackend(_Rooms):
 
     async def insert(self, messages: list[Message]) -> None:
         rows = [_message_row(m, m.received_at) for m in messages]
-        rooms = [(room_id, messages[0].received_at) for room_id in
-                 {m.room_id for m in messages}]
         changes = [_change_sql("?", m) for m in _changes(messages)]
-        await self._call(self._insert, rows, rooms, changes)
+        await self._call(self._insert, rows, changes)
 
     def _query(self, sql: str, args: tuple[object, ...]) -> list[tuple[object, ...]]:
         assert self._db is not None
@@ -1127,15 +1123,12 @@ class MysqlBackend(_Rooms):
 
     async def insert(self, messages: list[Message]) -> None:
         rows = [_message_row(m, _to_datetime(m.received_at)) for m in messages]
-        rooms = [(room_id,) for room_id in {m.room_id for m in messages}]
         changes = [_change_sql("%s", m) for m in _changes(messages)]
 
         async def work(cur: Any) -> None:
             """Asyncio flavour."""
             await cur.execute("BEGIN")
             # Not INSERT IGNORE: it turns duplicates into warnings (and hides real errors).
-            await cur.executemany("INSERT INTO rooms (id) VALUES (%s) "
-                                  "ON DUPLICATE KEY UPDATE id = id", rooms)
             await cur.executemany(
                 f"INSERT INTO messages ({_COLUMNS}) VALUES ({', '.join(['%s'] * _MARKS)}) "
                 "ON DUPLICATE KEY UPDATE id = id", rows)

@@ -332,6 +332,8 @@ class WebSocket:
     _writers: Writers
     _on_slow: Callable[[], None]
     _trailing: bytes = b""
+    # Called when handling a frame failed unexpectedly (the connection closes with 1011).
+    _on_failure: Callable[[], None] = lambda: None
     _reader: FrameReader = attrs.field(init=False)
     # Frames not yet written. Non-empty only while the connection is waiting for the
     # flusher (_dirty) or has a writer (_writing).
@@ -535,6 +537,7 @@ class WebSocket:
                     except Exception:
                         # A bug in handling one frame ends this connection, politely.
                         log.exception("error handling a message; closing with 1011")
+                        self._on_failure()
                         self.close(INTERNAL_ERROR, "internal server error")
                 elif kind == PING:
                     self.send_exempt(_pong_frame(value))
