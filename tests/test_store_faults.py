@@ -273,3 +273,47 @@ async def test_history_reads_fail_with_a_clear_error(nursery, tmp_path, proxied)
     status, _, body = await http_get(server.port, "/rooms/45/messages")
     assert status == 503
     assert json.loads(body)["error"] == "persistence_unavailable"
+
+
+@pytest.mark.parametrize(("fault", "heal"), [
+    ("PRAGMA query_only = ON", "PRAGMA query_only = OFF"),
+    ("PRAGMA max_page_count = 1", "PRAGMA max_page_count = 1073741823"),
+], ids=["read-only", "full"])
+async def test_a_sqlite_file_that_cannot_be_written_keeps_chat_running(
+        nursery, db_path, fault, heal) -> None:
+    server = await start_server(nursery, make_config(db_path))
+    backend = server.store.backend
+    url = f"ws://127.0.0.1:{server.port}/ws/46"
+
+    async def pragma(sql: str) -> None:
+        # On the server's own connection: the file turns read-only, or full.
+        if sql == "PRAGMA max_page_count = 1":
+            rows, _ = await backend._sql("PRAGMA page_count", ())
+            sql = f"PRAGMA max_page_count = {rows[0][0]}"
+        await backend._sql(sql, ())
+
+    async with open_ws(url) as sender, open_ws(url) as member:
+        await sender.send_message(chat_frame("before", room_id=46, client_msg_id="a"))
+        assert (await _reply(sender, "a"))["durable"] is True
+        await pragma(fault)
+        for i in range(30):  # enough to need a page the file cannot have
+            await sender.send_message(chat_frame(f"during-{i}" + "z" * 500, room_id=46,
+                                                 client_msg_id=f"d{i}"))
+            assert (await _reply(sender, f"d{i}"))["message_type"] == "ack"
+        await wait_until(lambda: server.store.failing_since is not None)
+        # The newest is surely not written: its resend is acked again, not durable.
+        await sender.send_message(chat_frame("during-29", room_id=46, client_msg_id="d29"))
+        again = await _reply(sender, "d29")
+        assert again["message_type"] == "ack" and again["durable"] is False
+        contents = [(await recv(member))["content"].rstrip("z") for _ in range(31)]
+        assert contents == ["before", *(f"during-{i}" for i in range(30))]
+        await pragma(heal)
+        await wait_until(lambda: server.store.lag == 0, timeout=60)
+        await sender.send_message(chat_frame("after", room_id=46, client_msg_id="b"))
+        assert (await _reply(sender, "b"))["durable"] is True
+    with sqlite3.connect(db_path) as conn:
+        rows = conn.execute("SELECT client_msg_id FROM messages WHERE room_id = 46 "
+                            "ORDER BY id").fetchall()
+    conn.close()
+    assert [r[0] for r in rows] == ["a", *(f"d{i}" for i in range(30)), "b"]
+    assert server.metrics.store_dead_letters == 0
