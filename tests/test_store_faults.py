@@ -317,3 +317,25 @@ async def test_a_sqlite_file_that_cannot_be_written_keeps_chat_running(
     conn.close()
     assert [r[0] for r in rows] == ["a", *(f"d{i}" for i in range(30)), "b"]
     assert server.metrics.store_dead_letters == 0
+
+
+async def test_a_resume_the_store_cannot_serve_resets_and_keeps_the_connection(
+        nursery, tmp_path, proxied) -> None:
+    proxy, db = proxied
+    server = await start_server(nursery, make_config(tmp_path / "x.db", db=db,
+                                                     history_on_join=2))
+    url = f"ws://127.0.0.1:{server.port}/ws/47"
+    async with open_ws(url) as sender:
+        for i in range(10):
+            await sender.send_message(chat_frame(f"m{i}", room_id=47, client_msg_id=f"m{i}"))
+            await _reply(sender, f"m{i}")
+        proxy.cut()
+        # Message 3 is older than the room's memory: only the store has 4 to 8.
+        async with open_ws(url + "?since=3") as resumer:
+            reset = await recv(resumer)
+            assert reset["message_type"] == "history_reset" and reset["since"] == 3
+            assert "unavailable" in reset["detail"]
+            assert [(await recv(resumer))["content"] for _ in range(2)] == ["m8", "m9"]
+            # Still a member: live messages keep coming.
+            await sender.send_message(chat_frame("live", room_id=47, client_msg_id="l"))
+            assert (await recv(resumer))["content"] == "live"

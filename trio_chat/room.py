@@ -22,6 +22,7 @@ import trio
 from .broker import Broker
 from .metrics import Metrics
 from .protocol import Message, apply_change, encode_event, message_frame, text_frame
+from .store import StoreUnavailable
 from .websocket import queued_writes
 
 # Up to this many members a fan-out writes each frame at once where the member's
@@ -151,16 +152,17 @@ class Room:
         every message after ``since`` (a client resuming): from memory when the
         recent messages reach back that far, else from the store while live
         frames are held back. If ``since`` is further back than the replay
-        limit, or ahead of the room, a ``history_reset`` event comes first and
-        then the recent messages, so the client knows to reload.
+        limit, or ahead of the room, or the store cannot be read, a
+        ``history_reset`` event comes first and then the recent messages, so the
+        client knows to reload (its history page answers 503 until the store is back).
         """
         last = self.last_id
         recent = self._recent
         if since is not None and (since > last or last - since > self._replay_limit):
-            member.send_history([text_frame(encode_event(
-                "history_reset", room_id=self.id, since=since, latest_id=last,
-                detail=f"cannot resume after message {since}; the room is at {last} and "
-                       f"at most {self._replay_limit} messages are replayed"))])
+            member.send_history([self._reset(since, f"cannot resume after message {since}; "
+                                                    f"the room is at {last} and at most "
+                                                    f"{self._replay_limit} messages are "
+                                                    "replayed")])
             since = None
         if since is None or since >= last or (recent and recent[0][0].id <= since + 1):
             member.send_history([frame for message, frame in recent
@@ -169,8 +171,18 @@ class Room:
             return
         member.hold()
         self.members.add(member)
-        messages = await self._broker.history(self.id, after=since, before=last + 1)
+        try:
+            messages = await self._broker.history(self.id, after=since, before=last + 1)
+        except StoreUnavailable as exc:
+            # The member stays, with what memory holds and a word that it is not all.
+            member.release([self._reset(since, f"cannot resume after message {since}: {exc}"),
+                            *(frame for _, frame in recent)])
+            return
         member.release([message_frame(m) for m in messages])
+
+    def _reset(self, since: int, detail: str) -> bytes:
+        return text_frame(encode_event("history_reset", room_id=self.id, since=since,
+                                       latest_id=self.last_id, detail=detail))
 
     def leave(self, member: Member) -> bool:
         """Remove ``member``; returns True (and ends :meth:`run`) if the room is now empty."""
