@@ -9,7 +9,7 @@ import sqlite3
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -55,13 +55,13 @@ def _config_file(tmp_path: Path, db: DbConfig | None = None, channel: str | None
 
 
 @asynccontextmanager
-async def node_process(config: Path, *args: str) -> AsyncIterator[int]:
-    """A ``trio-chat serve`` process; yields its port and kills it at the end."""
+async def node_process(config: Path, *args: str) -> AsyncIterator[tuple[trio.Process, int]]:
+    """A ``trio-chat serve`` process and its port; killed at the end if still running."""
     process = await trio.lowlevel.open_process(
         [sys.executable, "-m", "trio_chat.cli", "serve", str(config), *args],
         stderr=subprocess.PIPE)
     try:
-        yield await listening_port(process)
+        yield process, await listening_port(process)
     finally:
         if process.returncode is None:
             process.kill()
@@ -69,11 +69,20 @@ async def node_process(config: Path, *args: str) -> AsyncIterator[int]:
         await process.stderr.aclose()
 
 
-async def send_and_kill(port: int, room: int, tag: str, kill: Any) -> dict[str, dict]:
-    """Send FRAMES tagged frames, read every ack, then ``kill()`` at once; the acks by
-    client_msg_id."""
+async def acked_then_killed(config: Path, room: int, tag: str, *args: str,
+                            before_sending: Callable[[], None] = lambda: None
+                            ) -> dict[str, dict]:
+    """Start a node, open ``room`` on it, call ``before_sending``, send FRAMES tagged
+    frames, read every ack, then SIGKILL the node at once; the acks by client_msg_id,
+    each checked to say durable."""
     acks: dict[str, dict] = {}
-    async with open_ws(f"ws://127.0.0.1:{port}/ws/{room}") as ws:
+    async with node_process(config, *args) as (process, port), \
+            open_ws(f"ws://127.0.0.1:{port}/ws/{room}") as ws:
+        # The room is open on the node before anything fails.
+        await ws.send_message(chat_frame("open", room_id=room, client_msg_id=f"{tag}-open"))
+        while (await recv(ws))["message_type"] != "ack":
+            pass
+        before_sending()
         for i in range(FRAMES):
             await ws.send_message(chat_frame(f"{tag}-{i}", room_id=room,
                                              client_msg_id=f"{tag}-{i}"))
@@ -81,7 +90,9 @@ async def send_and_kill(port: int, room: int, tag: str, kill: Any) -> dict[str, 
             frame = await recv(ws)
             if frame["message_type"] == "ack":
                 acks[frame["client_msg_id"]] = frame
-        kill()
+        process.send_signal(signal.SIGKILL)
+        await process.wait()
+    assert all(ack["durable"] for ack in acks.values())
     return acks
 
 
@@ -94,35 +105,19 @@ def assert_each_once(acks: dict[str, dict], rows: list[tuple[Any, ...]]) -> None
         assert by_client_id[client_msg_id] == 1, client_msg_id
 
 
-def _kill(process_holder: list[trio.Process]) -> Any:
-    return lambda: process_holder[0].send_signal(signal.SIGKILL)
-
-
 async def test_sqlite_keeps_every_acked_message_through_sigkill(tmp_path) -> None:
     db = tmp_path / "chat.db"
     config = _config_file(tmp_path)
     for round_ in range(ROUNDS):
         room = 500 + round_
-        process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "trio_chat.cli", "serve", str(config), "--sqlite", str(db)],
-            stderr=subprocess.PIPE)
-        try:
-            port = await listening_port(process)
-            acks = await send_and_kill(port, room, f"r{round_}", _kill([process]))
-            await process.wait()
-        finally:
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
-            await process.stderr.aclose()
-        assert all(ack["durable"] for ack in acks.values())
+        acks = await acked_then_killed(config, room, f"r{round_}", "--sqlite", str(db))
         with sqlite3.connect(db) as conn:  # what a restart reads
             rows = conn.execute("SELECT id, client_msg_id FROM messages WHERE room_id = ?",
                                 (room,)).fetchall()
         conn.close()
         assert_each_once(acks, rows)
     # And through the server itself after the last restart: resends are recognised.
-    async with node_process(config, "--sqlite", str(db)) as port, \
+    async with node_process(config, "--sqlite", str(db)) as (_, port), \
             open_ws(f"ws://127.0.0.1:{port}/ws/{room}") as ws:
         await ws.send_message(chat_frame("again", room_id=room,
                                          client_msg_id=f"r{round_}-0"))
@@ -135,21 +130,7 @@ async def test_mariadb_keeps_every_acked_message_through_sigkill(tmp_path, mysql
     config = _config_file(tmp_path, mysql_db)
     for round_ in range(ROUNDS):
         room = 600 + round_
-        holder: list[trio.Process] = []
-        process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "trio_chat.cli", "serve", str(config)],
-            stderr=subprocess.PIPE)
-        holder.append(process)
-        try:
-            port = await listening_port(process)
-            acks = await send_and_kill(port, room, f"r{round_}", _kill(holder))
-            await process.wait()
-        finally:
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
-            await process.stderr.aclose()
-        assert all(ack["durable"] for ack in acks.values())
+        acks = await acked_then_killed(config, room, f"r{round_}")
         assert_each_once(acks, mysql_rows(mysql_db, ROWS, (room,)))
 
 
@@ -158,40 +139,20 @@ async def test_with_redis_another_node_completes_the_write(
         nursery, tmp_path, mysql_db, channel, database_cut) -> None:
     """Node A acks once a message is in Redis's log; killed before (or unable to) write
     to MariaDB, node B finds the messages in the log and writes them, A never restarted."""
-    rounds = ROUNDS // 2
     proxy = await nursery.start(Proxy(mysql_db.port).run)
-    a_db = DbConfig(id=mysql_db.id, password=mysql_db.password, host="127.0.0.1",
-                    port=proxy.port, database=mysql_db.database)
+    a_db = attrs.evolve(mysql_db, port=proxy.port)
     config = _config_file(tmp_path, a_db, channel, orphanedAfter=0.5)
     b = await start_server(nursery, attrs.evolve(
         node_config(tmp_path / "b.db", REDIS_PORT, channel, orphaned_after=0.5), db=mysql_db))
-    for round_ in range(rounds):
+    for round_ in range(ROUNDS // 2):
         room = 700 + round_
-        holder: list[trio.Process] = []
-        process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "trio_chat.cli", "serve", str(config)],
-            stderr=subprocess.PIPE)
-        holder.append(process)
         try:
-            port = await listening_port(process)
-            async with open_ws(f"ws://127.0.0.1:{port}/ws/{room}") as ws:
-                # The room is open on A; then A loses its database, if so.
-                await ws.send_message(chat_frame("open", room_id=room, client_msg_id="o"))
-                while (await recv(ws))["message_type"] != "ack":
-                    pass
-            if database_cut:
-                proxy.cut()
-            acks = await send_and_kill(port, room, f"r{round_}", _kill(holder))
-            await process.wait()
+            acks = await acked_then_killed(config, room, f"r{round_}",
+                                           before_sending=proxy.cut if database_cut
+                                           else lambda: None)
         finally:
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
-            await process.stderr.aclose()
             proxy.restore()
-        assert all(ack["durable"] for ack in acks.values())
         wanted = {ack["id"] for ack in acks.values()}
-
         await wait_until(lambda room=room, wanted=wanted: wanted <= {
             row[0] for row in mysql_rows(mysql_db, ROWS, (room,))}, timeout=30)
         assert_each_once(acks, mysql_rows(mysql_db, ROWS, (room,)))
