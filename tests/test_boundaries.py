@@ -307,3 +307,38 @@ async def test_a_failing_presence_update_is_retried_with_backoff(server, monkeyp
         assert (await recv(ws))["content"] == "still here"
     assert server.metrics.presence_failures == 2
     assert [r.exc_info[1].args for r in tracebacks(caplog)] == [("a bug in presence",)] * 2
+
+
+async def test_frames_sent_into_a_hung_redis_wait_for_it_once_not_each(
+        nursery, tmp_path, channel, redis_server) -> None:
+    """The connection's reader (and with it the answers to the client's pings) waits on
+    each frame it handles: frames sent back to back into a hung Redis must not each
+    wait the broker's timeout. The first finds Redis hung; the rest are refused
+    without waiting, and say so, and a ping sent after them is answered."""
+    port = redis_server()
+    server = await start_server(nursery, node_config(tmp_path / "n.db", port, channel))
+    server.broker.timeout = 2.0
+    server.broker.outage_hold = 0.5
+    process = redis_server.processes[-1]  # type: ignore[attr-defined]
+    async with open_ws(ws_url(server, 16, "?author_id=3")) as ws:
+        await ws.send_message(chat_frame("before", room_id=16, author_id=3))
+        assert (await recv(ws))["content"] == "before"
+        os.kill(process.pid, signal.SIGSTOP)
+        try:
+            for i in range(5):
+                await ws.send_message(chat_frame(f"during-{i}", room_id=16, author_id=3,
+                                                 client_msg_id=f"h{i}"))
+            details = []
+            for i in range(5):
+                refused = await recv(ws)
+                assert (refused["code"], refused["client_msg_id"]) == ("sync_unavailable",
+                                                                       f"h{i}")
+                details.append(refused["detail"])
+            # Only the first frame reached Redis; its fate is unknown, and it says so.
+            assert ["may have been accepted" in d for d in details] == [True] + [False] * 4
+        finally:
+            os.kill(process.pid, signal.SIGCONT)
+        await wait_until(lambda: server.broker.connected, timeout=40)
+        await ws.send_message(chat_frame("after", room_id=16, author_id=3))
+        while (frame := await recv(ws))["content"] != "after":
+            assert frame["content"] == "during-0"  # run by Redis once it woke up

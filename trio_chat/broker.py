@@ -532,6 +532,12 @@ class RedisBroker:
     # The token Redis held when this node last saw it: a different one (or none)
     # means Redis lost its data meanwhile, sent-id records included.
     _epoch: str | None = attrs.field(init=False, default=None)
+    # Set when a send finds Redis gone or hung before the subscription does: the
+    # reader raises it, so run() reconnects.
+    _lost: Exception | None = attrs.field(init=False, default=None)
+    # Sends wait for Redis until then (outage_hold after it was found lost), then
+    # are refused at once: one frame after another must not each wait the hold.
+    _hold_until: float | None = attrs.field(init=False, default=None)
 
     @property
     def durable_on_publish(self) -> bool:
@@ -760,7 +766,8 @@ class RedisBroker:
                     if self.down_since is None:
                         self.down_since = trio.current_time()
                         log.warning("lost Redis (%s); reconnecting", exc)
-                    self._connected = trio.Event()
+                    self._fail(exc)
+                    self._lost = None  # noticed: run() is reconnecting
                     for confirmation in self._confirmations.values():
                         confirmation.set()  # its waiter sees that we are not connected
                     self._confirmations.clear()
@@ -786,6 +793,8 @@ class RedisBroker:
         sends a PING, whose answer is read like any message. No message within
         ``timeout`` seconds of it raises, which is losing Redis.
         """
+        if self._lost is not None:
+            raise redis.ConnectionError(f"a command failed: {self._lost!r}")
         now = trio.current_time()
         if batch:
             quiet.heard, quiet.pinged = now, None
@@ -906,6 +915,7 @@ class RedisBroker:
             log.warning("Redis is back after %.1fs; resubscribed %d rooms",
                         trio.current_time() - self.down_since, len(self._rooms))
             self.down_since = None
+        self._hold_until = None
         self._connected.set()
         for callback in self._reconnected if back else ():
             callback()
@@ -1113,12 +1123,22 @@ class RedisBroker:
         value = await self._command("get", self._sent_key(draft))
         return None if value is None else message_from_wire(json.loads(value))
 
+    def _fail(self, exc: Exception) -> None:
+        """Redis is gone or hung: sends stop waiting for it, and (if the subscription
+        has not noticed yet) its reader raises, so run() reconnects."""
+        if self._hold_until is None:
+            self._hold_until = trio.current_time() + self.outage_hold
+        if self.connected:
+            self._connected = trio.Event()
+            self._lost = exc
+
     async def publish(self, draft: Draft, target: Message | None = None, *,
                       deliver: bool = True) -> tuple[Message, bool]:
         if not self.connected:
             # A blip (a Redis restart, a failover) should not reach the users: hold
-            # the send until the reconnection, within reason.
-            with trio.move_on_after(self.outage_hold):
+            # the send until the reconnection, within reason. The hold is one for
+            # all: the connection's reader (and its pings) waits on this send.
+            with trio.move_on_at(self._hold_until or trio.current_time() + self.outage_hold):
                 await self._connected.wait()
             if not self.connected:
                 raise BrokerUnavailable("Redis is unreachable")
@@ -1147,7 +1167,10 @@ class RedisBroker:
                           "" if target is None else target.id, changed,
                           "1" if self.log else ""])
         except UNAVAILABLE as exc:
-            raise BrokerUnavailable(f"Redis is unreachable: {exc}") from exc
+            self._fail(exc)
+            raise BrokerUnavailable(f"Redis is unreachable: {exc!r}; the message may have "
+                                    "been accepted: send it again with its "
+                                    "client_msg_id") from exc
         if not int(fresh):
             return message_from_wire(json.loads(value)), False
         if entry and entry[0]:
@@ -1251,6 +1274,7 @@ class RedisBroker:
                 await bridge.call(self._relay_script, keys=[self._seq_key(room_id)],
                                   args=[self._publish_channel(room_id), data])
         except UNAVAILABLE as exc:
+            self._fail(exc)
             raise BrokerUnavailable(f"Redis is unreachable: {exc}") from exc
 
     async def presence(self, room_id: int, add: Collection[int], remove: Collection[int],
