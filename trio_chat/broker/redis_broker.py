@@ -1,21 +1,12 @@
-"""Message brokers: who assigns a message its id and hands it to the rooms.
+"""The broker that lets several nodes serve the same rooms: :class:`RedisBroker`.
 
-Owns ordering. A room subscribes while it is alive on this node; ``publish``
-gives a draft its id and the broker delivers the accepted message to every
-subscriber of that room, in id order, exactly once.
-
-:class:`LocalBroker` is the embedded, single-node broker: the id is a counter
-per live room, seeded from the store, and delivery is a direct call. It runs
-no tasks.
-
-:class:`RedisBroker` lets several nodes serve the same rooms. A Lua script
-increments the room's counter, appends the message to the room's recent list
-and publishes it on the room's shard channel in one atomic step, so every node
-sees one order and the same ids. A node subscribes to a room's channel only
-while the room is alive there. Its one task, :meth:`RedisBroker.run`, reads
-the subscription and reconnects (capped, jittered backoff) when Redis goes
-away, then resubscribes and delivers what its rooms missed. redis-py's asyncio
-client runs on the asyncio bridge.
+A Lua script (``publish.lua``) increments the room's counter, appends the
+message to the room's recent list and publishes it on the room's shard channel
+in one atomic step, so every node sees one order and the same ids. A node
+subscribes to a room's channel only while the room is alive there. Its one
+task, :meth:`RedisBroker.run`, reads the subscription and reconnects (capped,
+jittered backoff) when Redis goes away, then resubscribes and delivers what its
+rooms missed. redis-py's asyncio client runs on the asyncio bridge.
 
 The configured Redis may be one node of a Redis Cluster (``INFO cluster`` says
 ``cluster_enabled:1``); the broker then talks to the whole cluster. A room's
@@ -43,10 +34,9 @@ import math
 import random
 import secrets
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Collection
-from datetime import datetime, timezone
-from typing import Any, Protocol
+from importlib.resources import files
+from typing import Any
 
 import attrs
 import redis.asyncio
@@ -55,10 +45,10 @@ import trio
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from . import bridge
-from .config import RedisConfig
-from .metrics import LogThrottle, Metrics
-from .protocol import (
+from .. import bridge
+from ..config import RedisConfig
+from ..metrics import LogThrottle, Metrics
+from ..protocol import (
     Draft,
     Message,
     PayloadError,
@@ -66,377 +56,23 @@ from .protocol import (
     accept,
     apply_change,
     message_from_wire,
-    presence_event,
     read_payload,
-    utc_after,
     utc_now,
 )
-from .store import Store, StoreUnavailable
+from ..store import Store, StoreUnavailable
+from .base import BrokerUnavailable, Subscriber, sent_to_store
 
 log = logging.getLogger(__name__)
 
 
-class BrokerUnavailable(Exception):
-    """The broker cannot assign ids right now (Redis unreachable); nothing was sent."""
+def _lua(name: str) -> str:
+    """A script of this package; its comment block says what it takes and returns."""
+    return files("trio_chat.broker").joinpath(name).read_text(encoding="utf-8")
 
 
-class Subscriber(Protocol):
-    last_id: int
-
-    def deliver(self, message: Message) -> None: ...
-
-    def deliver_event(self, text: str) -> None:
-        """An event without an id (presence), in order with the messages around it."""
-
-    def control(self, command: dict[str, Any]) -> None:
-        """An operator's command for the room on this node (close some connections)."""
-
-
-class Broker(Protocol):
-    async def subscribe(self, room_id: int, subscriber: Subscriber) -> None:
-        """Start delivering ``room_id``'s messages to ``subscriber``."""
-
-    async def unsubscribe(self, room_id: int, subscriber: Subscriber) -> None: ...
-
-    async def tail(self, room_id: int, limit: int) -> tuple[list[Message], int]:
-        """The last ``limit`` messages (oldest first) and the room's last id."""
-
-    async def history(self, room_id: int, after: int, before: int) -> list[Message]:
-        """Every message with ``after < id < before``, oldest first."""
-
-    async def sent_before(self, draft: Draft) -> Message | None:
-        """The message ``draft``'s author already sent with its client_msg_id within the
-        idempotency window, if any: a cheap look before work that a resend must not
-        repeat (storing an image). :meth:`publish` checks again, atomically."""
-
-    # Whether a message is durable once publish returns (in Redis's log), rather
-    # than once the history store has committed it.
-    durable_on_publish: bool
-
-    async def publish(self, draft: Draft, target: Message | None = None, *,
-                      deliver: bool = True) -> tuple[Message, bool]:
-        """Assign an id to ``draft`` (its author known); the room must have a subscriber
-        on this node. Returns the message and whether it is new.
-
-        With ``deliver=False`` a new message is delivered only when
-        :meth:`deliver` is called (once it is durable); brokers that are durable on
-        publish deliver at once regardless.
-
-        A draft whose author sent its ``client_msg_id`` in the room within the
-        idempotency window is not published again: the message sent then comes
-        back, not new. ``target`` is, for a ``chat_edit``/``chat_delete``, the
-        message it changes as it is now, so the broker's recent copy can follow.
-        """
-
-    def deliver(self, message: Message) -> None:
-        """Deliver a message published with ``deliver=False``, in id order."""
-
-    def forget_sent(self, message: Message) -> None:
-        """``message`` was not kept after all: a resend of its client_msg_id is new."""
-
-    async def event(self, room_id: int, text: str) -> None:
-        """Hand an event without an id (typing) to ``room_id``'s members on every node."""
-
-    def on_reconnect(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` each time the broker is back after losing its connection."""
-
-    async def control(self, room_id: int, command: dict[str, Any]) -> None:
-        """Hand ``command`` to ``room_id`` on every node where it is alive."""
-
-    async def forget(self, room_id: int) -> None:
-        """Drop what the broker keeps of ``room_id`` (its history was purged)."""
-
-    async def presence(self, room_id: int, add: Collection[int], remove: Collection[int],
-                       ttl: float) -> list[int]:
-        """Register (``add``, also a refresh) or withdraw (``remove``) this node's presence
-        of authors in ``room_id``; entries not refreshed within ``ttl`` seconds expire.
-
-        An author's first entry on any node is announced to the room as
-        ``chat_enter``, its last one leaving (or expiring) as ``chat_exit``.
-        Returns the authors online in the room on every node.
-        """
-
-
-@attrs.define(eq=False)
-class _LocalRoom:
-    last_id: int
-    subscribers: list[Subscriber]
-
-
-@attrs.define(eq=False)
-class LocalBroker:
-    _store: Store
-    # Seconds a client_msg_id is remembered (server.idempotencyWindow).
-    idempotency_window: float = 600.0
-    durable_on_publish = False
-    _rooms: dict[int, _LocalRoom] = attrs.field(init=False, factory=dict)
-    _online: dict[int, set[int]] = attrs.field(init=False, factory=dict)
-    _sent: dict[tuple[int, int, str], Message] = attrs.field(init=False, factory=dict)
-    _sent_order: deque[tuple[float, tuple[int, int, str]]] = attrs.field(init=False,
-                                                                         factory=deque)
-    # At most this many ids are held in memory; older ones within the window are
-    # looked up in the store.
-    sent_limit: int = 100_000
-    # Set once the ids sent within the window before this process started are in
-    # memory (run() reads them from the store); until then the store is asked.
-    loaded: trio.Event = attrs.field(init=False, factory=trio.Event)
-    # Until then, an id not in memory may have been dropped for sent_limit.
-    _evicted_until: float = attrs.field(init=False, default=-math.inf)
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-                  ) -> None:
-        """Read the ids sent within the idempotency window before this start into memory,
-        in the background, retrying while the store cannot be read; then return.
-
-        So after a restart a resend is recognised without asking the store per frame,
-        and keeps being recognised while the store is down."""
-        task_status.started()
-        delay = 0.1
-        while True:
-            try:
-                sent = await self._store.sent_since(utc_after(-self.idempotency_window),
-                                                    self.sent_limit)
-                break
-            except StoreUnavailable as exc:
-                log.warning("cannot load recent client_msg_ids yet: %s", exc)
-                await trio.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 2, 5.0)
-        now, wall = time.monotonic(), time.time()
-        loaded = []
-        for message in sent:
-            key = (message.room_id, message.author_id, message.client_msg_id or "")
-            if key not in self._sent:
-                age = wall - _epoch_seconds(message.received_at)
-                loaded.append((now + self.idempotency_window - age, key, message))
-        # Older than anything remembered since the start: they go first in expiry order.
-        for expires, key, message in sorted(loaded, key=lambda item: item[0], reverse=True):
-            self._sent[key] = message
-            self._sent_order.appendleft((expires, key))
-        if len(sent) >= self.sent_limit:
-            self._evicted_until = time.monotonic() + self.idempotency_window
-        self._trim_sent()
-        self.loaded.set()
-        log.debug("loaded %d client_msg_ids of the last %gs", len(loaded),
-                  self.idempotency_window)
-
-    async def sent_before(self, draft: Draft) -> Message | None:
-        now = time.monotonic()
-        while self._sent_order and self._sent_order[0][0] <= now:
-            self._sent.pop(self._sent_order.popleft()[1], None)
-        assert draft.author_id is not None and draft.client_msg_id is not None
-        key = (draft.room_id, draft.author_id, draft.client_msg_id)
-        sent = self._sent.get(key)
-        if sent is None and (not self.loaded.is_set() or now < self._evicted_until):
-            # Sent before this process started and not loaded yet, or dropped from
-            # memory: only the store knows (StoreUnavailable if it cannot say).
-            sent = await _sent_to_store(self._store, draft, self.idempotency_window)
-        return sent
-
-    def _remember_sent(self, message: Message) -> None:
-        assert message.client_msg_id is not None
-        key = (message.room_id, message.author_id, message.client_msg_id)
-        self._sent[key] = message
-        self._sent_order.append((time.monotonic() + self.idempotency_window, key))
-        self._trim_sent()
-
-    def _trim_sent(self) -> None:
-        while len(self._sent_order) > self.sent_limit:
-            expires, dropped = self._sent_order.popleft()
-            self._sent.pop(dropped, None)
-            self._evicted_until = max(self._evicted_until, expires)
-
-    def forget_sent(self, message: Message) -> None:
-        if message.client_msg_id is not None:
-            key = (message.room_id, message.author_id, message.client_msg_id)
-            if self._sent.get(key) is message:
-                del self._sent[key]
-
-    async def subscribe(self, room_id: int, subscriber: Subscriber) -> None:
-        room = self._rooms.get(room_id)
-        if room is None:
-            last_id = await self._store.last_id(room_id)
-            # Another subscriber may have arrived while we read the store.
-            room = self._rooms.setdefault(room_id, _LocalRoom(last_id, []))
-        room.subscribers.append(subscriber)
-
-    async def unsubscribe(self, room_id: int, subscriber: Subscriber) -> None:
-        room = self._rooms.get(room_id)
-        if room is not None:
-            room.subscribers.remove(subscriber)
-            if not room.subscribers:
-                del self._rooms[room_id]
-
-    async def tail(self, room_id: int, limit: int) -> tuple[list[Message], int]:
-        return await self._store.recent(room_id, limit), self._rooms[room_id].last_id
-
-    async def history(self, room_id: int, after: int, before: int) -> list[Message]:
-        return await self._store.page(room_id, after=after, before=before,
-                                      limit=max(0, before - after - 1), newest_first=False)
-
-    async def publish(self, draft: Draft, target: Message | None = None, *,
-                      deliver: bool = True) -> tuple[Message, bool]:
-        if draft.client_msg_id is not None:
-            sent = await self.sent_before(draft)
-            if sent is not None:
-                return sent, False
-        room = self._rooms[draft.room_id]
-        room.last_id += 1
-        message = accept(draft, room.last_id, utc_now())
-        if message.client_msg_id is not None:
-            self._remember_sent(message)
-        if deliver:
-            self.deliver(message)
-        return message, True
-
-    def deliver(self, message: Message) -> None:
-        room = self._rooms.get(message.room_id)
-        for subscriber in room.subscribers if room is not None else ():
-            subscriber.deliver(message)
-
-    async def event(self, room_id: int, text: str) -> None:
-        room = self._rooms.get(room_id)
-        for subscriber in room.subscribers if room is not None else ():
-            subscriber.deliver_event(text)
-
-    def on_reconnect(self, callback: Callable[[], None]) -> None:
-        pass  # it never loses a connection
-
-    async def forget(self, room_id: int) -> None:
-        pass  # it keeps nothing beyond a live room's counter
-
-    async def control(self, room_id: int, command: dict[str, Any]) -> None:
-        room = self._rooms.get(room_id)
-        for subscriber in list(room.subscribers) if room is not None else ():
-            subscriber.control(command)
-
-    async def presence(self, room_id: int, add: Collection[int], remove: Collection[int],
-                       ttl: float) -> list[int]:
-        # One node: its own entries are all there is, and they never outlive it.
-        online = self._online.setdefault(room_id, set())
-        events = []
-        for author_id in remove:
-            if author_id in online:
-                online.discard(author_id)
-                events.append(presence_event("chat_exit", room_id, author_id, len(online),
-                                             utc_now()))
-        for author_id in add:
-            if author_id not in online:
-                online.add(author_id)
-                events.append(presence_event("chat_enter", room_id, author_id, len(online),
-                                             utc_now()))
-        if not online:
-            del self._online[room_id]
-        room = self._rooms.get(room_id)
-        if room is not None:
-            for text in events:
-                for subscriber in room.subscribers:
-                    subscriber.deliver_event(text)
-        return sorted(online)
-
-
-# KEYS: the room's counter, the room's recent list, the room's log (messages not
-# yet in the history store) and, for a message with a client_msg_id, the key
-# remembering it (one hash slot: all carry the room's {hash tag}, and so does the
-# shard channel, as a Redis Cluster requires of SPUBLISH in a script; a cluster
-# client runs it on that slot's node by KEYS).
-# ARGV: the shard channel, the floor for the counter (the publisher's last id,
-# which restores the counter if Redis lost it), the message JSON after its id, the
-# recent list's length, the keys' idle expiry in seconds, the idempotency window in
-# seconds, for an edit or delete the id of the message it changes and that
-# message's JSON after the change (else two empty strings), and "1" to log the
-# message (else "").
-# Returns {1, id, log entry id or ""} for a new message, {0, JSON of the message
-# sent before} for a client_msg_id seen within the window (nothing is published then).
-_PUBLISH = """
-if KEYS[4] then
-    local sent = redis.call('GET', KEYS[4])
-    if sent then
-        return {0, sent}
-    end
-end
-local floor = tonumber(ARGV[2])
-if tonumber(redis.call('GET', KEYS[1]) or '0') < floor then
-    redis.call('SET', KEYS[1], floor)
-end
-local id = redis.call('INCR', KEYS[1])
-local payload = '{"id":' .. id .. ',' .. ARGV[3]
-if ARGV[7] ~= '' then
-    local prefix = '{"id":' .. ARGV[7] .. ','
-    for i, item in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
-        if string.sub(item, 1, #prefix) == prefix then
-            if not string.find(item, '"deleted_at":', 1, true) then
-                redis.call('LSET', KEYS[2], i - 1, ARGV[8])
-            end
-            break
-        end
-    end
-end
-redis.call('RPUSH', KEYS[2], payload)
-redis.call('LTRIM', KEYS[2], -tonumber(ARGV[4]), -1)
-redis.call('EXPIRE', KEYS[1], ARGV[5])
-redis.call('EXPIRE', KEYS[2], ARGV[5])
-local entry = ''
-if ARGV[9] == '1' then
-    entry = redis.call('XADD', KEYS[3], '*', 'm', payload)
-end
-if KEYS[4] then
-    redis.call('SET', KEYS[4], payload, 'EX', ARGV[6])
-end
-redis.call('SPUBLISH', ARGV[1], payload)
-return {1, id, entry}
-"""
-
-# KEYS: the room's presence entries (a sorted set of "author|node", scored by expiry
-# in ms of Redis's clock, so nodes' clocks do not matter) and its online authors (a
-# hash: author -> how many nodes have an entry). Both carry the room's {hash tag}.
-# ARGV: the shard channel, this node, the entries' ttl in ms, the event time, the
-# room id, how many authors to remove, then those authors, then the authors to add
-# (or refresh). Expired entries (a node that died) are purged first. Every change
-# that makes an author appear or vanish is published on the room's channel, after
-# the messages before it and before those after it. Returns the online authors.
-_PRESENCE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local function announce(kind, author)
-    redis.call('SPUBLISH', ARGV[1], '{"message_type":"' .. kind .. '","author_id":' ..
-        author .. ',"room_id":' .. ARGV[5] .. ',"content":"","create_at":"' .. ARGV[4] ..
-        '","online":' .. redis.call('HLEN', KEYS[2]) .. '}')
-end
-local function withdraw(author)
-    if redis.call('HINCRBY', KEYS[2], author, -1) <= 0 then
-        redis.call('HDEL', KEYS[2], author)
-        announce('chat_exit', author)
-    end
-end
-for _, entry in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)) do
-    redis.call('ZREM', KEYS[1], entry)
-    withdraw(string.match(entry, '^[^|]+'))
-end
-local removals = tonumber(ARGV[6])
-for i = 7, 6 + removals do
-    if redis.call('ZREM', KEYS[1], ARGV[i] .. '|' .. ARGV[2]) == 1 then
-        withdraw(ARGV[i])
-    end
-end
-local ttl = tonumber(ARGV[3])
-for i = 7 + removals, #ARGV do
-    if redis.call('ZADD', KEYS[1], now + ttl, ARGV[i] .. '|' .. ARGV[2]) == 1 and
-            redis.call('HINCRBY', KEYS[2], ARGV[i], 1) == 1 then
-        announce('chat_enter', ARGV[i])
-    end
-end
-if redis.call('EXISTS', KEYS[1]) == 1 then
-    redis.call('PEXPIRE', KEYS[1], 2 * ttl)
-    redis.call('PEXPIRE', KEYS[2], 2 * ttl)
-else
-    redis.call('DEL', KEYS[2])
-end
-return redis.call('HKEYS', KEYS[2])
-"""
-
-# KEYS: the room's counter (only so that a cluster client runs this on the room's
-# shard). ARGV: the shard channel, an operator's command or an event (typing).
-_RELAY = "return redis.call('SPUBLISH', ARGV[1], ARGV[2])"
+_PUBLISH = _lua("publish.lua")
+_PRESENCE = _lua("presence.lua")
+_RELAY = _lua("relay.lua")
 
 KEY_TTL = 7 * 24 * 3600
 # A node registers a room whose log it writes to at most this often; the sweep
@@ -454,18 +90,6 @@ UNAVAILABLE = (redis.RedisError, redis.exceptions.RedisClusterException, OSError
                trio.TooSlowError)
 # Commands in flight to one cluster node at once (redis-py refuses more, it does not wait).
 CLUSTER_NODE_CONNECTIONS = 1000
-
-
-async def _sent_to_store(store: Store, draft: Draft, window: float) -> Message | None:
-    assert draft.author_id is not None and draft.client_msg_id is not None
-    return await store.client_message(draft.room_id, draft.author_id, draft.client_msg_id,
-                                      utc_after(-window))
-
-
-def _epoch_seconds(stamp: str) -> float:
-    """Seconds since the epoch of a :func:`utc_now` stamp."""
-    return datetime.fromisoformat(stamp.removesuffix("Z")).replace(
-        tzinfo=timezone.utc).timestamp()
 
 
 def _json(obj: dict[str, Any]) -> str:
@@ -1101,7 +725,7 @@ class RedisBroker:
     async def _sent_after_reconnect(self, draft: Draft) -> Message | None:
         """After a reconnection Redis may have lost its sent keys: the store knows."""
         if draft.client_msg_id is not None and time.monotonic() < self._check_store_until:
-            return await _sent_to_store(self._store, draft, self.idempotency_window)
+            return await sent_to_store(self._store, draft, self.idempotency_window)
         return None
 
     async def sent_before(self, draft: Draft) -> Message | None:
