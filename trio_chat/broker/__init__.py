@@ -9,9 +9,11 @@ Who owns what:
 - :mod:`.base`: the :class:`Broker` and :class:`Subscriber` protocols and
   :class:`BrokerUnavailable`;
 - :mod:`.local`: :class:`LocalBroker`, the embedded single-node broker;
-- :mod:`.redis_broker`: :class:`RedisBroker`, several nodes over Redis (or a
-  Redis Cluster), with its Lua scripts in ``publish.lua``, ``presence.lua`` and
-  ``relay.lua`` (package data).
+- :mod:`.redis_link`, :mod:`.redis_subscription`, :mod:`.redis_broker`: the
+  three layers of :class:`RedisBroker`, several nodes over Redis (or a Redis
+  Cluster): the connection and the Lua scripts (``publish.lua``,
+  ``presence.lua``, ``relay.lua``, package data); reading the subscription and
+  reconnecting; publishing, presence, history and the log.
 """
 
 from .base import Broker, BrokerUnavailable, Subscriber
