@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import re
@@ -56,6 +57,14 @@ def make_config(db_path: Path, *, db: DbConfig | None = None, limits: LimitsConf
     return Config(server=ServerConfig(host="127.0.0.1", port=0, **server),
                   sqlite=SqliteConfig(path=str(db_path)), db=db, limits=limits,
                   auth=auth or AuthConfig())
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage() -> Iterator[None]:
+    """Collect after each test, so a socket a test left open is reported (warnings are
+    errors) by that test, not by whichever test runs when the collector comes."""
+    yield
+    gc.collect()
 
 
 @pytest.fixture
