@@ -12,10 +12,12 @@ context manager's scope and end with it.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
+import trio
 import trio_asyncio
 
 T = TypeVar("T")
@@ -28,7 +30,20 @@ async def open_bridge(needed: bool = True) -> AsyncIterator[None]:
         yield
         return
     async with trio_asyncio.open_loop():
-        yield
+        try:
+            yield
+        finally:
+            # A call cancelled at shutdown closes its socket without waiting: the
+            # transport closes it on the loop's next turns, which must come before the
+            # loop ends (else the socket is left to the garbage collector).
+            with trio.move_on_after(1, shield=True):
+                await call(_turns)
+
+
+async def _turns() -> None:
+    """Asyncio flavour. Let the loop run what is scheduled (transports closing)."""
+    for _ in range(5):
+        await asyncio.sleep(0)
 
 
 async def call(fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:

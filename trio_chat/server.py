@@ -193,58 +193,70 @@ class Server:
     async def run(self, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED
                   ) -> None:
         """Serve until cancelled (abrupt) or until :meth:`shutdown` (graceful)."""
-        s = self.config.server
         self.task = trio.lowlevel.current_task()
         # The asyncio loop (for MySQL and Redis) outlives every task that uses it.
         needed = self.config.db is not None or self.config.redis is not None
-        async with open_bridge(needed=needed), trio.open_nursery() as root:
-            await root.start(self.store.run)
-            if isinstance(self.broker, RedisBroker):
-                await root.start(self.broker.run)
-                if self.broker.log:
-                    await root.start(self.broker.sweep_logs)
-            else:
-                await root.start(self.broker.run)
-            await root.start(self.hub.run)
-            await root.start(self.writers.run)
-            listeners = (await open_shared_listeners(s.host, s.port) if self.reuse_port
-                         else await trio.open_tcp_listeners(s.port, host=s.host))
-            self.port = listeners[0].socket.getsockname()[1]
-            for listener in listeners:
-                host, port = listener.socket.getsockname()[:2]
-                log.info("listening on http://%s:%d/", f"[{host}]" if ":" in host else host,
-                         port)
-            async with trio.open_nursery() as connections:
-                accept_scope = trio.CancelScope()
-                await connections.start(self._accept, accept_scope, listeners, connections)
-                task_status.started(self)
-                await self._shutdown.wait()
-                started = trio.current_time()
-                accept_scope.cancel()
-                log.info("shutting down: closing %d connections", len(self.hub.connections))
-                self.hub.close_all(GOING_AWAY, "server shutting down")
-                for waiting in list(self.waiting_for_request):
-                    waiting.cancel()
-                # Grace for the close handshakes; half the budget, the rest is the flush's.
-                connections.cancel_scope.deadline = started + s.shutdown_timeout / 2
-            with trio.move_on_at(started + s.shutdown_timeout) as flush_scope:
-                try:
-                    # Withdraw at once; otherwise other nodes see us online until it expires.
-                    await self.hub.presence.flush()
-                except BrokerUnavailable:
-                    log.warning("could not withdraw presence; it expires in %gs",
-                                s.presence_ttl)
-                except Exception:
-                    # Still flush the store below.
-                    self.metrics.unexpected("presence_failures", log, "could not withdraw "
-                                            "presence; it expires in %gs", s.presence_ttl)
-                await self.store.flush()
-            if flush_scope.cancelled_caught:
-                log.error("shutdown deadline passed with %d messages not stored",
-                          self.store.lag)
-            else:
-                log.info("store flushed; stopped")
-            root.cancel_scope.cancel()
+        async with open_bridge(needed=needed):
+            try:
+                async with trio.open_nursery() as root:
+                    await self._serve(root, task_status)
+            finally:
+                if isinstance(self.broker, RedisBroker):
+                    # A task cancelled mid-call may have opened a connection after the
+                    # broker closed its own: close that too while the loop still runs.
+                    await self.broker.close_late()
+
+    async def _serve(self, root: trio.Nursery,
+                     task_status: trio.TaskStatus[Server]) -> None:
+        """Start everything in ``root``, serve until :meth:`shutdown`, then wind down."""
+        s = self.config.server
+        await root.start(self.store.run)
+        if isinstance(self.broker, RedisBroker):
+            await root.start(self.broker.run)
+            if self.broker.log:
+                await root.start(self.broker.sweep_logs)
+        else:
+            await root.start(self.broker.run)
+        await root.start(self.hub.run)
+        await root.start(self.writers.run)
+        listeners = (await open_shared_listeners(s.host, s.port) if self.reuse_port
+                     else await trio.open_tcp_listeners(s.port, host=s.host))
+        self.port = listeners[0].socket.getsockname()[1]
+        for listener in listeners:
+            host, port = listener.socket.getsockname()[:2]
+            log.info("listening on http://%s:%d/", f"[{host}]" if ":" in host else host,
+                     port)
+        async with trio.open_nursery() as connections:
+            accept_scope = trio.CancelScope()
+            await connections.start(self._accept, accept_scope, listeners, connections)
+            task_status.started(self)
+            await self._shutdown.wait()
+            started = trio.current_time()
+            accept_scope.cancel()
+            log.info("shutting down: closing %d connections", len(self.hub.connections))
+            self.hub.close_all(GOING_AWAY, "server shutting down")
+            for waiting in list(self.waiting_for_request):
+                waiting.cancel()
+            # Grace for the close handshakes; half the budget, the rest is the flush's.
+            connections.cancel_scope.deadline = started + s.shutdown_timeout / 2
+        with trio.move_on_at(started + s.shutdown_timeout) as flush_scope:
+            try:
+                # Withdraw at once; otherwise other nodes see us online until it expires.
+                await self.hub.presence.flush()
+            except BrokerUnavailable:
+                log.warning("could not withdraw presence; it expires in %gs",
+                            s.presence_ttl)
+            except Exception:
+                # Still flush the store below.
+                self.metrics.unexpected("presence_failures", log, "could not withdraw "
+                                        "presence; it expires in %gs", s.presence_ttl)
+            await self.store.flush()
+        if flush_scope.cancelled_caught:
+            log.error("shutdown deadline passed with %d messages not stored",
+                      self.store.lag)
+        else:
+            log.info("store flushed; stopped")
+        root.cancel_scope.cancel()
 
     async def _accept(self, scope: trio.CancelScope, listeners: list[trio.SocketListener],
                       connections: trio.Nursery, *,

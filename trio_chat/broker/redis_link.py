@@ -14,7 +14,6 @@ asyncio-flavoured and run only through :func:`trio_chat.bridge.call`.
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 import time
 from collections.abc import Callable
@@ -95,6 +94,7 @@ class RedisLink:
     _epoch: str | None = attrs.field(init=False, default=None)
     # (subscription, client) pairs whose close has not finished (a hung Redis).
     _unclosed: list[tuple[Any, Any]] = attrs.field(init=False, factory=list)
+    _last_closed: tuple[Any, Any] = attrs.field(init=False, default=(None, None))
     # Set when a send finds Redis gone or hung before the subscription does: the
     # reader raises it, so run() reconnects.
     _lost: Exception | None = attrs.field(init=False, default=None)
@@ -225,10 +225,7 @@ class RedisLink:
             if client is not None:
                 await client.aclose()
             self._unclosed.pop(0)
-        # The subscription's socket is closed without waiting (nowait): its transport
-        # closes it on the loop's next turns, which must come before the loop ends.
-        for _ in range(3):
-            await asyncio.sleep(0)
+            self._last_closed = (pubsub, client)
 
     async def _aio_read(self) -> list[dict[str, Any]]:
         """Asyncio flavour. Wait up to a second for messages, then take what is there."""
@@ -282,6 +279,14 @@ class RedisLink:
         self._leaving.clear()
         with trio.fail_after(self.timeout):
             return await bridge.call(self._aio_connect)
+
+    async def close_late(self) -> None:
+        """Close the last client again, once every task that used it has ended (one
+        cancelled mid-command may have opened a connection after it was closed)."""
+        pubsub, client = self._last_closed
+        self._unclosed.append((pubsub, client))
+        with trio.move_on_after(2, shield=True):
+            await bridge.call(self._aio_close)
 
     async def _close(self) -> None:
         # A stopped Redis may keep its sockets from closing within the deadline: they
