@@ -9,7 +9,7 @@ when there are two; the load runs on the other): SQLite (the embedded default), 
 (``client_msg_id``) at a fixed total rate, spread over one room, and time each ack; a
 member of the same room times each delivery. Server CPU comes from /proc.
 
-    python scripts/bench_acks.py [--quick] [--rates 200,500,1000,2000] [--p99 50]
+    python scripts/bench_acks.py [--quick] [--rates 100,200,500] [--p99 50]
 
 Prints one line per configuration and rate, then a summary line per configuration.
 """
@@ -33,7 +33,7 @@ from typing import Any
 import psutil
 import pymysql
 import trio
-from trio_websocket import open_websocket_url
+from trio_websocket import ConnectionClosed, open_websocket_url
 
 ROOT = Path(__file__).resolve().parent.parent
 ROOM = 77
@@ -158,22 +158,36 @@ async def run_rate(port: int, rate: float, seconds: float) -> dict[str, Any]:
                 nursery.cancel_scope.cancel()
 
     ready = trio.Event()
-    with trio.move_on_after(seconds + 30):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(member)
-            await ready.wait()
-            for n in range(SENDERS):
-                nursery.start_soon(sender, n)
+    try:
+        with trio.move_on_after(seconds + 30):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(member)
+                await ready.wait()
+                for n in range(SENDERS):
+                    nursery.start_soon(sender, n)
+    except Exception as exc:
+        if not _closed(exc):
+            raise
+        errors += 1  # a connection dropped (the load generator fell behind): over
+
     return {"sent": total, "acked": len(acks), "delivered": len(deliveries), "errors": errors,
             "ack_p50": percentile(acks, 50), "ack_p99": percentile(acks, 99),
             "delivery_p50": percentile(deliveries, 50),
             "delivery_p99": percentile(deliveries, 99)}
 
 
+def _closed(exc: BaseException) -> bool:
+    """Whether ``exc`` is, or groups, only connections that closed."""
+    inner = getattr(exc, "exceptions", None)
+    if inner is not None:
+        return all(_closed(e) for e in inner)
+    return isinstance(exc, ConnectionClosed)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="short steps, fewer rates")
-    parser.add_argument("--rates", default="200,500,1000,2000",
+    parser.add_argument("--rates", default="100,200,500",
                         help="total messages a second to try, comma-separated")
     parser.add_argument("--seconds", type=float, default=5.0, help="per rate")
     parser.add_argument("--p99", type=float, default=50.0, help="ack p99 bound in ms")
@@ -208,7 +222,7 @@ def main() -> None:
                                   f"ack p50={result['ack_p50']:.1f} p99={result['ack_p99']:.1f}"
                                   f" ms  delivery p50={result['delivery_p50']:.1f} "
                                   f"p99={result['delivery_p99']:.1f} ms  "
-                                  f"server CPU {cpu_us:.0f} us/message"
+                                  f"server CPU {cpu_us:.0f} us/message (whole process)"
                                   f"{'' if ok else '  (over the bound)'}", flush=True)
                             if ok:
                                 best = (rate, result)
