@@ -49,6 +49,8 @@ UNAVAILABLE = (redis.RedisError, redis.exceptions.RedisClusterException, OSError
                trio.TooSlowError)
 # Commands in flight to one cluster node at once (redis-py refuses more, it does not wait).
 CLUSTER_NODE_CONNECTIONS = 1000
+# Clients (with their subscriptions) whose close a hung Redis held up, kept to close later.
+UNCLOSED_MAX = 8
 
 
 @attrs.define(eq=False)
@@ -218,6 +220,9 @@ class RedisLink:
         kept from closing before (see :meth:`_close`)."""
         pair, self._pubsub, self._client = (self._pubsub, self._client), None, None
         self._unclosed.append(pair)
+        # A Redis hung for hours fails a reconnection every few seconds: keep the
+        # newest few, the rest are left to the garbage collector.
+        del self._unclosed[:-UNCLOSED_MAX]
         while self._unclosed:
             pubsub, client = self._unclosed[0]
             if pubsub is not None:
