@@ -119,6 +119,20 @@ async def _demo_page(server: Server, request: Request, match: re.Match[str]) -> 
                     (("cache-control", "no-cache"),))
 
 
+# The JavaScript client module (docs/clients.md), read once at import like the OpenAPI
+# document. Browsers revalidate it on every use, so a new version is picked up at once.
+_JS_CLIENT = resources.files("trio_chat").joinpath("static/trio-chat.js").read_bytes()
+_JS_CLIENT_ETAG = '"' + hashlib.sha256(_JS_CLIENT).hexdigest()[:32] + '"'
+
+
+async def _js_client(server: Server, request: Request, match: re.Match[str]) -> Response:
+    headers = (("cache-control", "no-cache"), ("etag", _JS_CLIENT_ETAG),
+               ("x-content-type-options", "nosniff"))
+    if _JS_CLIENT_ETAG in request.headers.get("if-none-match", ""):
+        return Response(304, b"", "text/javascript; charset=utf-8", headers)
+    return Response(200, _JS_CLIENT, "text/javascript; charset=utf-8", headers)
+
+
 # Read once at import: it is part of the package and never changes while serving.
 _OPENAPI = resources.files("trio_chat").joinpath("static/openapi.json").read_bytes()
 
@@ -510,6 +524,7 @@ async def _ws_without_upgrade(server: Server, request: Request,
 
 ROUTES: list[Route] = [
     Route("GET", re.compile(r"/\Z"), _demo_page),
+    Route("GET", re.compile(r"/static/trio-chat\.js\Z"), _js_client),
     Route("GET", re.compile(r"/healthz\Z"), _healthz),
     Route("GET", re.compile(r"/metrics\Z"), _metrics),
     Route("GET", re.compile(r"/openapi\.json\Z"), _openapi),
