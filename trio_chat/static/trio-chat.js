@@ -90,7 +90,8 @@ export function tokenClaims(token) {
  * - `typing`: someone else is typing; `presence`: `chat_enter`/`chat_exit`.
  * - `reset`: the server could not resume exactly (`history_reset`); `restarted` is true
  *   when the room's ids went back (its history was reset).
- * - `error`: an error frame no pending send of ours claimed; `other`: a frame of a type
+ * - `error`: an error frame that no pending send claimed (a refused send rejects its
+ *   promise instead); `other`: a frame of a type
  *   this client does not know.
  */
 export class ChatClient extends EventTarget {
@@ -530,8 +531,9 @@ export class ChatClient extends EventTarget {
         }, this.options.retryAfter);
         return;
       }
-      if (entry !== undefined) {
+      if (entry !== undefined) {  // the send's promise carries it
         this._settle(entry.cmid, null, new ChatError(frame.code, frame.detail));
+        return;
       }
       this._emit("error", frame);
     } else if (type === "typing") {
