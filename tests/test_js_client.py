@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
 import trio
 
@@ -391,3 +392,109 @@ SCENARIOS = {
 @pytest.mark.parametrize("scenario", SCENARIOS)
 async def test_scenario(scenario: str, clients: tuple[Clients, Node, Proxy]) -> None:
     await SCENARIOS[scenario](*clients)
+
+
+async def test_a_token_function_is_asked_on_every_connection(
+        browser: OpenPage, nursery: trio.Nursery, tmp_path: Path) -> None:  # noqa: F811
+    secret = "a-secret-of-at-least-32-bytes-for-tests"
+    config = make_config(tmp_path / "tokens.db", shutdown_timeout=2.0, auth=AuthConfig(
+        mode="token", secret=secret, allowed_origins=("*",)))
+    node = Node(nursery, config)
+    await node.start()
+    page = await browser(f"http://127.0.0.1:{node.port}/?room=0", "clients")
+    c = Clients(page)
+    tokens = [jwt.encode({"sub": "7", "name": "Ada", "n": n}, secret, algorithm="HS256")
+              for n in range(2)]
+    await c.make("a", tokens=tokens)
+    await c.wait_state("a", "open")
+    assert await page.js("const c = window.clients.a.client; return [c.author, c.name]") == [
+        "7", "Ada"]
+    await c.send("a", "signed")
+    seen = await c.state_count("a")
+    await node.stop()
+    await node.start()
+    await c.wait_state("a", "open", after=seen)
+    assert await c.rec("a", "tokenCalls") >= 2
+    await c.send("a", "signed again")
+    messages = await c.wait_contents("a", "signed", "signed again")
+    assert [str(m["author_id"]) for m in await c.rec("a", "message")] == ["7", "7"]
+    assert len(messages) == 2
+    await page.js("window.clients.a.client.close()")
+    await assert_no_script_errors(page)
+    await node.stop()
+
+
+async def _demo_state(page: Page) -> dict[str, Any]:
+    return await page.js("""
+        const $ = (id) => document.getElementById(id);
+        return {room: $('room').disabled, author: $('author').disabled,
+                connect: $('connect').disabled, connectClass: $('connect').className,
+                notices: Array.from(document.querySelectorAll('#log .notice'))
+                    .map((e) => e.textContent),
+                days: document.querySelectorAll('#log .day').length};
+    """)
+
+
+async def test_two_demo_pages_across_a_restart_show_every_message_once_in_order(
+        browser: OpenPage, nursery: trio.Nursery, tmp_path: Path) -> None:  # noqa: F811
+    node = Node(nursery, open_config(tmp_path / "demo.db"))
+    await node.start()
+    one, two = await open_pages(
+        browser, (page_url(node.port, ROOM, 1) + "&name=Ada", "page 1"),
+        (page_url(node.port, ROOM, 2), "page 2"))
+    for page in (one, two):
+        await page.wait_state("connected")
+        # Locked while connected, and Connect is not the highlighted button.
+        state = await _demo_state(page)
+        assert state["room"] and state["author"] and state["connect"]
+        assert state["connectClass"] == "secondary"
+    await one.type_message("hello before", press_enter=True)
+    await two.wait_contents("hello before")
+    await two.type_message("reply before", press_enter=True)
+    await one.wait_contents("hello before", "reply before")
+
+    for restart in range(2):
+        await node.stop()
+        for page in (one, two):
+            await page.wait_state("reconnecting")
+        await one.type_message(f"one while down {restart}", press_enter=True)
+        await node.start()
+        for page in (one, two):
+            await page.wait_state("connected")
+        await two.type_message(f"two after {restart}", press_enter=True)
+        for page in (one, two):
+            await page.wait_contents(f"one while down {restart}", f"two after {restart}")
+
+    stored = [(str(m["id"]), m["content"]) for m in await history(node.port)]
+    assert len(stored) == 6
+    for page in (one, two):
+        assert [m[:2] for m in await page.messages()] == stored
+        await page.assert_no_duplicates()
+        state = await _demo_state(page)
+        # One line per outage, each ending with where it resumed.
+        assert len(state["notices"]) == 2, state["notices"]
+        assert all("connection closed (1001" in n and "resumed after #" in n
+                   for n in state["notices"]), state["notices"]
+        assert state["days"] == 1
+        assert await page.js("return document.querySelectorAll('#log [data-presence]')"
+                             ".length") <= 3, "arrivals after a resume are folded in"
+        await assert_no_script_errors(page)
+    # The name given with ?name= labels the author's own messages on that page.
+    authors = await one.js("return Array.from(document.querySelectorAll('#log .msg .author'))"
+                           ".map((e) => e.textContent)")
+    assert authors[:2] == ["Ada", "#2"]
+
+    # Screenshots, with an older day's message fed in to show a date separator.
+    await one.js("window.trioChat.handleFrame(JSON.stringify({message_type: 'chat_edit', "
+                 "id: 1000, target_id: 1, content: 'hello before (edited)', author_id: 1}))")
+    ARTIFACTS.mkdir(exist_ok=True)
+    for width, height in ((1280, 800), (390, 844)):
+        for page in (one, two):
+            await page.call(page.driver.execute_cdp_cmd, "Emulation.setDeviceMetricsOverride",
+                            {"width": width, "height": height, "deviceScaleFactor": 1,
+                             "mobile": width < 600})
+            await page.js("document.activeElement && document.activeElement.blur()")
+            name = page.name.replace(" ", "")
+            await page.call(page.driver.save_screenshot,
+                            str(ARTIFACTS / f"demo-{name}-{width}x{height}.png"))
+    await node.stop()
