@@ -104,9 +104,10 @@ def test_history_reset_starts_over() -> None:
 
 
 def test_events_pass_through() -> None:
-    core = ClientCore("ws://h", 7)
+    core = ClientCore("ws://h", 7, author_id=3)
     typing = {"message_type": "typing", "author_id": 2, "room_id": 7}
     assert core.receive(json.dumps(typing)) == [Event(typing)]
+    assert core.receive(json.dumps({**typing, "author_id": 3})) == [], "one's own"
 
 
 def test_states_and_backoff() -> None:

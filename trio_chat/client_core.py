@@ -151,7 +151,9 @@ def describe(exc: BaseException) -> str:
     inner = getattr(exc, "exceptions", None)
     if isinstance(inner, tuple) and len(inner) == 1:
         return describe(inner[0])
-    reason = getattr(exc, "reason", None)
+    # An attribute of the instance (trio-websocket's close reason), never a property
+    # (websockets deprecates its ``reason``).
+    reason = vars(exc).get("reason")
     return f"{type(exc).__name__}: {reason or exc}"
 
 
@@ -274,6 +276,9 @@ class ClientCore:
             self.last_id = None
             self.state = "reset"
             return [Reset(frame.get("detail", ""))]
+        if kind == "typing" and self.author_id is not None \
+                and frame.get("author_id") == self.author_id:
+            return []  # the room relays typing to the typist too
         return [Event(frame)]
 
     def delivered(self, message: Message) -> None:
