@@ -18,6 +18,7 @@ or cancelling it, ends them all.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
@@ -52,6 +53,8 @@ from .protocol import Message
 __all__ = ["Chat", "ChatError", "StateChange", "open_chat"]
 
 log = logging.getLogger(__name__)
+# Long enough to hand our close frame to the socket.
+_CLOSE_CANCELLED = 0.1
 
 
 @attrs.define(eq=False)
@@ -205,7 +208,12 @@ class Chat:
                 try:
                     yield ws
                 finally:
-                    with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
+                    # Cancelled (the chat is closing), trio-websocket's reader is cancelled
+                    # too and the server's close frame would never be read: send ours and
+                    # do not wait out the closing handshake.
+                    cancelled = trio.current_effective_deadline() == -math.inf
+                    with trio.move_on_after(_CLOSE_CANCELLED if cancelled else CLOSE_TIMEOUT,
+                                            shield=True):
                         await ws.aclose()
                     nursery.cancel_scope.cancel()
         finally:
