@@ -5,6 +5,7 @@ idempotent, edit/delete applied, typing shown, presence shown."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -13,6 +14,7 @@ import jwt
 import pytest
 import trio
 
+from trio_chat import aio_client
 from trio_chat.client_core import ChatError
 from trio_chat.config import AuthConfig
 from trio_chat.protocol import Message
@@ -283,3 +285,20 @@ async def test_a_token_function_is_called_before_every_attempt(tmp_path, client:
             assert (await chat.send("second")) > 0
             assert len(calls) >= 2
         nursery.cancel_scope.cancel()
+
+
+async def test_the_asyncio_client_leaves_no_task_behind(tmp_path) -> None:
+    async with restartable(tmp_path) as node:
+        assert node.server is not None
+        url = f"ws://127.0.0.1:{node.server.port}"
+
+        async def application() -> tuple[int, int, str]:
+            before = len(asyncio.all_tasks())
+            for i in range(20):
+                async with aio_client.open_chat(url, ROOM, author_id=1) as chat:
+                    if i % 5 == 0:
+                        await chat.send(f"round {i}")
+            return before, len(asyncio.all_tasks()), chat.state
+
+        before, after, state = await trio.to_thread.run_sync(asyncio.run, application())
+        assert (after, state) == (before, "closed")

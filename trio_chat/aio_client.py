@@ -177,26 +177,27 @@ class Chat:
 
     async def _run(self) -> None:
         """Connect, and connect again whenever the connection is lost, until cancelled."""
-        try:
-            while True:
-                try:
-                    async with connect(
-                            self._core.connect_url(await resolve_token(self._token)),
-                            open_timeout=self._core.dead_after, close_timeout=CLOSE_TIMEOUT,
-                            ping_interval=None, max_size=MAX_FRAME_BYTES, compression=None,
-                            proxy=None) as ws:
-                        self._states._offer(self._core.connected())
-                        await self._serve(ws)
-                    reason = "the server closed the connection"
-                except Exception as exc:
-                    reason = describe(exc)
-                change = self._core.lost(reason)
-                self._states._offer(change)
-                await asyncio.sleep(change.delay or 0)
-        finally:
-            for settled in self._core.close():
-                self._settle(settled)
-            self._states._offer(StateChange("closed"))
+        while True:
+            try:
+                async with connect(
+                        self._core.connect_url(await resolve_token(self._token)),
+                        open_timeout=self._core.dead_after, close_timeout=CLOSE_TIMEOUT,
+                        ping_interval=None, max_size=MAX_FRAME_BYTES, compression=None,
+                        proxy=None) as ws:
+                    self._states._offer(self._core.connected())
+                    await self._serve(ws)
+                reason = "the server closed the connection"
+            except Exception as exc:
+                reason = describe(exc)
+            change = self._core.lost(reason)
+            self._states._offer(change)
+            await asyncio.sleep(change.delay or 0)
+
+    def _close(self) -> None:
+        """After the supervisor ended (it may have been cancelled before it started)."""
+        for settled in self._core.close():
+            self._settle(settled)
+        self._states._offer(StateChange("closed"))
 
     async def _serve(self, ws: ClientConnection) -> None:
         """Read ``ws`` until it closes or stops answering pings."""
@@ -276,4 +277,7 @@ async def open_chat(url: str, room_id: int, token: TokenSource = None, *,
         supervisor.cancel()
         # Waited for without raising its CancelledError here: a cancellation of the
         # caller's own task still propagates from this await.
-        await asyncio.wait([supervisor])
+        try:
+            await asyncio.wait([supervisor])
+        finally:
+            chat._close()
