@@ -15,7 +15,8 @@ import os
 import signal
 import stat
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
 
 import trio
 
@@ -76,7 +77,7 @@ def format_message(message: Message) -> str:
     return f"[{at}] {who}: {message.content}"
 
 
-async def _lines() -> AsyncIterator[str]:
+async def _lines() -> AsyncGenerator[str, None]:
     """Standard input, line by line, without a thread blocked in read()."""
     if stat.S_ISREG(os.fstat(0).st_mode):
         # A file cannot be polled for readiness, and reading it never waits for a person.
@@ -147,12 +148,14 @@ async def chat_in_terminal(url: str, room: int, token: str | None, author_id: in
                     nursery.start_soon(show_messages)
                     nursery.start_soon(_show_states, chat, room, status)
                     # One at a time, in order: each waits for its ack, across reconnections.
-                    async for line in _lines():
-                        if line.strip():
-                            try:
-                                await chat.send(line)
-                            except ChatError as exc:
-                                status.print(f"-- not sent: {exc}")
+                    # Closed here, also when cancelled, so fd 0 is blocking again at exit.
+                    async with aclosing(_lines()) as lines:
+                        async for line in lines:
+                            if line.strip():
+                                try:
+                                    await chat.send(line)
+                                except ChatError as exc:
+                                    status.print(f"-- not sent: {exc}")
                     await trio.sleep(0.2)  # let the last broadcasts be printed
                     nursery.cancel_scope.cancel()
             root.cancel_scope.cancel()
