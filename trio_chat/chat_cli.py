@@ -84,8 +84,11 @@ async def _lines() -> AsyncGenerator[str, None]:
         async for line in trio.wrap_file(sys.stdin):
             yield line.rstrip("\n")
         return
-    # A copy of fd 0: FdStream closes it, and restores its blocking mode on the way.
-    async with trio.lowlevel.FdStream(os.dup(0)) as stdin:
+    # FdStream makes its fd non-blocking. A terminal is opened anew so that the mode
+    # stays off the file description stdout shares with it (a burst of output to a
+    # slow terminal would otherwise fail with BlockingIOError); a pipe's copy is its own.
+    fd = os.open(os.ttyname(0), os.O_RDONLY | os.O_NOCTTY) if os.isatty(0) else os.dup(0)
+    async with trio.lowlevel.FdStream(fd) as stdin:
         pending = b""
         while chunk := await stdin.receive_some():
             pending += chunk
