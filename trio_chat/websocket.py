@@ -58,6 +58,8 @@ RECEIVE_BYTES = 64 * 1024
 
 @attrs.frozen
 class Limits:
+    """Every connection's bounds and timers, from the server's configuration."""
+
     max_message_bytes: int
     queue_frames: int
     queue_bytes: int
