@@ -33,6 +33,7 @@ import trio
 from .auth import AuthError, Claims, authenticate, check_admin, check_origin
 from .broker import BrokerUnavailable
 from .connection import serve_connection
+from .framing import BANNED, KICKED, ROOM_DELETED
 from .hub import RoomUnavailable
 from .media import ImageError, save_image
 from .protocol import (
@@ -48,7 +49,6 @@ from .protocol import (
     utc_now,
 )
 from .store import Ban, NameTaken, NoRoomId, RoomInfo, StoreUnavailable
-from .websocket import BANNED, KICKED, ROOM_DELETED
 
 if TYPE_CHECKING:
     from .server import Server
