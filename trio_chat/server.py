@@ -8,6 +8,9 @@ run in a connections nursery. So cancelling ``run`` tears down every task the
 server ever started; a graceful :meth:`Server.shutdown` instead stops
 accepting, closes every WebSocket with 1001, gives connections a grace
 deadline, flushes the store and returns.
+
+:meth:`Server.build` makes the parts and the :class:`~.http.Services` record
+that every HTTP connection is given; the HTTP side never sees the server.
 """
 
 from __future__ import annotations

@@ -57,9 +57,10 @@ def _room_name(body: dict[str, Any], *, required: bool) -> str | None:
 def _flag(body: dict[str, Any], field: str) -> bool | None:
     if field not in body:
         return None
-    if not isinstance(body[field], bool):
+    value = body[field]
+    if not isinstance(value, bool):
         raise HttpError(invalid(field, "must be true or false"))
-    return body[field]
+    return value
 
 
 def _author(body: dict[str, Any]) -> int:
