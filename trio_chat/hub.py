@@ -40,7 +40,7 @@ from .metrics import Metrics
 from .outbound import typing_event
 from .protocol import INT64_MAX, Draft, Message, check_change, utc_now
 from .room import Member, Room
-from .store import Ban, Outcome, Store, StoreUnavailable
+from .store import Ban, Outcome, Repository, Store, StoreUnavailable
 
 ENSURED_FOR = 60.0
 ENSURED_MAX = 100_000
@@ -184,6 +184,7 @@ class Presence:
 @attrs.define(eq=False)
 class Hub:
     _store: Store
+    _repository: Repository
     _broker: Broker
     _metrics: Metrics
     _history_size: int
@@ -284,7 +285,7 @@ class Hub:
         now = trio.current_time()
         if now - self._ensured.get(room_id, -math.inf) < ENSURED_FOR:
             return
-        await self._store.backend.ensure_room(room_id, utc_now())
+        await self._repository.ensure_room(room_id, utc_now())
         if len(self._ensured) >= ENSURED_MAX:
             self._ensured.clear()
         self._ensured[room_id] = now
@@ -331,7 +332,7 @@ class Hub:
                 self._duplicate(sent, settled)
                 return sent, False
             # Stored once, here; what is published is a reference to it.
-            draft = await attach_image(self._store.backend, self.media, draft)
+            draft = await attach_image(self._repository, self.media, draft)
         durable_on_publish = self._broker.durable_on_publish
         wait = self.ack_after_stored and not durable_on_publish
         message, fresh = await self._broker.publish(draft, target, deliver=not wait)
@@ -379,7 +380,7 @@ class Hub:
 
     async def ban_of(self, room_id: int, author_id: int) -> Ban | None:
         """The ban in force for ``author_id`` in ``room_id``, if any."""
-        return await self._store.backend.ban_of(room_id, author_id, utc_now())
+        return await self._repository.ban_of(room_id, author_id, utc_now())
 
     async def announce(self, draft: Draft) -> Message:
         """Publish ``draft`` for the server itself (the HTTP API), opening the room here

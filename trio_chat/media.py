@@ -24,7 +24,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import MediaConfig
 from .protocol import Draft, FrameError, utc_now
-from .store import Backend, MediaInfo, StoredMedia
+from .store import MediaInfo, Repository, StoredMedia
 
 # What may be uploaded: Pillow's format name -> content type.
 FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "GIF": "image/gif",
@@ -163,18 +163,18 @@ def media_id_of(content: str) -> str | None:
     return match.group(1) if match else None
 
 
-async def save_image(backend: Backend, config: MediaConfig, data: bytes, room_id: int,
+async def save_image(repository: Repository, config: MediaConfig, data: bytes, room_id: int,
                      author_id: int) -> MediaInfo:
     """Validate ``data`` (in a worker thread) and store it; :class:`ImageError` if refused."""
     image = await trio.to_thread.run_sync(validate_image, data, config, limiter=_THREADS)
     info = MediaInfo(secrets.token_urlsafe(16), room_id, author_id, image.content_type,
                      len(image.data), image.width, image.height, image.thumbnail_type,
                      image.thumbnail_width, image.thumbnail_height, utc_now())
-    await backend.save_media(StoredMedia(info, image.data, image.thumbnail))
+    await repository.save_media(StoredMedia(info, image.data, image.thumbnail))
     return info
 
 
-async def attach_image(backend: Backend, config: MediaConfig, draft: Draft) -> Draft:
+async def attach_image(repository: Repository, config: MediaConfig, draft: Draft) -> Draft:
     """A ``chat_img`` draft made to point at its stored image.
 
     Its content is a data URL (the image is validated and stored now, as the
@@ -186,10 +186,10 @@ async def attach_image(backend: Backend, config: MediaConfig, draft: Draft) -> D
         data = parse_data_url(draft.content, config.max_image_bytes)
         if data is not None:
             assert draft.author_id is not None
-            info = await save_image(backend, config, data, draft.room_id, draft.author_id)
+            info = await save_image(repository, config, data, draft.room_id, draft.author_id)
         else:
             media_id = media_id_of(draft.content)
-            found = None if media_id is None else await backend.media_info(media_id)
+            found = None if media_id is None else await repository.media_info(media_id)
             if found is None or found.room_id != draft.room_id:
                 raise FrameError("invalid_image", "chat_img content must be a data:image/...;"
                                  "base64 URL or the url of an image uploaded to this room "

@@ -8,6 +8,9 @@ run in a connections nursery. So cancelling ``run`` tears down every task the
 server ever started; a graceful :meth:`Server.shutdown` instead stops
 accepting, closes every WebSocket with 1001, gives connections a grace
 deadline, flushes the store and returns.
+
+:meth:`Server.build` makes the parts and the :class:`~.http.Services` record
+that every HTTP connection is given; the HTTP side never sees the server.
 """
 
 from __future__ import annotations
@@ -24,10 +27,10 @@ from .bridge import open_bridge
 from .broker import Broker, BrokerUnavailable, LocalBroker, RedisBroker
 from .config import Config
 from .framing import GOING_AWAY
-from .http import load_demo_page, serve_http
+from .http import Services, Shutdown, load_demo_page, serve_http
 from .hub import Hub
 from .metrics import Metrics, count_tasks
-from .store import Store, make_backend
+from .store import Repository, Store, make_backend
 from .websocket import Limits, Writers
 
 log = logging.getLogger(__name__)
@@ -122,24 +125,22 @@ class Server:
     broker: Broker
     hub: Hub
     writers: Writers
-    demo_page: bytes
+    # What the HTTP side is given: the handlers never see the server.
+    services: Services
     port: int = 0
     # Bind with SO_REUSEPORT, so several worker processes share one port.
     reuse_port: bool = False
     # The task running run(): every task the server starts is below it.
     task: trio.lowlevel.Task | None = None
-    # HTTP connections between requests, closed at once by a graceful shutdown.
-    waiting_for_request: set[trio.CancelScope] = attrs.field(init=False, factory=set)
-    _shutdown: trio.Event = attrs.field(init=False, factory=trio.Event)
-    ip_limiter: IpLimiter = attrs.field(init=False, default=attrs.Factory(
-        lambda self: IpLimiter(self.config.limits.connections_per_ip), takes_self=True))
 
     @classmethod
     def build(cls, config: Config) -> Server:
         s = config.server
         metrics = Metrics()
         stored = s.ack_after == "stored"
-        store = Store(make_backend(config), metrics, buffer_limit=s.store_buffer,
+        backend = make_backend(config)
+        repository = Repository(backend)
+        store = Store(backend, metrics, buffer_limit=s.store_buffer,
                       batch_size=s.store_batch, wait=s.store_wait,
                       refuse_when_failing=s.store_outage == "refuse")
         broker: LocalBroker | RedisBroker
@@ -151,8 +152,8 @@ class Server:
                 store.after_write = broker.written
         else:
             broker = LocalBroker(store, s.idempotency_window)
-        hub = Hub(store, broker, metrics, s.history_on_join, s.replay_limit, s.presence_ttl,
-                  s.room_policy, config.media, ack_after_stored=stored)
+        hub = Hub(store, repository, broker, metrics, s.history_on_join, s.replay_limit,
+                  s.presence_ttl, s.room_policy, config.media, ack_after_stored=stored)
         # A chat_img frame may carry its image as a data URL: base64 plus the frame around
         # it. The connection holds every other frame to maxFrameBytes.
         image_frame = (config.media.max_image_bytes + 2) // 3 * 4 + 4096
@@ -160,7 +161,11 @@ class Server:
                         queue_frames=s.send_queue_messages, queue_bytes=s.send_queue_bytes,
                         write_wait=s.write_wait, ping_period=s.ping_period,
                         pong_wait=s.pong_wait, close_timeout=s.close_timeout)
-        server = cls(config, metrics, store, broker, hub, Writers(limits), load_demo_page())
+        writers = Writers(limits)
+        services = Services(config, metrics, hub, repository, store, broker, writers,
+                            IpLimiter(config.limits.connections_per_ip), Shutdown(),
+                            load_demo_page())
+        server = cls(config, metrics, store, broker, hub, writers, services)
         metrics.add_gauge("connections_open", "Open WebSocket connections.",
                           lambda: len(hub.connections))
         metrics.add_gauge("rooms_live", "Rooms with members on this node.",
@@ -185,11 +190,11 @@ class Server:
 
     @property
     def shutting_down(self) -> bool:
-        return self._shutdown.is_set()
+        return self.services.shutdown.begun
 
     def shutdown(self) -> None:
         """Ask :meth:`run` to stop gracefully; returns at once."""
-        self._shutdown.set()
+        self.services.shutdown.begin()
 
     async def run(self, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED
                   ) -> None:
@@ -231,13 +236,12 @@ class Server:
             accept_scope = trio.CancelScope()
             await connections.start(self._accept, accept_scope, listeners, connections)
             task_status.started(self)
-            await self._shutdown.wait()
+            await self.services.shutdown.wait()
             started = trio.current_time()
             accept_scope.cancel()
             log.info("shutting down: closing %d connections", len(self.hub.connections))
             self.hub.close_all(GOING_AWAY, "server shutting down")
-            for waiting in list(self.waiting_for_request):
-                waiting.cancel()
+            self.services.shutdown.end_idle()
             # Grace for the close handshakes; half the budget, the rest is the flush's.
             connections.cancel_scope.deadline = started + s.shutdown_timeout / 2
         with trio.move_on_at(started + s.shutdown_timeout) as flush_scope:
@@ -271,7 +275,7 @@ class Server:
     async def _handle(self, stream: trio.SocketStream) -> None:
         remote = _peer(stream)
         try:
-            await serve_http(self, stream, remote)
+            await serve_http(self.services, stream, remote)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.debug("%s: connection lost: %s", remote, exc)
         except Exception:

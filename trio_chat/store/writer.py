@@ -3,7 +3,8 @@
 Owns the buffer of accepted messages not yet committed and who waits for which
 (:class:`Outcome`). ``append`` never waits; one writer task,
 :meth:`Store.run`, moves messages to the backend in batches, and reads merge
-what is still buffered. Rooms and bans go straight through to the backend.
+what is still buffered. Rooms, bans and media go straight through to the
+backend, in :class:`~.repository.Repository`.
 
 Failure boundary: the writer. A backend that is down is retried with backoff;
 a message it refuses while it answers becomes a dead letter, so every other

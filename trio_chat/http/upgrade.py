@@ -1,0 +1,133 @@
+"""The WebSocket upgrade: checking a ``GET /ws/{room_id}`` that asks to upgrade
+(parameters, handshake headers, Origin, identity, room policy, bans and the
+per-address limit) and writing the 101 that accepts it.
+
+An accepted upgrade holds one of its address's connections in the per-address
+limit; whoever serves the connection releases it. Runs no task.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import logging
+import re
+
+import attrs
+import trio
+
+from ..auth import AuthError, authenticate, check_origin
+from ..protocol import INT64_MIN
+from .access import auth_error, check_room_access
+from .base import HttpError, Request, Response, error, json_response, query_int, room_id_of
+from .services import Services
+
+log = logging.getLogger(__name__)
+
+WS_PATH = re.compile(r"/ws/(?P<room>[^/]*)")
+
+
+@attrs.frozen
+class Upgrade:
+    """An accepted WebSocket upgrade: what the connection needs of its request."""
+
+    room_id: int
+    since: int | None
+    author_id: int | None
+    verified: bool
+    trailing: bytes
+
+
+def is_upgrade(headers: dict[str, str]) -> bool:
+    tokens = {t.strip().lower() for t in headers.get("connection", "").split(",")}
+    return "upgrade" in tokens and headers.get("upgrade", "").lower() == "websocket"
+
+
+def _check_handshake(headers: dict[str, str]) -> Response | None:
+    if headers.get("sec-websocket-version") != "13":
+        return error(426, "unsupported_websocket_version", "Sec-WebSocket-Version must be 13",
+                     (("sec-websocket-version", "13"),))
+    try:
+        key = base64.b64decode(headers.get("sec-websocket-key", ""), validate=True)
+    except binascii.Error:
+        key = b""
+    if len(key) != 16:
+        return error(400, "bad_handshake", "Sec-WebSocket-Key must be 16 bytes in base64")
+    return None
+
+
+async def check_upgrade(services: Services, request: Request, match: re.Match[str], ip: str
+                        ) -> tuple[Response | None, Upgrade | None]:
+    """Check an upgrade request: the refusal, or the upgrade (holding one of ``ip``'s
+    connections)."""
+    try:
+        room_id = room_id_of(match)
+        since = query_int(request, "since", low=0)
+        author_id = query_int(request, "author_id", low=INT64_MIN)
+        response = _check_handshake(request.headers)
+    except HttpError as exc:
+        response = exc.response
+    if response is None:
+        response, author_id, verified = await _admit(services, request, room_id, author_id)
+    if response is None and not services.ip_limiter.acquire(ip):
+        services.metrics.ip_limit_refusals += 1
+        response = error(429, "too_many_connections",
+                         f"at most {services.config.limits.connections_per_ip} "
+                         f"connections from one address")
+    if response is not None:
+        services.metrics.handshake_failures += 1
+        return response, None
+    return None, Upgrade(room_id, since, author_id, verified, b"")
+
+
+async def _admit(services: Services, request: Request, room_id: int, author_id: int | None
+                 ) -> tuple[Response | None, int | None, bool]:
+    """Origin, identity, room policy and bans, before the upgrade: an error response or
+    None, the author (a token's subject wins over ``?author_id``) and whether it was
+    verified (then every frame must carry it)."""
+    auth = services.config.auth
+    try:
+        check_origin(request.headers.get("origin"), request.headers.get("host"),
+                     auth.allowed_origins)
+    except AuthError as exc:
+        services.metrics.origin_refusals += 1
+        return error(exc.status, exc.code, exc.detail), None, False
+    verified = auth.mode == "token"
+    try:
+        if verified:
+            try:
+                claims = authenticate(request.query, request.headers, auth.secret)
+            except AuthError as exc:
+                raise auth_error(services, exc) from None
+            author_id = claims.author_id
+            await check_room_access(services, room_id, claims)
+        if services.config.server.room_policy == "strict" and \
+                await services.repository.room(room_id) is None:
+            return error(404, "room_not_found", f"no room {room_id}"), None, False
+        if author_id is not None:
+            ban = await services.hub.ban_of(room_id, author_id)
+            if ban is not None:
+                return json_response(403, {"error": "banned", "until": ban.until,
+                                           "detail": f"author {author_id} is banned from "
+                                                     f"room {room_id}" +
+                                                     (f": {ban.reason}" if ban.reason else "")}
+                                     ), None, False
+    except HttpError as exc:
+        return exc.response, None, False
+    except Exception as exc:
+        log.warning("cannot check room %d for a join: %r", room_id, exc)
+        return error(503, "store_unavailable", "room data is unavailable, try again later",
+                     (("retry-after", "1"),)), None, False
+    return None, author_id, verified
+
+
+async def accept_upgrade(stream: trio.abc.Stream, request: Request) -> None:
+    """Write the 101 that switches ``stream`` to the WebSocket protocol."""
+    # Written by hand, not through h11: its connection is dropped after the upgrade.
+    # RFC 6455 4.2.2: the accept token is the key and the protocol's GUID, hashed.
+    key = request.headers["sec-websocket-key"].encode("ascii") + \
+        b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+    await stream.send_all(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n"
+                          b"connection: Upgrade\r\nsec-websocket-accept: " +
+                          base64.b64encode(hashlib.sha1(key).digest()) + b"\r\n\r\n")
