@@ -225,11 +225,11 @@ async def _watch_supervisor(server: Server, pid: int, stop_now: trio.CancelScope
     stop_now.cancel()
 
 
-async def _serve(config: Config, worker: bool = False, supervisor: int | None = None
-                 ) -> None:
-    server = Server.build(config)
+async def _serve(config: Config, worker: tuple[int, int] | None = None,
+                 supervisor: int | None = None) -> None:
+    server = Server.build(config, f"{worker[0]}/{worker[1]}" if worker else None)
     # A worker shares its port with the other workers.
-    server.reuse_port = worker
+    server.reuse_port = worker is not None
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_watch_signals, server, nursery.cancel_scope)
         if supervisor is not None:
@@ -409,8 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             raise_fd_limit()
             tune_gc()
-            trio.run(_serve, config, worker is not None,
-                     args.supervisor if worker else None)
+            trio.run(_serve, config, worker, args.supervisor if worker else None)
             return 0
     except Exception as exc:
         if (dberror := _find(exc, pymysql.MySQLError)) is not None and config.db:

@@ -27,7 +27,7 @@ from .bridge import open_bridge
 from .broker import Broker, BrokerUnavailable, LocalBroker, RedisBroker
 from .config import Config
 from .framing import GOING_AWAY
-from .http import Services, Shutdown, load_demo_page, serve_http
+from .http import NodeInfo, Services, Shutdown, load_demo_page, serve_http
 from .hub import Hub
 from .metrics import Metrics, count_tasks
 from .store import Repository, Store, make_backend
@@ -134,7 +134,8 @@ class Server:
     task: trio.lowlevel.Task | None = None
 
     @classmethod
-    def build(cls, config: Config) -> Server:
+    def build(cls, config: Config, worker: str | None = None) -> Server:
+        """The server and its parts; ``worker`` names it ("2/4") under ``--workers``."""
         s = config.server
         metrics = Metrics()
         stored = s.ack_after == "stored"
@@ -164,7 +165,9 @@ class Server:
         writers = Writers(limits)
         services = Services(config, metrics, hub, repository, store, broker, writers,
                             IpLimiter(config.limits.connections_per_ip), Shutdown(),
-                            load_demo_page())
+                            load_demo_page(),
+                            NodeInfo(broker.node if isinstance(broker, RedisBroker)
+                                     else "local", worker))
         server = cls(config, metrics, store, broker, hub, writers, services)
         metrics.add_gauge("connections_open", "Open WebSocket connections.",
                           lambda: len(hub.connections))

@@ -16,9 +16,11 @@ Who owns what:
 - :mod:`.rooms`, :mod:`.messages`, :mod:`.media`, :mod:`.operations`: the
   handlers and routes of each resource (``operations``: the demo page, health,
   metrics, the OpenAPI document and static files);
+- :mod:`.console`: the operator console's page and its live feed (server-sent
+  events);
 - :mod:`.multipart`: the uploaded file of a request;
 - :mod:`.base`: requests, responses, ``HttpError`` and parameter parsing;
-- :mod:`.services`: :class:`Services` and :class:`Shutdown`.
+- :mod:`.services`: :class:`Services`, :class:`NodeInfo` and :class:`Shutdown`.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from .base import Request, Response, Route
 from .operations import STATIC_FILES, load_demo_page
 from .router import ROUTES
 from .serve import serve_http
-from .services import Services, Shutdown
+from .services import NodeInfo, Services, Shutdown
 
-__all__ = ["ROUTES", "STATIC_FILES", "Request", "Response", "Route", "Services", "Shutdown",
-           "load_demo_page", "serve_http"]
+__all__ = ["ROUTES", "STATIC_FILES", "NodeInfo", "Request", "Response", "Route", "Services",
+           "Shutdown", "load_demo_page", "serve_http"]

@@ -21,6 +21,9 @@ if TYPE_CHECKING:
 
 MAX_BODY_BYTES = 1024 * 1024
 
+# Writes one piece of a streamed body; it waits while the client does not read.
+Write = Callable[[bytes], Awaitable[None]]
+
 
 @attrs.frozen
 class Request:
@@ -38,6 +41,10 @@ class Response:
     body: bytes = b""
     content_type: str = "application/json"
     headers: tuple[tuple[str, str], ...] = ()
+    # A body sent as it is made (server-sent events) instead of ``body``: called with a
+    # :data:`Write` once the head is sent, it returns when the body is over; then the
+    # connection closes. It decides how long a slow reader may hold a write up.
+    stream: Callable[[Write], Awaitable[None]] | None = None
 
 
 def json_response(status: int, obj: Any, headers: tuple[tuple[str, str], ...] = ()) -> Response:

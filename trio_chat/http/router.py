@@ -8,14 +8,15 @@ here. Runs no task.
 
 from __future__ import annotations
 
-from . import media, messages, operations, rooms
+from . import console, media, messages, operations, rooms
 from .access import authorize
 from .base import HttpError, Request, Response, Route, error
 from .services import Services
 
 # No two modules serve the same path, so the order of the lists does not matter; within
 # one path the order of its methods is the order of the Allow header.
-ROUTES: list[Route] = [*operations.ROUTES, *rooms.ROUTES, *messages.ROUTES, *media.ROUTES]
+ROUTES: list[Route] = [*operations.ROUTES, *rooms.ROUTES, *messages.ROUTES, *media.ROUTES,
+                       *console.ROUTES]
 
 
 async def route(services: Services, request: Request) -> Response:

@@ -8,7 +8,8 @@ connection's reader (:func:`trio_chat.connection.serve_connection`).
 
 Timeouts are at this edge: a request (head and body) and the room to answer it
 must come within ``server.handshakeTimeout``; a graceful shutdown ends a
-connection waiting for its next request at once. Failure boundary: one request.
+connection waiting for its next request at once, and a streamed answer
+(server-sent events) too. Failure boundary: one request.
 A bug in its handler is logged with its traceback, counted (``http_errors``)
 and answered 500; the connection goes on.
 """
@@ -52,16 +53,42 @@ async def _next_event(stream: trio.abc.Stream, conn: h11.Connection) -> Any:
 
 async def _send(stream: trio.abc.Stream, conn: h11.Connection, response: Response,
                 close: bool) -> None:
-    headers = [("content-type", response.content_type),
-               ("content-length", str(len(response.body))), *response.headers]
+    """Send ``response``, or only its head if its body is streamed (chunked)."""
+    headers = [("content-type", response.content_type), *response.headers]
+    if response.stream is None:
+        headers.append(("content-length", str(len(response.body))))
     if response.content_type == "application/json":
         headers.append(("cache-control", "no-store"))
     if close:
         headers.append(("connection", "close"))
     data = conn.send(h11.Response(status_code=response.status, headers=headers,
                                   reason=HTTPStatus(response.status).phrase))
-    data += conn.send(h11.Data(data=response.body)) + conn.send(h11.EndOfMessage())
+    if response.stream is None:
+        data += conn.send(h11.Data(data=response.body)) + conn.send(h11.EndOfMessage())
     await stream.send_all(data)
+
+
+async def _send_stream(services: Services, stream: trio.abc.Stream, conn: h11.Connection,
+                       response: Response) -> None:
+    """A streamed body, outside the request's time limit, until it ends, the client goes
+    or a graceful shutdown begins (which ends it at once, like an idle connection)."""
+    assert response.stream is not None
+    # A write cut off (a slow reader given up, a shutdown) leaves a chunk half sent:
+    # then the connection just closes.
+    cut_off = False
+
+    async def write(data: bytes) -> None:
+        nonlocal cut_off
+        cut_off = True
+        await stream.send_all(conn.send(h11.Data(data=data)))
+        cut_off = False
+
+    with services.shutdown.idle():
+        if not services.shutdown.begun:
+            await response.stream(write)
+    if not cut_off:
+        with trio.move_on_after(1):
+            await stream.send_all(conn.send(h11.EndOfMessage()))
 
 
 async def _read_request(stream: trio.abc.Stream, conn: h11.Connection,
@@ -160,11 +187,15 @@ async def _serve_requests(services: Services, stream: trio.abc.Stream, remote: s
                                        request.method, request.path)
                     response = error(500, "internal_error", "internal server error")
             assert response is not None
-            keep_alive = conn.their_state is h11.DONE and not upgrade
+            keep_alive = conn.their_state is h11.DONE and not upgrade and \
+                response.stream is None
             await _send(stream, conn, response, close=not keep_alive)
         if scope.cancelled_caught:
             # No complete request (or no room for our answer) within the time limit.
             metrics.handshake_failures += 1
+            return None
+        if response.stream is not None:
+            await _send_stream(services, stream, conn, response)
             return None
         if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
             return None

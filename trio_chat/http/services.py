@@ -2,11 +2,16 @@
 shutdown as HTTP connections see it (:class:`Shutdown`).
 
 The server builds one :class:`Services` and passes it to every connection, so
-no handler sees the ``Server`` (and this package never imports it). Runs no task.
+no handler sees the ``Server`` (and this package never imports it); with it,
+:class:`NodeInfo`, which node this is (the operator console shows it). Runs no
+task.
 """
 
 from __future__ import annotations
 
+import os
+import socket
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -57,6 +62,20 @@ class Shutdown:
 
 
 @attrs.frozen
+class NodeInfo:
+    """Which node and process this is, and since when."""
+
+    # The broker's name for this node (Redis), else "local".
+    id: str = "local"
+    # "2/4" for the second of ``--workers 4``; None when not a worker.
+    worker: str | None = None
+    host: str = attrs.field(factory=socket.gethostname)
+    pid: int = attrs.field(factory=os.getpid)
+    # Wall-clock time of the start (time.time()).
+    started: float = attrs.field(factory=time.time)
+
+
+@attrs.frozen
 class Services:
     """Everything a connection or a handler may use."""
 
@@ -73,3 +92,4 @@ class Services:
     ip_limiter: IpLimiter
     shutdown: Shutdown
     demo_page: bytes
+    node: NodeInfo = attrs.field(factory=NodeInfo)
