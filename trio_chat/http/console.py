@@ -48,7 +48,7 @@ _SCRIPT = _STATIC.joinpath("console.js").read_bytes()
 _PAGE_HEADERS = (("cache-control", "no-cache"), ("x-content-type-options", "nosniff"),
                  ("content-security-policy",
                   "default-src 'none'; script-src 'self'; connect-src 'self'; "
-                  "style-src 'unsafe-inline'; img-src 'self'; frame-ancestors 'none'"))
+                  "style-src 'unsafe-inline'; img-src 'self' data:; frame-ancestors 'none'"))
 
 
 # What the feed reads, one accessor each, so a renamed counter is followed here.
