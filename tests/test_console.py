@@ -73,7 +73,11 @@ async def next_update(stream: trio.SocketStream, buffer: bytearray) -> dict[str,
 
 
 async def member(port: int, author: int) -> RawClient:
+    """A member of the room, once it is in (its own arrival announced to it)."""
     client = await RawClient.connect(port, f"/ws/{ROOM}?author_id={author}")
+    with trio.fail_after(TIMEOUT):
+        while (await client.receive_json()).get("message_type") != "chat_enter":
+            pass
     return client
 
 
@@ -98,7 +102,10 @@ async def test_the_feed_reports_the_node_and_its_rooms_once_a_second(server: Ser
     try:
         async with open_feed(server.port, KEY) as (stream, rest):
             buffer = bytearray(rest)
-            first = await next_update(stream, buffer)
+            # The members' joins follow their upgrades.
+            with trio.fail_after(TIMEOUT):
+                while (first := await next_update(stream, buffer))["connections"] < 2:
+                    pass
             assert first["node"]["id"] == "local" and first["node"]["worker"] is None
             assert first["node"]["pid"] > 0 and first["node"]["uptime"] >= 0
             assert first["connections"] == 2 and first["rooms_live"] == 1
@@ -279,6 +286,8 @@ async def test_the_console_follows_a_load_and_kicks_a_member(
         await wait_js(page, "the dialog", "return document.getElementById('confirm').open")
         await page.js("document.querySelector('#confirm-fields input[name=reason]').value = "
                       "'spamming'; document.getElementById('confirm-ok').click()")
+        await wait_js(page, "the kick done",
+                      "return document.getElementById('toast').textContent === 'Kicked #2'")
         with trio.fail_after(TIMEOUT):
             while clients[2].close_code is None:
                 await trio.sleep(0.05)

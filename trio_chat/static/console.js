@@ -292,14 +292,19 @@ function confirmAction(title, text, okLabel, fields = []) {
   dialog.returnValue = "";
   dialog.showModal();
   return new Promise((resolve) => {
-    dialog.addEventListener("close", () => {
+    const onClose = () => {
+      // The close event comes a moment later: the previous dialog's may arrive after
+      // this one opened, and is not this one's answer.
+      if (dialog.open) return;
+      dialog.removeEventListener("close", onClose);
       if (dialog.returnValue !== "ok") { resolve(null); return; }
       const values = {};
       for (const input of $("confirm-fields").querySelectorAll("input")) {
         values[input.name] = input.type === "checkbox" ? input.checked : input.value.trim();
       }
       resolve(values);
-    }, { once: true });
+    };
+    dialog.addEventListener("close", onClose);
   });
 }
 
