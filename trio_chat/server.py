@@ -102,7 +102,7 @@ GC_THRESHOLDS = (50_000, 20, 100)
 def tune_gc() -> None:
     """Set this process's garbage-collector thresholds for many long-lived connections."""
     gc.set_threshold(*GC_THRESHOLDS)
-    log.info("gc thresholds: %s", ", ".join(map(str, gc.get_threshold())))
+    log.debug("gc thresholds: %s", ", ".join(map(str, gc.get_threshold())))
 
 
 def _peer(stream: trio.abc.Stream) -> str:
