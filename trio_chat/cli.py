@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 import attrs
@@ -299,5 +300,22 @@ def main(argv: list[str] | None = None) -> int:
     return trio.run(supervisor.run)
 
 
+def entry() -> None:
+    """The ``trio-chat`` console script (and ``python -m trio_chat.cli``).
+
+    Once ``main`` is done nothing is left to run, but CPython would still tear down
+    every module it imported (trio, redis, aiomysql, Pillow...) with several garbage
+    collections over what they hold: 0.2 to 0.4 s on an idle machine, seconds on a
+    loaded one, between the log's "stopped" and the exit an orchestrator waits for.
+    So the process flushes its output and exits at once. A bug still raises (and
+    finalizes) as usual.
+    """
+    code = main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

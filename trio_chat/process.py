@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 
+import attrs
 import trio
 
 from .bridge import open_bridge
@@ -55,23 +56,32 @@ async def migrate_store(config: Config) -> int:
             await backend.close()
 
 
-async def _watch_signals(running: list[Server], stop_now: trio.CancelScope) -> None:
+@attrs.define(eq=False)
+class _Node:
+    """The server being started or running, and whether a signal asked to stop."""
+
+    server: Server | None = None
+    stopping: bool = False
+
+
+async def _watch_signals(node: _Node, stop_now: trio.CancelScope) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
             name = signal.Signals(signum).name
-            if not running:
-                log.info("%s before the server was up: stopping", name)
-                stop_now.cancel()
-                return
-            if running[0].shutting_down:
+            if node.stopping:
                 log.warning("second %s: stopping now", name)
                 stop_now.cancel()
                 return
+            node.stopping = True
+            if node.server is None:  # waiting for Redis or the database
+                log.info("%s before the server was up: stopping", name)
+                stop_now.cancel()
+                return
             log.info("%s: shutting down gracefully", name)
-            running[0].shutdown()
+            node.server.shutdown()
 
 
-async def _watch_supervisor(running: list[Server], pid: int, grace: float,
+async def _watch_supervisor(node: _Node, pid: int, grace: float,
                             stop_now: trio.CancelScope) -> None:
     """Stop gracefully once the supervisor ``pid`` is gone (this process is reparented).
 
@@ -81,10 +91,11 @@ async def _watch_supervisor(running: list[Server], pid: int, grace: float,
     while os.getppid() == pid:  # noqa: ASYNC110 (nothing to wait on portably)
         await trio.sleep(_SUPERVISOR_POLL)
     log.warning("the supervisor (pid %d) is gone: shutting down gracefully", pid)
-    if not running:
+    node.stopping = True
+    if node.server is None:
         stop_now.cancel()
         return
-    running[0].shutdown()
+    node.server.shutdown()
     await trio.sleep(grace + KILL_MARGIN)
     log.warning("still running %g seconds later: stopping now", grace + KILL_MARGIN)
     stop_now.cancel()
@@ -99,17 +110,24 @@ async def _run(server: Server, done: trio.CancelScope, *,
 async def serve(config: Config, worker: bool = False, supervisor: int | None = None
                 ) -> None:
     """Trio. Run one node until a signal (or the supervisor's end) stops it."""
-    running: list[Server] = []
+    node = _Node()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_watch_signals, running, nursery.cancel_scope)
+        nursery.start_soon(_watch_signals, node, nursery.cancel_scope)
         if supervisor is not None:
-            nursery.start_soon(_watch_supervisor, running, supervisor,
+            nursery.start_soon(_watch_supervisor, node, supervisor,
                                config.server.shutdown_timeout, nursery.cancel_scope)
 
-        async def start() -> Server:
-            server = Server.build(config)
+        async def start() -> None:
+            if node.stopping:  # a signal while waiting to try again
+                nursery.cancel_scope.cancel()
+                return
+            node.server = Server.build(config)
             # A worker shares its port with the other workers.
-            server.reuse_port = worker
-            return await nursery.start(_run, server, nursery.cancel_scope)
+            node.server.reuse_port = worker
+            try:
+                await nursery.start(_run, node.server, nursery.cancel_scope)
+            except BaseException:
+                node.server = None
+                raise
 
-        running.append(await retry_startup(config, start))
+        await retry_startup(config, start)
