@@ -25,7 +25,7 @@ import trio
 from .config import Config
 from .process import migrate_store
 from .server import open_shared_listeners
-from .startup import retry_startup
+from .startup import EXIT_FAILURE, EXIT_LISTEN, EXIT_OK, EXIT_SERVICE, retry_startup
 
 log = logging.getLogger("trio_chat")
 
@@ -78,6 +78,9 @@ class Supervisor:
     workers: list[trio.Process] = attrs.field(factory=list)
     stopping: bool = False
     failed: bool = False
+    # The exit status once failed: a worker's own start-up failure (3, 4) if that was
+    # the first thing to go wrong, else 1.
+    status: int = EXIT_FAILURE
     _stopped: trio.Event = attrs.field(factory=trio.Event)
 
     async def run(self) -> int:
@@ -107,7 +110,7 @@ class Supervisor:
                     nursery.start_soon(self._watch_worker, index, process)
                 await self._reap()
                 nursery.cancel_scope.cancel()
-        return 1 if self.failed else 0
+        return self.status if self.failed else EXIT_OK
 
     def stop(self) -> None:
         if self.stopping:
@@ -142,6 +145,8 @@ class Supervisor:
                 log.error("worker %d/%d (pid %d) %s", index, self.count, process.pid,
                           describe_exit(code))
             return
+        if not self.failed and code in (EXIT_SERVICE, EXIT_LISTEN):
+            self.status = code
         self.failed = True
         log.error("worker %d/%d (pid %d) %s on its own: stopping the others",
                   index, self.count, process.pid, describe_exit(code))
