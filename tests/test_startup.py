@@ -5,6 +5,7 @@ as it says it stopped."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -12,17 +13,19 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import attrs
 import pytest
 import redis
 import trio
 
 from trio_chat.startup import EXIT_CONFIG, EXIT_LISTEN, EXIT_SERVICE
 
-from .conftest import MYSQL
+from .conftest import MYSQL, node_config, start_server
 
 EXIT_TIMEOUT = 120
 
@@ -225,3 +228,18 @@ def test_unknown_database_user_is_not_waited_for(tmp_path: Path) -> None:
     result = serve(tmp_path, {"db": db, "server": {"startupWait": 60}}, "--port", "0")
     one_error(result, EXIT_SERVICE)
     assert time.monotonic() - started < 30
+
+
+async def test_nothing_is_left_waiting_after_the_server_returns(tmp_path: Path,
+                                                               mysql_db) -> None:
+    # What could hold the exit up after "stopped": a thread that is not a daemon (a
+    # thread pool's worker, the SQLite writer) or the asyncio loop still running.
+    config = attrs.evolve(node_config(tmp_path / "chat.db", 6379, "t-left"), db=mysql_db)
+    async with trio.open_nursery() as nursery:
+        server = await start_server(nursery, config)
+        server.shutdown()
+    assert server.task is not None and not server.task.child_nurseries
+    assert [t.name for t in threading.enumerate()
+            if t is not threading.main_thread() and not t.daemon] == []
+    with pytest.raises(RuntimeError):
+        asyncio.get_running_loop()
