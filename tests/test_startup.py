@@ -243,3 +243,24 @@ async def test_nothing_is_left_waiting_after_the_server_returns(tmp_path: Path,
             if t is not threading.main_thread() and not t.daemon] == []
     with pytest.raises(RuntimeError):
         asyncio.get_running_loop()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_a_signal_while_waiting_for_redis_stops_at_once(tmp_path: Path,
+                                                              workers: int) -> None:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"redis": {"host": "127.0.0.1", "port": free_port()},
+                                "server": {"startupWait": 600, "port": free_port()}}))
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "trio_chat.cli", "serve", str(path), "--workers",
+         str(workers), "--sqlite", str(tmp_path / "chat.db")], stderr=subprocess.PIPE)
+    log = bytearray()
+    try:
+        await _read_until(process, log, b"trying again in")
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(10):
+            assert await process.wait() == 0
+        assert b"Traceback" not in log
+    finally:
+        process.kill()
+        await process.wait()

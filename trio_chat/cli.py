@@ -53,7 +53,8 @@ parent supervises: SIGINT or SIGTERM is forwarded to every worker as one
 SIGTERM (each stops gracefully as above); workers still running
 server.shutdownTimeout + 5 seconds later are killed. It exits 0 when every
 worker exited 0. If a worker exits on its own (a crash, a kill), the others
-are stopped and it exits 1 (or 3 or 4, that worker's start-up failure). Workers stop by themselves if the parent dies.
+are stopped and it exits 1 (or 3 or 4, that worker's start-up failure).
+Workers stop by themselves if the parent dies.
 
 Every setting can come from the environment, over the file: TRIO_CHAT_<SECTION>_<KEY>
 (server.port is TRIO_CHAT_SERVER_PORT, db.password TRIO_CHAT_DB_PASSWORD; see
@@ -283,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{where}: schema at version {version}")
             return 0
         if workers > 1:
-            trio.run(check_services, config)
+            if not trio.run(check_services, config):
+                return 0
         else:
             raise_fd_limit()
             tune_gc()

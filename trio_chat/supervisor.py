@@ -46,9 +46,10 @@ def _ping_redis(config: Config) -> None:
         client.close()
 
 
-async def check_services(config: Config) -> None:
+async def check_services(config: Config) -> bool:
     """Trio. What every worker needs, checked once: the store (migrated here, not racing
-    in every worker), Redis and the shared port; raises what start-up would."""
+    in every worker), Redis and the shared port; raises what start-up would. False if
+    SIGINT or SIGTERM came first (while waiting for a service, say)."""
     async def attempt() -> None:
         await migrate_store(config)
         if config.redis is not None:
@@ -56,7 +57,19 @@ async def check_services(config: Config) -> None:
         for listener in await open_shared_listeners(config.server.host, config.server.port):
             await listener.aclose()
 
-    await retry_startup(config, attempt)
+    async def watch_signals() -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                log.info("%s before the workers started: stopping",
+                         signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch_signals)
+        await retry_startup(config, attempt)
+        nursery.cancel_scope.cancel()
+        return True
+    return False
 
 
 def describe_exit(code: int) -> str:
