@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """The message codec on three JSON libraries: the standard json module, orjson, msgspec.
 
-Each codec is trio-chat's own protocol code (:mod:`trio_chat.protocol`) with the
-JSON library swapped, on the hot path:
+Each codec is trio-chat's own protocol code (:mod:`trio_chat.protocol`,
+:mod:`trio_chat.outbound`) with the JSON library swapped, on the hot path:
 
 - decode: a client text frame to a :class:`~trio_chat.protocol.Draft` (or a
   :class:`~trio_chat.protocol.FrameError` with its code and detail), with the
@@ -15,7 +15,7 @@ JSON (orjson reads integers past 64 bits as floats and refuses NaN and lone
 surrogates; msgspec wants valid UTF-8), so a frame one of them refuses, or that
 fails validation, is decoded again by the standard module and judged on that:
 errors are exactly the standard ones, and only bad frames pay twice. ``orjson``
-is what trio-chat ships (``protocol.parse_frame`` and ``protocol.message_frame``
+is what trio-chat ships (``protocol.parse_frame`` and ``outbound.message_frame``
 themselves); ``json`` is the standard module alone, the reference.
 
 Before timing, every codec must give the same Draft or the same error as the
@@ -41,6 +41,8 @@ import msgspec
 import orjson
 
 from trio_chat import protocol
+from trio_chat.framing import text_frame, utf8_frame
+from trio_chat.outbound import message_frame
 from trio_chat.protocol import FrameError, Message
 
 ROOM = 123
@@ -70,7 +72,7 @@ def decode_msgspec(text: str, room: int) -> protocol.Draft | protocol.Typing:
 
 
 def encode_json(message: Message) -> bytes:
-    return protocol.text_frame(
+    return text_frame(
         json.dumps(message.to_wire(), ensure_ascii=False, separators=(",", ":")))
 
 
@@ -78,12 +80,12 @@ _msgspec_encode = msgspec.json.Encoder().encode
 
 
 def encode_msgspec(message: Message) -> bytes:
-    return protocol._frame(_msgspec_encode(message.to_wire()))
+    return utf8_frame(_msgspec_encode(message.to_wire()))
 
 
 CODECS: dict[str, tuple[Callable[[str, int], Any], Callable[[Message], bytes]]] = {
     "json": (decode_json, encode_json),
-    "orjson": (lambda text, room: protocol.parse_frame(text, room), protocol.message_frame),
+    "orjson": (lambda text, room: protocol.parse_frame(text, room), message_frame),
     "msgspec": (decode_msgspec, encode_msgspec),
 }
 

@@ -580,12 +580,13 @@ def counting_resends(clients: dict[int, Client]) -> Iterator[None]:
     and reports them nowhere else."""
     original = Chat._send_later
 
-    async def counted(self: Chat, ws: Any, pending: Any) -> None:
+    async def counted(self: Chat, ws: Any, client_msg_id: str) -> None:
         client = clients.get(id(self))
-        if client is not None:
+        frame = self._core.pending_frame(client_msg_id)
+        if client is not None and frame is not None:
             client.resends.append(client.clock.now())
-            client.resent.add(json.loads(pending.frame).get("content", ""))
-        await original(self, ws, pending)
+            client.resent.add(json.loads(frame).get("content", ""))
+        await original(self, ws, client_msg_id)
 
     Chat._send_later = counted  # type: ignore[method-assign]
     try:

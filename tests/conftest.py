@@ -34,7 +34,7 @@ from trio_chat.config import (
     ServerConfig,
     SqliteConfig,
 )
-from trio_chat.protocol import PRESENCE_EVENTS
+from trio_chat.outbound import PRESENCE_EVENTS
 from trio_chat.server import Server
 
 # The Redis scripts/services starts; tests that stop Redis start their own (redis_server).

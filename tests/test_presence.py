@@ -13,7 +13,7 @@ import pytest
 import redis
 import trio
 
-from trio_chat.protocol import presence_event
+from trio_chat.outbound import presence_event
 
 from .conftest import (
     REDIS_PORT,

@@ -11,7 +11,7 @@ import trio.lowlevel
 from trio_websocket import ConnectionClosed
 
 from trio_chat.connection import ChatConnection
-from trio_chat.protocol import PRESENCE_EVENTS
+from trio_chat.outbound import PRESENCE_EVENTS
 
 from .conftest import (
     chat_frame,

@@ -1,28 +1,15 @@
-"""The WebSocket transport: the frame reader without sockets, then writers and heartbeat
-on real ones."""
+"""The WebSocket transport on real sockets: writers for full sockets, the heartbeat,
+protocol errors and the close handshake. The framing itself is tests/test_framing.py's."""
 
 from __future__ import annotations
 
 import contextlib
-import random
 import socket
 
-import pytest
 import trio
-from wsproto.connection import Connection, ConnectionType
-from wsproto.events import BytesMessage, CloseConnection, Message, Ping, TextMessage
+from wsproto.events import CloseConnection, TextMessage
 
-from trio_chat.metrics import count_tasks
-from trio_chat.websocket import (
-    BINARY,
-    CLOSE,
-    FAIL,
-    PING,
-    PONG,
-    TEXT,
-    FrameReader,
-    close_frame,
-)
+from trio_chat.server import Server
 
 from .conftest import (
     chat_frame,
@@ -33,158 +20,58 @@ from .conftest import (
     wait_until,
     ws_url,
 )
-from .rawws import RawClient, client_frame, handshake_request
+from .rawws import RawClient, handshake_request
 
 
-def feed_all(reader: FrameReader, data: bytes, chunk: int | None = None) -> list:
-    if chunk is None:
-        return reader.feed(data)
-    events = []
-    for i in range(0, len(data), chunk):
-        events += reader.feed(data[i:i + chunk])
-    return events
-
-
-def test_a_text_frame_in_one_piece_and_byte_by_byte() -> None:
-    frame = client_frame("héllo".encode())
-    assert FrameReader(1000).feed(frame) == [(TEXT, "héllo")]
-    assert feed_all(FrameReader(1000), frame * 3, chunk=1) == [(TEXT, "héllo")] * 3
-
-
-@pytest.mark.parametrize("size", [0, 125, 126, 65535, 65536, 200_000])
-def test_every_length_encoding(size: int) -> None:
-    payload = bytes(random.Random(size).randrange(256) for _ in range(size))
-    events = feed_all(FrameReader(10**6), client_frame(payload, opcode=0x2), chunk=7000)
-    assert events == [(BINARY, payload)]
-
-
-def test_fragments_with_a_ping_between_them_and_utf8_split_across_them() -> None:
-    text = "añb€c".encode()
-    data = (client_frame(text[:2], fin=False) + client_frame(b"hi", opcode=0x9) +
-            client_frame(text[2:5], opcode=0x0, fin=False) +
-            client_frame(text[5:], opcode=0x0))
-    assert FrameReader(100).feed(data) == [(PING, b"hi"), (TEXT, "añb€c")]
-
-
-def test_pong_and_close_events() -> None:
-    reader = FrameReader(100)
-    assert reader.feed(client_frame(b"x", opcode=0xA)) == [(PONG, b"x")]
-    close = client_frame((1001).to_bytes(2, "big") + "bye ✓".encode(), opcode=0x8)
-    assert reader.feed(close + client_frame(b"after")) == [(CLOSE, (1001, "bye ✓"))]
-    assert reader.feed(client_frame(b"more")) == [], "nothing is read after a close"
-    assert FrameReader(100).feed(client_frame(b"", opcode=0x8)) == [(CLOSE, (1005, ""))]
-
-
-def masked_head(first: int, length: int) -> bytes:
-    return bytes((first, 0x80 | length)) + b"\0\0\0\0"
-
-
-@pytest.mark.parametrize(("data", "code", "detail"), [
-    (bytes((0x81, 0x02)) + b"hi", 1002, "must be masked"),
-    (client_frame(b"hi")[:1].replace(b"\x81", b"\xc1") + client_frame(b"hi")[1:], 1002,
-     "reserved bits"),
-    (client_frame(b"x", opcode=0x3), 1002, "unknown opcode 3"),
-    (client_frame(b"x", opcode=0xB), 1002, "unknown opcode 11"),
-    (client_frame(b"x" * 126, opcode=0x9), 1002, "control frame over 125"),
-    (client_frame(b"x", opcode=0x9, fin=False), 1002, "fragmented control"),
-    (client_frame(b"x", opcode=0x0), 1002, "continuation frame with no message"),
-    (client_frame(b"a", fin=False) + client_frame(b"b"), 1002, "before the last one"),
-    (client_frame(b"\xff\xfe"), 1007, "invalid UTF-8"),
-    (client_frame(b"\xe2\x82", fin=False) + client_frame(b"", opcode=0), 1007, "UTF-8"),
-    (client_frame(b"\x03", opcode=0x8), 1002, "one-byte"),
-    (client_frame((1005).to_bytes(2, "big"), opcode=0x8), 1002, "close code 1005"),
-    (client_frame((999).to_bytes(2, "big"), opcode=0x8), 1002, "close code 999"),
-    (client_frame((2000).to_bytes(2, "big"), opcode=0x8), 1002, "close code 2000"),
-    (client_frame((1000).to_bytes(2, "big") + b"\xff", opcode=0x8), 1007, "close reason"),
-    (bytes((0x82, 0xFF)) + (1 << 63).to_bytes(8, "big") + b"\0\0\0\0", 1002, "2**63"),
-])
-def test_protocol_errors_name_their_close_code(data: bytes, code: int, detail: str) -> None:
-    reader = FrameReader(1000)
-    events = reader.feed(client_frame(b"first") + data)
-    assert events[0] == (TEXT, "first"), "what came before the error is kept"
-    kind, (got_code, reason) = events[-1]
-    assert (kind, got_code) == (FAIL, code)
-    assert detail in reason
-    assert reader.feed(client_frame(b"later")) == []
-
-
-def test_a_3000_close_code_is_allowed() -> None:
-    assert FrameReader(10).feed(client_frame((3000).to_bytes(2, "big"), opcode=0x8)) == [
-        (CLOSE, (3000, ""))]
-
-
-def test_an_oversized_message_fails_on_its_header_before_the_payload_arrives() -> None:
-    reader = FrameReader(1000)
-    frame = client_frame(b"x" * 5000)
-    assert reader.feed(frame[:20]) == [(FAIL, (1009, "message over 1000 bytes"))]
-    fragmented = client_frame(b"x" * 600, fin=False) + client_frame(b"x" * 600, opcode=0)
-    assert FrameReader(1000).feed(fragmented) == [(FAIL, (1009, "message over 1000 bytes"))]
-    exact = client_frame(b"x" * 500, fin=False) + client_frame(b"x" * 500, opcode=0)
-    assert FrameReader(1000).feed(exact) == [(TEXT, "x" * 1000)]
-
-
-def test_agrees_with_wsproto_on_random_traffic() -> None:
-    rng = random.Random(8)
-    client = Connection(ConnectionType.CLIENT)
-    wire, expected = b"", []
-    for _ in range(300):
-        roll = rng.random()
-        if roll < 0.1:
-            payload = rng.randbytes(rng.randrange(126))
-            wire += client.send(Ping(payload))
-            expected.append((PING, payload))
-            continue
-        size = rng.choice([0, 1, 100, 125, 126, 4000, 70000])
-        if roll < 0.5:
-            data: str | bytes = rng.randbytes(size)
-            event: Message = BytesMessage(data=data)
-            expected.append((BINARY, data))
-        else:
-            data = "".join(rng.choice("aé€😀 ") for _ in range(size // 2))
-            event = TextMessage(data=data)
-            expected.append((TEXT, data))
-        wire += client.send(event)
-    wire += client.send(CloseConnection(code=1000, reason="done"))
-    expected.append((CLOSE, (1000, "done")))
-    for chunk in (None, 1, 4096, 65536):
-        assert feed_all(FrameReader(10**6), wire, chunk) == expected
-
-
-def test_close_frame_cuts_a_long_reason_on_a_character() -> None:
-    frame = close_frame(4001, "é" * 100)
-    assert frame[0] == 0x88 and frame[1] == len(frame) - 2 <= 125
-    assert frame[2:4] == (4001).to_bytes(2, "big")
-    assert frame[4:].decode() == "é" * 61
-    assert close_frame(1005) == b"\x88\x00"
+def writer_tasks(server: Server) -> list[trio.lowlevel.Task]:
+    """The tasks writing to a full socket, under the server's root."""
+    found, stack = [], [server.task]
+    while stack:
+        task = stack.pop()
+        if task.name.endswith("WebSocket._write_blocked"):
+            found.append(task)
+        for nursery in task.child_nurseries:
+            stack.extend(nursery.child_tasks)
+    return found
 
 
 async def test_a_full_socket_gets_a_writer_task_only_until_it_drains(nursery, db_path) -> None:
     server = await start_server(nursery, make_config(db_path, write_wait=30.0))
-    baseline = count_tasks(server.task)
     # A client that does not read: its socket fills and the server's writes block.
     stuck = socket.socket()
-    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    stuck.connect(("127.0.0.1", server.port))
-    stuck.sendall(handshake_request("/ws/5"))
-    stuck.setblocking(False)
-    async with open_ws(ws_url(server, 5)) as sender:
-        # One task per connection, one for the room.
-        idle = baseline + 2 + 1
-        await wait_until(lambda: count_tasks(server.task) == idle)
-        assert len(server.hub.rooms[5].members) == 2
-        for i in range(40):
-            await sender.send_message(chat_frame(f"{i}:" + "x" * 4000, room_id=5))
-            await recv(sender)
-        # The stuck member's writer waits for its socket; nothing else has a writer.
-        await wait_until(lambda: count_tasks(server.task) == idle + 1)
-        received = b""
-        while received.count(b'"content"') < 40:
-            await trio.sleep(0.01)
-            with contextlib.suppress(BlockingIOError):
-                received += stuck.recv(1 << 20)
-        await wait_until(lambda: count_tasks(server.task) == idle)
-    stuck.close()
-    await wait_until(lambda: count_tasks(server.task) == baseline)
+    try:
+        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stuck.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            stuck.connect(("127.0.0.1", server.port))
+        await trio.lowlevel.wait_writable(stuck)
+        stuck.sendall(handshake_request("/ws/5"))
+        await wait_until(lambda: 5 in server.hub.rooms and
+                         len(server.hub.rooms[5].members) == 1)
+        (member,) = server.hub.rooms[5].members
+        async with open_ws(ws_url(server, 5)) as sender:
+            await wait_until(lambda: len(server.hub.rooms[5].members) == 2)
+            assert not writer_tasks(server), "no socket is full yet"
+            for i in range(40):
+                await sender.send_message(chat_frame(f"{i}:" + "x" * 4000, room_id=5))
+                await recv(sender)
+            # The stuck member's writer waits for its socket; nobody else has a writer.
+            await wait_until(lambda: member.ws._writing)
+            assert len(writer_tasks(server)) == 1
+            assert [c for c in server.hub.connections if c.ws._writing] == [member]
+            received = b""
+            with trio.fail_after(20):
+                while received.count(b'"content"') < 40:
+                    await trio.lowlevel.wait_readable(stuck)
+                    with contextlib.suppress(BlockingIOError):
+                        received += stuck.recv(1 << 20)
+            # Drained: the writer ends (it clears _writing as its last step).
+            await wait_until(lambda: not member.ws._writing)
+            assert not writer_tasks(server)
+    finally:
+        stuck.close()
+    await wait_until(lambda: not server.hub.connections)
+    assert not writer_tasks(server)
 
 
 async def test_heartbeat_pings_each_connection_once_a_period(nursery, db_path) -> None:

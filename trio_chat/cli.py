@@ -22,8 +22,8 @@ import trio
 
 from . import __version__
 from .bridge import open_bridge
+from .chat_cli import run_chat
 from .cli_tools import add_commands, check_config, print_token
-from .client import ChatError, open_chat
 from .config import LOG_LEVELS, Config, ConfigError, load_config
 from .logs import setup_logging
 from .process import KILL_MARGIN, migrate_store, raise_fd_limit, serve
@@ -134,42 +134,14 @@ def _parser() -> argparse.ArgumentParser:
     chat = commands.add_parser(
         "chat", help="chat in a room from the terminal",
         description="Join a room and chat: each line read is sent, every message of the room "
-                    "is printed as [HH:MM:SS] #author: text. Reconnects and resumes on its own; "
-                    "connection changes go to stderr. Ends at end of input, once what was "
-                    "sent is acknowledged.")
+                    "is printed as [HH:MM:SS] #author: text. Reconnects and resumes on its own, "
+                    "with one status line on stderr while away. Ends at end of input, once "
+                    "what was sent is acknowledged, or at Ctrl-C (exit status 0).")
     chat.add_argument("url", metavar="URL", help="the server, e.g. http://127.0.0.1:8080")
     chat.add_argument("--room", type=int, required=True, metavar="ID", help="room id")
     chat.add_argument("--token", help="a user token (when the server requires tokens)")
     chat.add_argument("--author-id", type=int, metavar="ID", help="who you are (without tokens)")
     return parser
-
-
-async def _chat(args: argparse.Namespace) -> int:
-    async with open_chat(args.url, args.room, args.token, author_id=args.author_id) as chat:
-        async def show_messages() -> None:
-            async for message in chat:
-                at = message.received_at[11:19]
-                print(f"[{at}] #{message.author_id}: {message.content}", flush=True)
-
-        async def show_states() -> None:
-            async for change in chat.states():
-                detail = f" ({change.detail})" if change.detail else ""
-                print(f"-- {change.state}{detail}", file=sys.stderr, flush=True)
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(show_messages)
-            nursery.start_soon(show_states)
-            lines = trio.wrap_file(sys.stdin)
-            # One at a time, in order: each waits for its ack, across reconnections.
-            async for line in lines:
-                if line.strip():
-                    try:
-                        await chat.send(line.rstrip("\n"))
-                    except ChatError as exc:
-                        print(f"-- not sent: {exc}", file=sys.stderr, flush=True)
-            await trio.sleep(0.2)  # let the last broadcasts be printed
-            nursery.cancel_scope.cancel()
-    return 0
 
 
 async def _dead_letters(config: Config, replay: bool) -> int:
@@ -248,10 +220,7 @@ def _start_up_log(args: argparse.Namespace, config: Config) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "chat":
-        try:
-            return trio.run(_chat, args)
-        except KeyboardInterrupt:
-            return 0
+        return run_chat(args.url, args.room, args.token, args.author_id)
     if getattr(args, "port", None) is not None and not 0 <= args.port <= 65535:
         return _refuse(f"--port: expected 0 to 65535, got {args.port}")
     try:

@@ -20,30 +20,22 @@ import trio
 from .auth import TokenBucket
 from .broker import BrokerUnavailable
 from .config import LimitsConfig
+from .framing import BANNED, MESSAGE_TOO_BIG, POLICY_VIOLATION, TRY_AGAIN_LATER, text_frame
 from .hub import Hub
 from .metrics import Metrics
+from .outbound import encode_ack, encode_error
 from .protocol import (
     Draft,
     FrameError,
     Message,
     Typing,
     check_change,
-    encode_ack,
-    encode_error,
     parse_frame,
     peek_client_msg_id,
-    text_frame,
 )
 from .room import Room
 from .store import Outcome, StoreUnavailable
-from .websocket import (
-    BANNED,
-    MESSAGE_TOO_BIG,
-    POLICY_VIOLATION,
-    TRY_AGAIN_LATER,
-    WebSocket,
-    Writers,
-)
+from .websocket import WebSocket, Writers
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +64,12 @@ class ChatConnection:
     def send_frame(self, frame: bytes) -> None:
         if self._held is None:
             self.ws.send_frame(frame)
+        else:
+            self._held.append(frame)
+
+    def queue_frame(self, frame: bytes) -> None:
+        if self._held is None:
+            self.ws.queue_frame(frame)
         else:
             self._held.append(frame)
 

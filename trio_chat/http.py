@@ -33,6 +33,7 @@ import trio
 from .auth import AuthError, Claims, authenticate, check_admin, check_origin
 from .broker import BrokerUnavailable
 from .connection import serve_connection
+from .framing import BANNED, KICKED, ROOM_DELETED
 from .hub import RoomUnavailable
 from .media import ImageError, save_image
 from .protocol import (
@@ -48,7 +49,6 @@ from .protocol import (
     utc_now,
 )
 from .store import Ban, NameTaken, NoRoomId, RoomInfo, StoreUnavailable
-from .websocket import BANNED, KICKED, ROOM_DELETED
 
 if TYPE_CHECKING:
     from .server import Server
@@ -117,6 +117,20 @@ _DEMO_PAGE = resources.files("trio_chat").joinpath("static/index.html")
 async def _demo_page(server: Server, request: Request, match: re.Match[str]) -> Response:
     return Response(200, server.demo_page, "text/html; charset=utf-8",
                     (("cache-control", "no-cache"),))
+
+
+# The JavaScript client module (docs/clients.md), read once at import like the OpenAPI
+# document. Browsers revalidate it on every use, so a new version is picked up at once.
+_JS_CLIENT = resources.files("trio_chat").joinpath("static/trio-chat.js").read_bytes()
+_JS_CLIENT_ETAG = '"' + hashlib.sha256(_JS_CLIENT).hexdigest()[:32] + '"'
+
+
+async def _js_client(server: Server, request: Request, match: re.Match[str]) -> Response:
+    headers = (("cache-control", "no-cache"), ("etag", _JS_CLIENT_ETAG),
+               ("x-content-type-options", "nosniff"))
+    if _JS_CLIENT_ETAG in request.headers.get("if-none-match", ""):
+        return Response(304, b"", "text/javascript; charset=utf-8", headers)
+    return Response(200, _JS_CLIENT, "text/javascript; charset=utf-8", headers)
 
 
 # Read once at import: it is part of the package and never changes while serving.
@@ -510,6 +524,7 @@ async def _ws_without_upgrade(server: Server, request: Request,
 
 ROUTES: list[Route] = [
     Route("GET", re.compile(r"/\Z"), _demo_page),
+    Route("GET", re.compile(r"/static/trio-chat\.js\Z"), _js_client),
     Route("GET", re.compile(r"/healthz\Z"), _healthz),
     Route("GET", re.compile(r"/metrics\Z"), _metrics),
     Route("GET", re.compile(r"/openapi\.json\Z"), _openapi),

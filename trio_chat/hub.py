@@ -34,12 +34,13 @@ import trio
 
 from .broker import Broker, BrokerUnavailable
 from .config import MediaConfig
+from .framing import INTERNAL_ERROR
 from .media import attach_image
 from .metrics import Metrics
-from .protocol import INT64_MAX, Draft, Message, check_change, typing_event, utc_now
+from .outbound import typing_event
+from .protocol import INT64_MAX, Draft, Message, check_change, utc_now
 from .room import Member, Room
 from .store import Ban, Outcome, Store, StoreUnavailable
-from .websocket import INTERNAL_ERROR
 
 ENSURED_FOR = 60.0
 ENSURED_MAX = 100_000
@@ -427,6 +428,9 @@ class _Announcer:
     author_id: int | None = None
 
     def send_frame(self, frame: bytes) -> None:
+        pass
+
+    def queue_frame(self, frame: bytes) -> None:
         pass
 
     def send_history(self, frames: list[bytes]) -> None:

@@ -1,11 +1,11 @@
-"""The chat wire format, sans-IO: text in, records out, bytes out. Runs no tasks.
+"""The chat wire format, sans-IO: what clients send, as text in and records out.
+Runs no tasks.
 
-Owns the compatibility contract with chatAPI clients: what a client frame may
-contain, how a stored message and an error look on the wire, and how a server
-frame is laid out in WebSocket framing (so a broadcast is encoded once and the
-same bytes go to every member). Also what one node may pass another through
-the broker (:func:`read_payload`): checked before use, since a broker carries
-whatever anyone publishes.
+Owns the client's half of the compatibility contract with chatAPI clients: what
+a client frame may contain (:func:`parse_frame`), the records it becomes
+(:class:`Draft`, :class:`Message`) and who may edit or delete what. What the
+server sends is :mod:`trio_chat.outbound`'s, what nodes pass each other is
+:mod:`trio_chat.payloads`', and the WebSocket framing is :mod:`trio_chat.framing`'s.
 """
 
 from __future__ import annotations
@@ -194,13 +194,15 @@ def parse_room_id(text: str) -> int | None:
 def _int64(frame: dict[str, Any], name: str, cmid: str | None = None) -> int:
     value = frame[name]
     if isinstance(value, bool) or not isinstance(value, int):
-        raise FrameError("invalid_field", f"{name} must be an integer, got {_kind(value)}", cmid)
+        raise FrameError("invalid_field", f"{name} must be an integer, got {json_kind(value)}",
+                         cmid)
     if not INT64_MIN <= value <= INT64_MAX:
         raise FrameError("invalid_field", f"{name} is out of the 64-bit integer range", cmid)
     return value
 
 
-def _kind(value: Any) -> str:
+def json_kind(value: Any) -> str:
+    """How an error names the JSON type of ``value``: "a string", "null"..."""
     if value is None:
         return "null"
     return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
@@ -212,7 +214,7 @@ def _client_msg_id(frame: dict[str, Any]) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str):
-        raise FrameError("invalid_field", f"client_msg_id must be a string, got {_kind(value)}")
+        raise FrameError("invalid_field", f"client_msg_id must be a string, got {json_kind(value)}")
     if not 0 < len(value) <= MAX_CLIENT_MSG_ID or not encodable(value):
         raise FrameError("invalid_field", f"client_msg_id must be 1 to {MAX_CLIENT_MSG_ID} "
                                           "characters of text")
@@ -263,14 +265,14 @@ def parse_frame(text: str, url_room_id: int, *, author_known: bool = False
 def _validate(frame: Any, text: str, url_room_id: int, author_known: bool
               ) -> Draft | Typing:
     if not isinstance(frame, dict):
-        raise FrameError("not_an_object", f"frame must be a JSON object, got {_kind(frame)}")
+        raise FrameError("not_an_object", f"frame must be a JSON object, got {json_kind(frame)}")
     cmid = _client_msg_id(frame)
     message_type = frame.get("message_type")
     if message_type is None:
         raise FrameError("missing_field", "missing field: message_type", cmid)
     if not isinstance(message_type, str):
         raise FrameError("invalid_field",
-                         f"message_type must be a string, got {_kind(message_type)}", cmid)
+                         f"message_type must be a string, got {json_kind(message_type)}", cmid)
     if message_type not in CLIENT_TYPES:
         raise FrameError("unknown_message_type",
                          f"unknown message_type {message_type[:40]!r}; "
@@ -292,7 +294,7 @@ def _validate(frame: Any, text: str, url_room_id: int, author_known: bool
     if message_type != "chat_delete":
         content = frame["content"]
         if not isinstance(content, str):
-            raise FrameError("invalid_field", f"content must be a string, got {_kind(content)}",
+            raise FrameError("invalid_field", f"content must be a string, got {json_kind(content)}",
                              cmid)
         if not content:
             raise FrameError("invalid_field", "content must not be empty", cmid)
@@ -326,83 +328,6 @@ def encodable(text: str) -> bool:
     return True
 
 
-def _to_json(obj: dict[str, Any]) -> bytes:
-    # orjson writes what json.dumps(obj, ensure_ascii=False, separators=(",", ":")) does,
-    # four times faster (tests/test_protocol.py compares them); json takes what orjson
-    # cannot, as before (integers past 64 bits; a lone surrogate fails in either).
-    try:
-        return orjson.dumps(obj)
-    except orjson.JSONEncodeError:
-        return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-
-
-def _dumps(obj: dict[str, Any]) -> str:
-    return _to_json(obj).decode("utf-8")
-
-
-def encode_message(message: Message) -> str:
-    return _dumps(message.to_wire())
-
-
-def encode_error(code: str, detail: str, client_msg_id: str | None = None) -> str:
-    error = {"message_type": "error", "code": code, "detail": detail}
-    if client_msg_id is not None:
-        error["client_msg_id"] = client_msg_id
-    return _dumps(error)
-
-
-def encode_ack(client_msg_id: str, message: Message, durable: bool = True) -> str:
-    """The sender's receipt for a frame with ``client_msg_id``: the same message however
-    often the frame is sent again within the idempotency window. ``durable`` is false
-    while the message is only in the server's memory (or the server acks on acceptance)."""
-    return _dumps({"message_type": "ack", "client_msg_id": client_msg_id, "id": message.id,
-                   "room_id": message.room_id, "received_at": message.received_at,
-                   "durable": durable})
-
-
-def typing_event(room_id: int, author_id: int, at: str) -> str:
-    return _dumps({"message_type": "typing", "author_id": author_id, "room_id": room_id,
-                   "create_at": at})
-
-
-def encode_event(message_type: str, **fields: Any) -> str:
-    return _dumps({"message_type": message_type, **fields})
-
-
-PRESENCE_EVENTS = ("chat_enter", "chat_exit")
-
-
-def presence_event(kind: str, room_id: int, author_id: int, online: int, at: str) -> str:
-    """A ``chat_enter``/``chat_exit`` event: the seed's message fields (``content`` empty)
-    without an ``id``, plus how many authors are online in the room after it.
-
-    The Redis broker's presence script writes the same shape; keep them in step.
-    """
-    return _dumps({"message_type": kind, "author_id": author_id, "room_id": room_id,
-                   "content": "", "create_at": at, "online": online})
-
-
-def text_frame(text: str) -> bytes:
-    """One unmasked, final WebSocket text frame (server to client)."""
-    return _frame(text.encode("utf-8"))
-
-
-def message_frame(message: Message) -> bytes:
-    """``text_frame(encode_message(message))``, without the detour through str."""
-    return _frame(_to_json(message.to_wire()))
-
-
-def _frame(payload: bytes) -> bytes:
-    n = len(payload)
-    if n < 126:
-        header = bytes((0x81, n))
-    elif n < 65536:
-        header = bytes((0x81, 126)) + n.to_bytes(2, "big")
-    else:
-        header = bytes((0x81, 127)) + n.to_bytes(8, "big")
-    return header + payload
-
-
 def message_from_wire(obj: dict[str, Any]) -> Message:
     """Rebuild a :class:`Message` from its wire dict (history rows, broker payloads)."""
     return Message(obj["id"], obj["room_id"], obj["author_id"], obj["message_type"],
@@ -410,113 +335,3 @@ def message_from_wire(obj: dict[str, Any]) -> Message:
                    obj.get("client_msg_id"), obj.get("target_id"), obj.get("image"),
                    obj.get("edited_at"), obj.get("deleted_at"), obj.get("moderated", False))
 
-
-class PayloadError(Exception):
-    """A broker payload this node cannot use. ``kind`` names the sort of problem
-    (``not_json``, ``unknown_kind``, ``malformed``, ``wrong_room``): the log is
-    rate-limited per kind."""
-
-    def __init__(self, kind: str, detail: str) -> None:
-        super().__init__(detail)
-        self.kind = kind
-
-
-@attrs.frozen
-class RelayedEvent:
-    """A broker payload for a room's members that has no id (presence, typing), as sent."""
-
-    text: str
-
-
-@attrs.frozen
-class RelayedCommand:
-    """A broker payload for the room itself: an operator's command (see ``Room.control``)."""
-
-    command: dict[str, Any]
-
-
-# What each payload must carry (fields, and their types) besides its kind: what
-# Message.to_wire, presence_event and typing_event write, and so do the Redis
-# broker's scripts. Fields not named here are another version's: ignored.
-_MESSAGE_FIELDS: dict[str, type] = {
-    "id": int, "room_id": int, "author_id": int, "message_type": str, "content": str,
-    "create_at": str, "received_at": str}
-_MESSAGE_OPTIONAL: dict[str, type] = {
-    "client_msg_id": str, "target_id": int, "image": dict, "edited_at": str,
-    "deleted_at": str, "moderated": bool}
-_PRESENCE_FIELDS: dict[str, type] = {
-    "author_id": int, "room_id": int, "content": str, "create_at": str, "online": int}
-_EVENT_FIELDS: dict[str, dict[str, type]] = {
-    "chat_enter": _PRESENCE_FIELDS, "chat_exit": _PRESENCE_FIELDS,
-    "typing": {"author_id": int, "room_id": int, "create_at": str}}
-_CLOSE_FIELDS: dict[str, type] = {"code": int, "reason": str}
-# A \u escape of a surrogate: a lone one decodes to a str that is not text.
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
-
-
-def read_payload(data: str, room_id: int) -> Message | RelayedEvent | RelayedCommand:
-    """What ``data``, a payload on ``room_id``'s broker channel, carries.
-
-    Raises :class:`PayloadError` for anything this node cannot use: not JSON
-    (or not UTF-8: the broker decodes bytes with ``surrogateescape``), not an
-    object, of an unknown kind, missing a field or with one of the wrong type,
-    or for another room. Fields this version does not know are accepted: a
-    message is rebuilt without them, an event passes on as sent.
-    """
-    if not data.isascii() and not encodable(data):
-        raise PayloadError("not_json", "not UTF-8 text")
-    try:
-        obj = json.loads(data)
-    except (ValueError, RecursionError) as exc:
-        raise PayloadError("not_json", f"not JSON: {exc}") from None
-    if not isinstance(obj, dict):
-        raise PayloadError("not_json", f"a JSON object expected, got {_kind(obj)}")
-    if _SURROGATE_ESCAPE.search(data) and \
-            not encodable(json.dumps(obj, ensure_ascii=False)):
-        raise PayloadError("malformed", "holds a lone surrogate (\\ud800 to \\udfff), "
-                                        "which is not text")
-    if "control" in obj:
-        if obj["control"] != "close":
-            raise PayloadError("unknown_kind", f"unknown control {str(obj['control'])[:40]!r}")
-        _check_fields(obj, _CLOSE_FIELDS, required=True)
-        _check_fields(obj, {"author_id": int}, required=False)
-        if not 1000 <= obj["code"] <= 4999:
-            raise PayloadError("malformed", f"close code {obj['code']} is not 1000 to 4999")
-        return RelayedCommand(obj)
-    kind = obj.get("message_type")
-    if "id" in obj:
-        _check_fields(obj, _MESSAGE_FIELDS, required=True)
-        _check_fields(obj, _MESSAGE_OPTIONAL, required=False)
-        if kind not in CHAT_TYPES and kind not in CHANGE_TYPES:
-            raise PayloadError("unknown_kind", f"unknown message_type {kind[:40]!r}")
-        if obj["id"] < 1:
-            raise PayloadError("malformed", f"message id {obj['id']} is not positive")
-        if kind in CHANGE_TYPES and obj.get("target_id") is None:
-            raise PayloadError("malformed", f"a {kind} without target_id")
-    elif kind in _EVENT_FIELDS:
-        _check_fields(obj, _EVENT_FIELDS[kind], required=True)
-    else:
-        raise PayloadError("unknown_kind", f"neither a message, an event nor a command "
-                                           f"(message_type {str(kind)[:40]!r})")
-    if obj["room_id"] != room_id:
-        raise PayloadError("wrong_room", f"for room {obj['room_id']}, on room {room_id}'s "
-                                         "channel")
-    return message_from_wire(obj) if "id" in obj else RelayedEvent(data)
-
-
-def _check_fields(obj: dict[str, Any], fields: dict[str, type], *, required: bool) -> None:
-    for name, kind in fields.items():
-        value = obj.get(name)
-        if value is None:
-            if required:
-                raise PayloadError("malformed", f"missing field: {name}")
-            continue
-        # bool is an int to isinstance, and a field meant as one is never a bool.
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise PayloadError("malformed", f"{name} must be {_KIND_NAMES[kind]}, "
-                                            f"got {_kind(value)}")
-        if kind is int and not INT64_MIN <= value <= INT64_MAX:
-            raise PayloadError("malformed", f"{name} is out of the 64-bit integer range")
-
-
-_KIND_NAMES = {int: "an integer", str: "a string", bool: "a boolean", dict: "an object"}

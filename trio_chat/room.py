@@ -20,10 +20,11 @@ import attrs
 import trio
 
 from .broker import Broker
+from .framing import text_frame
 from .metrics import Metrics
-from .protocol import Message, apply_change, encode_event, message_frame, text_frame
+from .outbound import encode_event, message_frame
+from .protocol import Message, apply_change
 from .store import StoreUnavailable
-from .websocket import queued_writes
 
 # Up to this many members a fan-out writes each frame at once where the member's
 # writer is idle; above it, frames are queued so the writers can batch them.
@@ -37,6 +38,9 @@ class Member(Protocol):
     author_id: int | None
 
     def send_frame(self, frame: bytes) -> None: ...
+
+    def queue_frame(self, frame: bytes) -> None:
+        """As send_frame, but the write is left to the flusher, which batches."""
 
     def close(self, code: int, reason: str) -> None: ...
 
@@ -130,9 +134,8 @@ class Room:
             for member in self.members:
                 member.send_frame(frame)
             return
-        with queued_writes():
-            for member in self.members:
-                member.send_frame(frame)
+        for member in self.members:
+            member.queue_frame(frame)
 
     def control(self, command: dict[str, Any]) -> None:
         """An operator's ``{"control": "close", "author_id": A, "code": C, "reason": R}``:

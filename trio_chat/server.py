@@ -23,11 +23,12 @@ from .auth import IpLimiter
 from .bridge import open_bridge
 from .broker import Broker, BrokerUnavailable, LocalBroker, RedisBroker
 from .config import Config
+from .framing import GOING_AWAY
 from .http import load_demo_page, serve_http
 from .hub import Hub
 from .metrics import Metrics, count_tasks
 from .store import Store, make_backend
-from .websocket import GOING_AWAY, Limits, Writers
+from .websocket import Limits, Writers
 
 log = logging.getLogger(__name__)
 

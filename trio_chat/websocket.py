@@ -1,13 +1,16 @@
-"""Server-side WebSockets after the upgrade: framing, writing, heartbeat, close.
+"""Server-side WebSocket transport after the upgrade: writing, heartbeat, close.
 
-Owns the transport of every connection. A connection has one task, its reader
-(the task that calls :meth:`WebSocket.serve`); writing takes no task of its own
-while the socket keeps up:
+Owns the IO of every connection; the frames themselves (the reader, the frame
+builders, the close codes) are :mod:`trio_chat.framing`'s, sans-IO. A
+connection has one task, its reader (the task that calls
+:meth:`WebSocket.serve`); writing takes no task of its own while the socket
+keeps up:
 
-- a frame goes out at once from the task that sends it (one ``os.write``) when
-  nothing is queued for that member and the socket takes it;
-- inside :func:`queued_writes` (a large room's fan-out) frames are queued and
-  the flusher task of :class:`Writers` writes each member's queue with one
+- :meth:`WebSocket.send_frame` writes a frame at once from the task that sends
+  it (one ``os.write``) when nothing is queued for that member and the socket
+  takes it;
+- :meth:`WebSocket.queue_frame` (a large room's fan-out) queues it, and the
+  flusher task of :class:`Writers` writes each member's queue with one
   ``os.write`` once the fan-out is done, so messages to a member share a write;
 - what a socket does not take is sent by a writer task started for that
   connection while its socket is full; it drops the member after ``writeWait``;
@@ -15,9 +18,6 @@ while the socket keeps up:
   ``pingPeriod`` and closes those whose pong does not come within ``pongWait``.
 
 Those tasks run in the nursery of :meth:`Writers.run`, under the server's root.
-A server frame is unmasked, so a broadcast is framed once
-(:func:`trio_chat.protocol.text_frame`) and the same bytes go to every member.
-Incoming frames are parsed by :class:`FrameReader`, sans-IO.
 
 The outbound queue is bounded in frames and bytes. Its policy for a slow
 consumer is *disconnect*: a member whose queue overflows, or whose socket does
@@ -30,229 +30,36 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
-from typing import Any
+from collections.abc import Awaitable, Callable
 
 import attrs
 import trio
+
+from .framing import (
+    BINARY,
+    CLOSE,
+    HEARTBEAT_TIMEOUT,
+    INTERNAL_ERROR,
+    NORMAL,
+    PING,
+    PING_FRAME,
+    PONG,
+    SLOW_CONSUMER,
+    TEXT,
+    FrameReader,
+    close_frame,
+    pong_frame,
+)
 
 log = logging.getLogger(__name__)
 
 RECEIVE_BYTES = 64 * 1024
 
-# Close codes; the README's table lists them for client authors.
-NORMAL = 1000
-GOING_AWAY = 1001
-PROTOCOL_ERROR = 1002
-NO_STATUS = 1005
-INVALID_PAYLOAD = 1007
-POLICY_VIOLATION = 1008
-MESSAGE_TOO_BIG = 1009
-INTERNAL_ERROR = 1011
-TRY_AGAIN_LATER = 1013
-SLOW_CONSUMER = 4001
-HEARTBEAT_TIMEOUT = 4002
-# Closed by an operator through the rooms API.
-ROOM_DELETED = 4003
-KICKED = 4004
-BANNED = 4005
-
-# Opcodes, and the kinds of event FrameReader.feed returns.
-CONTINUATION, TEXT, BINARY, CLOSE, PING, PONG = 0, 1, 2, 8, 9, 10
-FAIL = -1
-
-# Close codes a peer may send (RFC 6455 7.4): 1004-1006 and 1015 are never on the wire.
-_PEER_CLOSE_CODES = frozenset((1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012,
-                               1013, 1014, *range(3000, 5000)))
-
-PING_FRAME = b"\x89\x00"
-
-
-def close_frame(code: int, reason: str = "") -> bytes:
-    """A server close frame; the reason is cut to fit a control frame, on a character."""
-    if code == NO_STATUS:
-        return b"\x88\x00"
-    payload = code.to_bytes(2, "big") + \
-        reason.encode("utf-8")[:123].decode("utf-8", "ignore").encode("utf-8")
-    return bytes((0x88, len(payload))) + payload
-
-
-def _pong_frame(payload: bytes) -> bytes:
-    return bytes((0x8A, len(payload))) + payload
-
-
-def _unmask(payload: bytes | bytearray, mask: bytes | bytearray) -> bytes:
-    n = len(payload)
-    if not n:
-        return b""
-    # One XOR over the whole payload as a big integer: C speed, no loop per byte.
-    key = (bytes(mask) * (n // 4 + 1))[:n]
-    return (int.from_bytes(payload, "little") ^ int.from_bytes(key, "little")).to_bytes(
-        n, "little")
-
-
-class FrameReader:
-    """Client-to-server frames in, messages and control frames out (RFC 6455, sans-IO).
-
-    :meth:`feed` returns ``(kind, value)`` events: ``(TEXT, str)``,
-    ``(BINARY, bytes)``, ``(PING, payload)``, ``(PONG, payload)``,
-    ``(CLOSE, (code, reason))`` (code 1005 when the peer gave none), and last
-    ``(FAIL, (code, reason))`` when the peer broke the protocol: the close code
-    to answer with, after which the reader takes no more data. No extension is
-    negotiated, so reserved bits are errors; client frames must be masked.
-    A message over ``max_message`` bytes fails (1009) as soon as the header
-    announcing it arrives, so nothing that large is buffered.
-    """
-
-    __slots__ = ("_buf", "_failed", "_part_bytes", "_part_op", "_parts", "max_message")
-
-    def __init__(self, max_message: int) -> None:
-        self.max_message = max_message
-        self._buf: bytes | bytearray = b""
-        self._parts: list[bytes] = []
-        self._part_op = 0
-        self._part_bytes = 0
-        self._failed = False
-
-    def feed(self, data: bytes) -> list[tuple[int, Any]]:
-        if self._failed:
-            return []
-        buf = self._buf
-        if buf:
-            assert isinstance(buf, bytearray)
-            buf += data
-        else:
-            buf = data
-        events: list[tuple[int, Any]] = []
-        pos, end = 0, len(buf)
-        try:
-            while end - pos >= 2:
-                b0, b1 = buf[pos], buf[pos + 1]
-                if b0 & 0x70:
-                    raise _Fail(PROTOCOL_ERROR, "reserved bits set; no extension was negotiated")
-                if not b1 & 0x80:
-                    raise _Fail(PROTOCOL_ERROR, "client frames must be masked")
-                opcode, fin, length = b0 & 0x0F, b0 & 0x80, b1 & 0x7F
-                head = pos + 6
-                if length == 126:
-                    if end - pos < 8:
-                        break
-                    length, head = int.from_bytes(buf[pos + 2:pos + 4], "big"), pos + 8
-                elif length == 127:
-                    if end - pos < 14:
-                        break
-                    length, head = int.from_bytes(buf[pos + 2:pos + 10], "big"), pos + 14
-                    if length >> 63:
-                        raise _Fail(PROTOCOL_ERROR, "frame length over 2**63")
-                self._check_header(opcode, fin, length)
-                if end - head < length:
-                    break
-                payload = _unmask(buf[head:head + length], buf[head - 4:head])
-                pos = head + length
-                if opcode >= CLOSE:
-                    events.append(_control(opcode, payload))
-                    if opcode == CLOSE:
-                        self._failed = True
-                        break
-                elif fin and opcode:
-                    events.append(_message(opcode, payload))
-                elif opcode:
-                    self._part_op, self._parts, self._part_bytes = opcode, [payload], length
-                else:
-                    self._parts.append(payload)
-                    self._part_bytes += length
-                    if fin:
-                        op, parts = self._part_op, self._parts
-                        self._part_op, self._parts, self._part_bytes = 0, [], 0
-                        events.append(_message(op, b"".join(parts)))
-        except _Fail as exc:
-            events.append((FAIL, (exc.code, exc.reason)))
-        if events and events[-1][0] == FAIL:
-            self._failed = True
-        if self._failed or pos == end:
-            self._buf = b""
-        elif buf is data:
-            self._buf = bytearray(memoryview(data)[pos:])
-        else:
-            assert isinstance(buf, bytearray)
-            del buf[:pos]
-            self._buf = buf
-        return events
-
-    def _check_header(self, opcode: int, fin: int, length: int) -> None:
-        if opcode >= CLOSE:
-            if opcode > PONG:
-                raise _Fail(PROTOCOL_ERROR, f"unknown opcode {opcode}")
-            if not fin:
-                raise _Fail(PROTOCOL_ERROR, "fragmented control frame")
-            if length > 125:
-                raise _Fail(PROTOCOL_ERROR, "control frame over 125 bytes")
-            return
-        if opcode > BINARY:
-            raise _Fail(PROTOCOL_ERROR, f"unknown opcode {opcode}")
-        if opcode == CONTINUATION and not self._part_op:
-            raise _Fail(PROTOCOL_ERROR, "continuation frame with no message to continue")
-        if opcode != CONTINUATION and self._part_op:
-            raise _Fail(PROTOCOL_ERROR, "new message before the last one was finished")
-        if self._part_bytes + length > self.max_message:
-            raise _Fail(MESSAGE_TOO_BIG, f"message over {self.max_message} bytes")
-
-
-class _Fail(Exception):
-    def __init__(self, code: int, reason: str) -> None:
-        self.code, self.reason = code, reason
-
-
-def _message(opcode: int, payload: bytes) -> tuple[int, Any]:
-    if opcode == BINARY:
-        return BINARY, payload
-    try:
-        return TEXT, payload.decode("utf-8")
-    except UnicodeDecodeError:
-        return FAIL, (INVALID_PAYLOAD, "invalid UTF-8 in a text message")
-
-
-def _control(opcode: int, payload: bytes) -> tuple[int, Any]:
-    if opcode != CLOSE:
-        return opcode, payload
-    if not payload:
-        return CLOSE, (NO_STATUS, "")
-    if len(payload) == 1:
-        return FAIL, (PROTOCOL_ERROR, "close frame with a one-byte payload")
-    code = int.from_bytes(payload[:2], "big")
-    if code not in _PEER_CLOSE_CODES:
-        return FAIL, (PROTOCOL_ERROR, f"invalid close code {code}")
-    try:
-        return CLOSE, (code, payload[2:].decode("utf-8"))
-    except UnicodeDecodeError:
-        return FAIL, (INVALID_PAYLOAD, "invalid UTF-8 in a close reason")
-
-
-# Whether a frame may be written from the sending task (WebSocket.send_frame);
-# off inside queued_writes().
-_write_now_allowed = True
-
-
-@contextmanager
-def queued_writes() -> Iterator[None]:
-    """Leave every frame sent in this block to the flusher: for a large fan-out.
-
-    A write(2) per member per message costs more than one per member per
-    flush when there are many: under load the flusher runs late and sends
-    several frames in one write. The block must not await (the flag is the
-    whole process's).
-    """
-    global _write_now_allowed
-    _write_now_allowed = False
-    try:
-        yield
-    finally:
-        _write_now_allowed = True
-
 
 @attrs.frozen
 class Limits:
+    """Every connection's bounds and timers, from the server's configuration."""
+
     max_message_bytes: int
     queue_frames: int
     queue_bytes: int
@@ -368,8 +175,28 @@ class WebSocket:
         if self._closing:
             return
         queue = self._queue
-        if not queue and _write_now_allowed and not (frame := self._write_now(frame)):
+        if not queue and not (frame := self._write_now(frame)):
             return
+        # The rest is queue_frame's, inlined: this runs once per member per message.
+        queue.append(frame)
+        self._queued_bytes += len(frame)
+        limits = self._writers.limits
+        if len(queue) > limits.queue_frames or self._queued_bytes > limits.queue_bytes:
+            self._on_slow()
+            self.close(SLOW_CONSUMER, "slow consumer: outbound queue full")
+        else:
+            self._flush_soon()
+
+    def queue_frame(self, frame: bytes) -> None:
+        """As :meth:`send_frame`, but leave the write to the flusher: for a large fan-out.
+
+        A write(2) per member per message costs more than one per member per
+        flush when there are many: under load the flusher runs late and sends
+        several frames in one write.
+        """
+        if self._closing:
+            return
+        queue = self._queue
         queue.append(frame)
         self._queued_bytes += len(frame)
         limits = self._writers.limits
@@ -540,7 +367,7 @@ class WebSocket:
                         self._on_failure()
                         self.close(INTERNAL_ERROR, "internal server error")
                 elif kind == PING:
-                    self.send_exempt(_pong_frame(value))
+                    self.send_exempt(pong_frame(value))
                 elif kind == PONG:
                     self._pong_deadline = math.inf
                 elif kind == CLOSE:

@@ -20,7 +20,8 @@ from typing import Any
 import attrs
 import trio
 
-from ..protocol import Draft, Message, accept, presence_event, utc_after, utc_now
+from ..outbound import presence_event
+from ..protocol import Draft, Message, accept, utc_after, utc_now
 from ..store import Store, StoreUnavailable
 from .base import Subscriber, sent_to_store
 

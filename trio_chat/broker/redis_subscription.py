@@ -16,7 +16,7 @@ for half the broker's timeout sends a PING, and no answer within the timeout
 counts as losing Redis.
 
 One payload is a failure boundary: whatever anyone publishes on a room's
-channel is checked (:func:`~trio_chat.protocol.read_payload`) before it reaches
+channel is checked (:func:`~trio_chat.payloads.read_payload`) before it reaches
 the room, and one that is not JSON, malformed, of an unknown kind or for
 another room is dropped, as is one whose delivery fails unexpectedly. Each drop
 is counted (``broker_payloads_dropped``) and logged, at most once a minute per
@@ -39,7 +39,8 @@ import redis.asyncio.cluster
 import trio
 
 from .. import bridge
-from ..protocol import Message, PayloadError, RelayedEvent, read_payload
+from ..payloads import PayloadError, RelayedEvent, read_payload
+from ..protocol import Message
 from ..store import StoreUnavailable
 from .base import BrokerUnavailable, Subscriber
 from .redis_link import UNAVAILABLE, RedisLink

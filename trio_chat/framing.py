@@ -1,0 +1,226 @@
+"""WebSocket framing, sans-IO (RFC 6455): bytes in, events out; frames out as bytes.
+
+Owns the wire layout of WebSocket frames on the server's side: the close codes
+and opcodes, :class:`FrameReader` (client frames in: unmasking, fragmentation,
+control frames, UTF-8, close codes, the size limit checked on the header), and
+the builders of server frames (text, close, ping, pong). Server frames are
+unmasked, so a broadcast is framed once and the same bytes go to every member.
+Runs no tasks and does no IO; the transport is :mod:`trio_chat.websocket`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Close codes; the README's table lists them for client authors.
+NORMAL = 1000
+GOING_AWAY = 1001
+PROTOCOL_ERROR = 1002
+NO_STATUS = 1005
+INVALID_PAYLOAD = 1007
+POLICY_VIOLATION = 1008
+MESSAGE_TOO_BIG = 1009
+INTERNAL_ERROR = 1011
+TRY_AGAIN_LATER = 1013
+SLOW_CONSUMER = 4001
+HEARTBEAT_TIMEOUT = 4002
+# Closed by an operator through the rooms API.
+ROOM_DELETED = 4003
+KICKED = 4004
+BANNED = 4005
+
+# Opcodes, and the kinds of event FrameReader.feed returns.
+CONTINUATION, TEXT, BINARY, CLOSE, PING, PONG = 0, 1, 2, 8, 9, 10
+FAIL = -1
+
+# Close codes a peer may send (RFC 6455 7.4): 1004-1006 and 1015 are never on the wire.
+_PEER_CLOSE_CODES = frozenset((1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012,
+                               1013, 1014, *range(3000, 5000)))
+
+PING_FRAME = b"\x89\x00"
+
+
+def text_frame(text: str) -> bytes:
+    """One unmasked, final WebSocket text frame (server to client)."""
+    return utf8_frame(text.encode("utf-8"))
+
+
+def utf8_frame(payload: bytes) -> bytes:
+    """:func:`text_frame` of a payload that is already UTF-8 (encoded JSON, say)."""
+    n = len(payload)
+    if n < 126:
+        header = bytes((0x81, n))
+    elif n < 65536:
+        header = bytes((0x81, 126)) + n.to_bytes(2, "big")
+    else:
+        header = bytes((0x81, 127)) + n.to_bytes(8, "big")
+    return header + payload
+
+
+def close_frame(code: int, reason: str = "") -> bytes:
+    """A server close frame; the reason is cut to fit a control frame, on a character."""
+    if code == NO_STATUS:
+        return b"\x88\x00"
+    payload = close_payload(code, reason)
+    return bytes((0x88, len(payload))) + payload
+
+
+def close_payload(code: int, reason: str = "") -> bytes:
+    """A close frame's payload: the code, then as much of the reason as fits in 125
+    bytes, cut on a character."""
+    return code.to_bytes(2, "big") + \
+        reason.encode("utf-8")[:123].decode("utf-8", "ignore").encode("utf-8")
+
+
+def pong_frame(payload: bytes) -> bytes:
+    """The answer to a ping carrying ``payload`` (at most 125 bytes, as the reader checked)."""
+    return bytes((0x8A, len(payload))) + payload
+
+
+def unmask(payload: bytes | bytearray, mask: bytes | bytearray) -> bytes:
+    """``payload`` XORed with the 4-byte ``mask``, repeated (masking and unmasking alike)."""
+    n = len(payload)
+    if not n:
+        return b""
+    # One XOR over the whole payload as a big integer: C speed, no loop per byte.
+    key = (bytes(mask) * (n // 4 + 1))[:n]
+    return (int.from_bytes(payload, "little") ^ int.from_bytes(key, "little")).to_bytes(
+        n, "little")
+
+
+class FrameReader:
+    """Client-to-server frames in, messages and control frames out.
+
+    :meth:`feed` returns ``(kind, value)`` events: ``(TEXT, str)``,
+    ``(BINARY, bytes)``, ``(PING, payload)``, ``(PONG, payload)``,
+    ``(CLOSE, (code, reason))`` (code 1005 when the peer gave none), and last
+    ``(FAIL, (code, reason))`` when the peer broke the protocol: the close code
+    to answer with, after which the reader takes no more data. No extension is
+    negotiated, so reserved bits are errors; client frames must be masked.
+    A message over ``max_message`` bytes fails (1009) as soon as the header
+    announcing it arrives, so nothing that large is buffered.
+    """
+
+    __slots__ = ("_buf", "_failed", "_part_bytes", "_part_op", "_parts", "max_message")
+
+    def __init__(self, max_message: int) -> None:
+        self.max_message = max_message
+        self._buf: bytes | bytearray = b""
+        self._parts: list[bytes] = []
+        self._part_op = 0
+        self._part_bytes = 0
+        self._failed = False
+
+    def feed(self, data: bytes) -> list[tuple[int, Any]]:
+        """The events completed by ``data``; a partial frame waits for the next call."""
+        if self._failed:
+            return []
+        buf = self._buf
+        if buf:
+            assert isinstance(buf, bytearray)
+            buf += data
+        else:
+            buf = data
+        events: list[tuple[int, Any]] = []
+        pos, end = 0, len(buf)
+        try:
+            while end - pos >= 2:
+                b0, b1 = buf[pos], buf[pos + 1]
+                if b0 & 0x70:
+                    raise _Fail(PROTOCOL_ERROR, "reserved bits set; no extension was negotiated")
+                if not b1 & 0x80:
+                    raise _Fail(PROTOCOL_ERROR, "client frames must be masked")
+                opcode, fin, length = b0 & 0x0F, b0 & 0x80, b1 & 0x7F
+                head = pos + 6
+                if length == 126:
+                    if end - pos < 8:
+                        break
+                    length, head = int.from_bytes(buf[pos + 2:pos + 4], "big"), pos + 8
+                elif length == 127:
+                    if end - pos < 14:
+                        break
+                    length, head = int.from_bytes(buf[pos + 2:pos + 10], "big"), pos + 14
+                    if length >> 63:
+                        raise _Fail(PROTOCOL_ERROR, "frame length over 2**63")
+                self._check_header(opcode, fin, length)
+                if end - head < length:
+                    break
+                payload = unmask(buf[head:head + length], buf[head - 4:head])
+                pos = head + length
+                if opcode >= CLOSE:
+                    events.append(_control(opcode, payload))
+                    if opcode == CLOSE:
+                        self._failed = True
+                        break
+                elif fin and opcode:
+                    events.append(_message(opcode, payload))
+                elif opcode:
+                    self._part_op, self._parts, self._part_bytes = opcode, [payload], length
+                else:
+                    self._parts.append(payload)
+                    self._part_bytes += length
+                    if fin:
+                        op, parts = self._part_op, self._parts
+                        self._part_op, self._parts, self._part_bytes = 0, [], 0
+                        events.append(_message(op, b"".join(parts)))
+        except _Fail as exc:
+            events.append((FAIL, (exc.code, exc.reason)))
+        if events and events[-1][0] == FAIL:
+            self._failed = True
+        if self._failed or pos == end:
+            self._buf = b""
+        elif buf is data:
+            self._buf = bytearray(memoryview(data)[pos:])
+        else:
+            assert isinstance(buf, bytearray)
+            del buf[:pos]
+            self._buf = buf
+        return events
+
+    def _check_header(self, opcode: int, fin: int, length: int) -> None:
+        if opcode >= CLOSE:
+            if opcode > PONG:
+                raise _Fail(PROTOCOL_ERROR, f"unknown opcode {opcode}")
+            if not fin:
+                raise _Fail(PROTOCOL_ERROR, "fragmented control frame")
+            if length > 125:
+                raise _Fail(PROTOCOL_ERROR, "control frame over 125 bytes")
+            return
+        if opcode > BINARY:
+            raise _Fail(PROTOCOL_ERROR, f"unknown opcode {opcode}")
+        if opcode == CONTINUATION and not self._part_op:
+            raise _Fail(PROTOCOL_ERROR, "continuation frame with no message to continue")
+        if opcode != CONTINUATION and self._part_op:
+            raise _Fail(PROTOCOL_ERROR, "new message before the last one was finished")
+        if self._part_bytes + length > self.max_message:
+            raise _Fail(MESSAGE_TOO_BIG, f"message over {self.max_message} bytes")
+
+
+class _Fail(Exception):
+    def __init__(self, code: int, reason: str) -> None:
+        self.code, self.reason = code, reason
+
+
+def _message(opcode: int, payload: bytes) -> tuple[int, Any]:
+    if opcode == BINARY:
+        return BINARY, payload
+    try:
+        return TEXT, payload.decode("utf-8")
+    except UnicodeDecodeError:
+        return FAIL, (INVALID_PAYLOAD, "invalid UTF-8 in a text message")
+
+
+def _control(opcode: int, payload: bytes) -> tuple[int, Any]:
+    if opcode != CLOSE:
+        return opcode, payload
+    if not payload:
+        return CLOSE, (NO_STATUS, "")
+    if len(payload) == 1:
+        return FAIL, (PROTOCOL_ERROR, "close frame with a one-byte payload")
+    code = int.from_bytes(payload[:2], "big")
+    if code not in _PEER_CLOSE_CODES:
+        return FAIL, (PROTOCOL_ERROR, f"invalid close code {code}")
+    try:
+        return CLOSE, (code, payload[2:].decode("utf-8"))
+    except UnicodeDecodeError:
+        return FAIL, (INVALID_PAYLOAD, "invalid UTF-8 in a close reason")
