@@ -106,7 +106,7 @@ GC_THRESHOLDS = (50_000, 20, 100)
 def tune_gc() -> None:
     """Set this process's garbage-collector thresholds for many long-lived connections."""
     gc.set_threshold(*GC_THRESHOLDS)
-    log.info("gc thresholds: %s", ", ".join(map(str, gc.get_threshold())))
+    log.debug("gc thresholds: %s", ", ".join(map(str, gc.get_threshold())))
 
 
 def _peer(stream: trio.abc.Stream) -> str:
@@ -228,10 +228,13 @@ class Server:
         listeners = (await open_shared_listeners(s.host, s.port) if self.reuse_port
                      else await trio.open_tcp_listeners(s.port, host=s.host))
         self.port = listeners[0].socket.getsockname()[1]
+        urls = []
         for listener in listeners:
             host, port = listener.socket.getsockname()[:2]
-            log.info("listening on http://%s:%d/", f"[{host}]" if ":" in host else host,
-                     port)
+            urls.append(f"http://{f'[{host}]' if ':' in host else host}:{port}/")
+        log.info("listening on %s; history: %s; broker: %s", ", ".join(urls),
+                 self._describe_store(), self._describe_broker(),
+                 extra={"event": "listening", "urls": urls})
         async with trio.open_nursery() as connections:
             accept_scope = trio.CancelScope()
             await connections.start(self._accept, accept_scope, listeners, connections)
@@ -262,6 +265,18 @@ class Server:
         else:
             log.info("store flushed; stopped")
         root.cancel_scope.cancel()
+
+    def _describe_store(self) -> str:
+        db = self.config.db
+        if db is not None:
+            return f"MySQL {db.host}:{db.port}/{db.database}"
+        return f"SQLite {self.config.sqlite.path}"
+
+    def _describe_broker(self) -> str:
+        r = self.config.redis
+        if r is None:
+            return "in-process (one node)"
+        return f"Redis {r.host}:{r.port} database {r.database}, channels {r.publish_channel_name}"
 
     async def _accept(self, scope: trio.CancelScope, listeners: list[trio.SocketListener],
                       connections: trio.Nursery, *,

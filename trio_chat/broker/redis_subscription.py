@@ -245,7 +245,8 @@ class RedisSubscription(RedisLink):
         elif not back:
             self._check_store_until = -math.inf
         if self.down_since is not None:
-            log.warning("Redis is back after %.1fs; resubscribed %d rooms",
+            # A recovery, not a problem.
+            log.info("Redis is back after %.1fs; resubscribed %d rooms",
                         trio.current_time() - self.down_since, len(self._rooms))
             self.down_since = None
         self._hold_until = None
