@@ -238,7 +238,7 @@ def _describe(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _convert(where: str, value: Any, field: attrs.Attribute) -> Any:
+def _convert(where: str, value: Any, field: attrs.Attribute[Any]) -> Any:
     meta = field.metadata
     kind, low, high, choices = meta["kind"], meta["low"], meta["high"], meta["choices"]
     if choices is not None:

@@ -24,7 +24,7 @@ import trio
 
 from .auth import IpLimiter
 from .bridge import open_bridge
-from .broker import Broker, BrokerUnavailable, LocalBroker, RedisBroker
+from .broker import BrokerUnavailable, LocalBroker, RedisBroker
 from .config import Config
 from .framing import GOING_AWAY
 from .http import Services, Shutdown, load_demo_page, serve_http
@@ -61,7 +61,7 @@ class _AcceptErrorThrottle(logging.Filter):
         record.exc_info = record.exc_text = None
         if self._held:
             record.msg = f"{record.msg} (%d more since the last report)"
-            record.args = (*(record.args or ()), self._held)  # type: ignore[misc]
+            record.args = (*(record.args or ()), self._held)
             self._held = 0
         return True
 
@@ -73,7 +73,7 @@ logging.getLogger("trio.serve_listeners").addFilter(
 async def open_shared_listeners(host: str, port: int) -> list[trio.SocketListener]:
     """Listeners on ``host:port`` with SO_REUSEPORT: the kernel spreads connections
     across every process listening on the same port."""
-    listeners = []
+    listeners: list[trio.SocketListener] = []
     for family, kind, proto, _, address in await trio.socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE):
         sock = trio.socket.socket(family, kind, proto)
@@ -122,7 +122,7 @@ class Server:
     config: Config
     metrics: Metrics
     store: Store
-    broker: Broker
+    broker: LocalBroker | RedisBroker
     hub: Hub
     writers: Writers
     # What the HTTP side is given: the handlers never see the server.
@@ -280,7 +280,8 @@ class Server:
 
     async def _accept(self, scope: trio.CancelScope, listeners: list[trio.SocketListener],
                       connections: trio.Nursery, *,
-                      task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+                      task_status: trio.TaskStatus[list[trio.SocketListener]]
+                      = trio.TASK_STATUS_IGNORED) -> None:
         with scope:
             # Out of descriptors (EMFILE, ENFILE) or memory (ENOBUFS, ENOMEM), trio's
             # serve_listeners logs, sleeps 0.1 s and accepts again: never fatal.

@@ -99,8 +99,8 @@ def _redis(exc: BaseException, config: Config) -> StartupFailure | None:
         detail = str(unreachable) or "no answer in time"
         return StartupFailure(f"{where} is unreachable: {detail}", EXIT_SERVICE,
                               transient=True)
-    if (error := find(exc, redis.RedisError)) is not None:
-        return StartupFailure(f"{where}: {error}", EXIT_SERVICE)
+    if (failure := find(exc, redis.RedisError)) is not None:
+        return StartupFailure(f"{where}: {failure}", EXIT_SERVICE)
     return None
 
 

@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import AsyncIterator
 
 import attrs
 import redis
@@ -165,7 +166,7 @@ class Supervisor:
                   index, self.count, process.pid, describe_exit(code))
         self.stop()
 
-    async def _watch_signals(self, signals: trio.abc.ReceiveChannel[int]) -> None:
+    async def _watch_signals(self, signals: AsyncIterator[int]) -> None:
         async for signum in signals:
             name = signal.Signals(signum).name
             if not self.stopping:

@@ -155,7 +155,7 @@ class RedisSubscription(RedisLink):
         # the nodes in turn, waiting out the timeout on each), all feeding the one
         # loop in _follow, in order per shard, so in order per room.
         send: trio.MemorySendChannel[Any]
-        send, receive = trio.open_memory_channel(16)
+        send, receive = trio.open_memory_channel[list[dict[str, Any]] | Exception](16)
 
         async def next_batch() -> list[dict[str, Any]]:
             item = await receive.receive()

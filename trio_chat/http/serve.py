@@ -47,7 +47,7 @@ async def _next_event(stream: trio.abc.Stream, conn: h11.Connection) -> Any:
             data = await stream.receive_some(RECEIVE_BYTES)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             data = b""
-        conn.receive_data(data)
+        conn.receive_data(bytes(data))
 
 
 async def _send(stream: trio.abc.Stream, conn: h11.Connection, response: Response,
