@@ -17,10 +17,28 @@ find_python() {
   return 1
 }
 
+# The venv remembers what it was installed from (pyproject.toml's hash and the extras)
+# in this file: while they are unchanged nothing is installed again, so a start needs
+# neither pip nor the package index. The install is editable: code changes need none.
+STAMP="$VENV/.trio-chat-installed"
+
 ensure_venv() {  # $1: pip extras, e.g. "[test]" or ""
+  local hash log
+  hash="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
+  if [ -x "$VENV/bin/trio-chat" ] && [ -f "$STAMP" ] &&
+     { [ "$(cat "$STAMP")" = "$hash $1" ] || { [ -z "$1" ] && [ "$(cut -d' ' -f1 "$STAMP")" = "$hash" ]; }; }; then
+    return 0
+  fi
   if [ ! -x "$VENV/bin/python" ]; then
     "$(find_python)" -m venv "$VENV"
   fi
-  "$VENV/bin/python" -m pip install --quiet --upgrade pip >/dev/null
-  "$VENV/bin/python" -m pip install --quiet -e "$ROOT$1"
+  log="$(mktemp)"
+  if ! { "$VENV/bin/python" -m pip install --quiet --upgrade pip &&
+         "$VENV/bin/python" -m pip install --quiet -e "$ROOT$1"; } >"$log" 2>&1; then
+    cat "$log" >&2
+    rm -f "$log"
+    return 1
+  fi
+  rm -f "$log"
+  echo "$hash $1" >"$STAMP"
 }

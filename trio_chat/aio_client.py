@@ -147,7 +147,8 @@ class Chat:
     async def send_frame(self, frame: dict[str, Any]) -> int:
         """Send any message frame reliably; returns the id the server gave it."""
         cmid, text = self._core.outgoing(frame)
-        waiter = self._waiters[cmid] = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[int | ChatError] = asyncio.get_running_loop().create_future()
+        self._waiters[cmid] = waiter
         try:
             if self._ws is not None:
                 await self._transmit(self._ws, text)

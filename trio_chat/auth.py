@@ -16,7 +16,7 @@ import math
 import re
 import time
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, TypeGuard
 
 import attrs
 import jwt
@@ -294,7 +294,7 @@ def _check_secret(secret: str) -> None:
         raise ValueError(f"the token secret must be at least {MIN_SECRET} bytes")
 
 
-def _is_int64(value: object) -> bool:
+def _is_int64(value: object) -> TypeGuard[int]:
     return type(value) is int and INT64_MIN <= value <= INT64_MAX
 
 

@@ -51,4 +51,5 @@ async def call(fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
 
     Cancelling the calling trio scope cancels the asyncio side too.
     """
-    return await trio_asyncio.aio_as_trio(fn)(*args, **kwargs)
+    result: T = await trio_asyncio.aio_as_trio(fn)(*args, **kwargs)
+    return result

@@ -79,15 +79,15 @@ class Chat:
     # The application reads messages at its pace: a full channel stops the reader, the
     # server then drops this slow client, and the client resumes where it was.
     _messages: tuple[trio.MemorySendChannel[Message], trio.MemoryReceiveChannel[Message]] = \
-        attrs.field(init=False, factory=lambda: trio.open_memory_channel(1000))
+        attrs.field(init=False, factory=lambda: trio.open_memory_channel[Message](1000))
     # States and id-less events are hints: when the application does not read them,
     # the oldest wait and new ones are dropped rather than stopping the reader.
     _states: tuple[trio.MemorySendChannel[StateChange],
                    trio.MemoryReceiveChannel[StateChange]] = \
-        attrs.field(init=False, factory=lambda: trio.open_memory_channel(100))
+        attrs.field(init=False, factory=lambda: trio.open_memory_channel[StateChange](100))
     _events: tuple[trio.MemorySendChannel[dict[str, Any]],
                    trio.MemoryReceiveChannel[dict[str, Any]]] = \
-        attrs.field(init=False, factory=lambda: trio.open_memory_channel(100))
+        attrs.field(init=False, factory=lambda: trio.open_memory_channel[dict[str, Any]](100))
 
     @property
     def state(self) -> str:

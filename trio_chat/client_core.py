@@ -132,7 +132,7 @@ def backoff_delay(attempt: int, first: float, cap: float,
                   rng: Callable[[], float] = random.random) -> float:
     """The wait before attempt ``attempt + 1``: doubling from ``first`` up to ``cap``, then
     a random point in its upper half, so clients dropped together do not return together."""
-    delay = min(cap, first * 2 ** min(attempt, 62))
+    delay: float = min(cap, first * 2 ** min(attempt, 62))
     return delay / 2 + rng() * delay / 2
 
 
@@ -265,8 +265,10 @@ class ClientCore:
             return actions
         if kind == "ack":
             cmid = frame.get("client_msg_id")
-            return [self._settle(cmid, frame["id"])] if cmid in self._outbox else []
-        if kind == "error" and (cmid := frame.get("client_msg_id")) in self._outbox:
+            return [self._settle(cmid, frame["id"])] if cmid is not None and cmid in self._outbox \
+                else []
+        cmid = frame.get("client_msg_id")
+        if kind == "error" and cmid is not None and cmid in self._outbox:
             if frame.get("code") in TRANSIENT:
                 return [RetryLater(cmid)]
             return [self._settle(cmid, ChatError(frame.get("code", "error"),

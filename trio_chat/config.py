@@ -8,8 +8,16 @@ as a string, ports included, and ``""`` for anything not set: we accept numbers
 written as strings, and an empty string means "use the default". A section
 whose ``host`` is empty (``db``, ``redis``) is treated as absent.
 
-Errors are :class:`ConfigError` with one line naming the file, the key and what
-was expected; unknown keys are returned as warnings, not errors.
+Every key can also come from the environment, over the file (and over the
+embedded default): ``TRIO_CHAT_<SECTION>_<KEY>``, the key's camelCase split
+into upper-case words (``server.maxFrameBytes`` is
+``TRIO_CHAT_SERVER_MAX_FRAME_BYTES``, ``db.password`` ``TRIO_CHAT_DB_PASSWORD``).
+A variable is a string, parsed and checked as the same string in the file would
+be (a list is comma-separated, a boolean ``true`` or ``false``); an empty
+variable means the default, as an empty string in the file does.
+
+Errors are :class:`ConfigError` with one line naming the file (or the variable),
+the key and what was expected; unknown keys are returned as warnings, not errors.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import json
 import logging
 import math
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -43,13 +52,17 @@ def _opt(key: str, default: Any, kind: type, *, low: float | None = None,
     """An attrs field that remembers its JSON key, type and bounds (a secret stays out
     of reprs, and so out of logs and tracebacks)."""
     return attrs.field(default=default, repr=not secret, metadata={
-        "key": key, "kind": kind, "low": low, "high": high, "choices": choices})
+        "key": key, "kind": kind, "low": low, "high": high, "choices": choices,
+        "secret": secret})
 
 
 @attrs.frozen
 class ServerConfig:
     host: str = _opt("host", "127.0.0.1", str)
     port: int = _opt("port", 8080, int, low=0, high=65535)
+    # At start-up, how long to keep trying a Redis or database that is unreachable
+    # (orchestrators start everything at once); 0: fail at once.
+    startup_wait: float = _opt("startupWait", 0.0, float, low=0, high=86400)
     max_frame_bytes: int = _opt("maxFrameBytes", 64 * 1024, int, low=256, high=16 * 1024 * 1024)
     history_on_join: int = _opt("historyOnJoin", 50, int, low=0, high=10_000)
     replay_limit: int = _opt("replayLimit", 1000, int, low=0, high=1_000_000)
@@ -123,6 +136,9 @@ class RedisConfig:
     database: int = _opt("database", 0, int, low=0, high=1_000_000)
     listening_channel_name: str = _opt("listeningChannelName", "trio-chat", str)
     publish_channel_name: str = _opt("publishChannelName", "trio-chat", str)
+    # The operator states that something forwards the publish channels to the
+    # listening ones (chatAPI's synchronizer), so the two names may differ.
+    relay: bool = _opt("relay", False, bool)
 
 
 @attrs.frozen
@@ -163,7 +179,9 @@ class MediaConfig:
     thumbnail_size: int = _opt("thumbnailSize", 320, int, low=16, high=4096)
 
 
+ENV_PREFIX = "TRIO_CHAT_"
 SECRET_ENV = "TRIO_CHAT_AUTH_SECRET"
+# The older name of TRIO_CHAT_AUTH_ADMIN_KEY, still read.
 ADMIN_KEY_ENV = "TRIO_CHAT_ADMIN_KEY"
 MIN_SECRET = 32
 
@@ -171,6 +189,8 @@ MIN_SECRET = 32
 @attrs.frozen
 class LoggerConfig:
     level: int = _opt("level", logging.INFO, str, choices=LOG_LEVELS)
+    # "text" (one readable line a record) or "json" (one object a line).
+    format: str = _opt("format", "text", str, choices={"text": "text", "json": "json"})
 
 
 @attrs.frozen
@@ -203,12 +223,22 @@ _SECTIONS: dict[str, type] = {
 _OPTIONAL = {"db", "redis"}
 
 
+_BOOLEANS = {"true": True, "false": False, "yes": True, "no": False, "on": True,
+             "off": False, "1": True, "0": False}
+
+
+def env_name(section: str, key: str) -> str:
+    """The environment variable for ``section.key``: ``TRIO_CHAT_REDIS_LISTENING_CHANNEL_NAME``."""
+    words = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", key)
+    return f"{ENV_PREFIX}{section.upper()}_{words.upper()}"
+
+
 def _describe(value: Any) -> str:
     text = json.dumps(value)
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _convert(where: str, value: Any, field: attrs.Attribute) -> Any:
+def _convert(where: str, value: Any, field: attrs.Attribute[Any]) -> Any:
     meta = field.metadata
     kind, low, high, choices = meta["kind"], meta["low"], meta["high"], meta["choices"]
     if choices is not None:
@@ -216,6 +246,12 @@ def _convert(where: str, value: Any, field: attrs.Attribute) -> Any:
             raise ConfigError(f"{where}: expected one of {', '.join(sorted(choices))}, "
                               f"got {_describe(value)}")
         return choices[value.lower()]
+    if kind is bool:
+        if isinstance(value, str) and value.lower() in _BOOLEANS:
+            return _BOOLEANS[value.lower()]
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {_describe(value)}")
+        return value
     if kind is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {_describe(value)}")
@@ -249,7 +285,8 @@ def _convert(where: str, value: Any, field: attrs.Attribute) -> Any:
     return kind(number)
 
 
-def _section(source: str, name: str, raw: Any, cls: type, warnings: list[str]) -> Any:
+def _section(source: str, name: str, raw: Any, cls: type, warnings: list[str],
+             environ: Mapping[str, str]) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: {name}: expected an object, got {_describe(raw)}")
     by_key = {f.metadata["key"]: f for f in attrs.fields(cls)}
@@ -262,6 +299,14 @@ def _section(source: str, name: str, raw: Any, cls: type, warnings: list[str]) -
         if value == "" or value is None:
             continue
         values[field.name] = _convert(f"{source}: {name}.{key}", value, field)
+    for key, field in by_key.items():
+        variable = env_name(name, key)
+        if variable not in environ:
+            continue
+        values.pop(field.name, None)
+        if environ[variable] != "":
+            values[field.name] = _convert(f"{variable} ({name}.{key})", environ[variable],
+                                          field)
     if name in _OPTIONAL and not values.get("host"):
         return None
     return cls(**values)
@@ -269,32 +314,47 @@ def _section(source: str, name: str, raw: Any, cls: type, warnings: list[str]) -
 
 def parse_config(data: Any, source: str = "<config>",
                  environ: Mapping[str, str] | None = None) -> Config:
-    """Validate already-decoded JSON ``data``; pure but for the secrets it may take from
-    ``environ`` (default: the process environment)."""
+    """Validate already-decoded JSON ``data`` with the ``TRIO_CHAT_*`` variables of
+    ``environ`` (default: the process environment) over it; pure otherwise."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a JSON object at the top level, "
                           f"got {_describe(data)}")
+    environ = os.environ if environ is None else environ
     warnings: list[str] = []
-    sections: dict[str, Any] = {}
-    for name, raw in data.items():
-        cls = _SECTIONS.get(name)
-        if cls is None:
+    for name in data:
+        if name not in _SECTIONS:
             warnings.append(f"{source}: {name}: unknown section, ignored")
-            continue
-        sections[name] = _section(source, name, raw, cls, warnings)
+    known = {env_name(name, f.metadata["key"]) for name, cls in _SECTIONS.items()
+             for f in attrs.fields(cls)}
+    for variable in sorted(environ):
+        section = variable[len(ENV_PREFIX):].split("_", 1)[0].lower()
+        if variable.startswith(ENV_PREFIX) and section in _SECTIONS and variable not in known:
+            warnings.append(f"{variable}: unknown setting, ignored")
+    sections: dict[str, Any] = {}
+    for name, cls in _SECTIONS.items():
+        prefix = f"{ENV_PREFIX}{name.upper()}_"
+        if name in data or any(v.startswith(prefix) and v in known for v in environ):
+            sections[name] = _section(source, name, data.get(name, {}), cls, warnings,
+                                      environ)
     config = Config(**sections, source=source, warnings=tuple(warnings))
-    config = attrs.evolve(config, auth=_auth_secrets(config.auth, source,
-                                                     os.environ if environ is None else environ))
+    config = attrs.evolve(config, auth=_auth_secrets(config.auth, source, environ))
     server = config.server
     if server.ping_period >= server.pong_wait:
         raise ConfigError(f"{source}: server.pingPeriod: expected less than server.pongWait "
                           f"({server.pong_wait:g}), got {server.ping_period:g}")
+    redis = config.redis
+    if redis and redis.listening_channel_name != redis.publish_channel_name and not redis.relay:
+        raise ConfigError(
+            f"{source}: redis.listeningChannelName {redis.listening_channel_name!r} differs "
+            f"from redis.publishChannelName {redis.publish_channel_name!r}: nodes would "
+            "listen where nobody publishes and no message would reach anybody; give both "
+            "the same value, or set redis.relay to true if a relay forwards one to the other")
     return config
 
 
 def _auth_secrets(auth: AuthConfig, source: str, environ: Mapping[str, str]) -> AuthConfig:
-    auth = attrs.evolve(auth, secret=auth.secret or environ.get(SECRET_ENV, ""),
-                        admin_key=auth.admin_key or environ.get(ADMIN_KEY_ENV, ""))
+    # TRIO_CHAT_AUTH_SECRET is already read by the general rule.
+    auth = attrs.evolve(auth, admin_key=auth.admin_key or environ.get(ADMIN_KEY_ENV, ""))
     if auth.mode == "token" and len(auth.secret.encode()) < MIN_SECRET:
         raise ConfigError(f"{source}: auth.secret: expected at least {MIN_SECRET} bytes "
                           f"(or set {SECRET_ENV}) when auth.mode is token, got "
@@ -305,10 +365,11 @@ def _auth_secrets(auth: AuthConfig, source: str, environ: Mapping[str, str]) -> 
     return auth
 
 
-def load_config(path: str | os.PathLike[str] | None) -> Config:
-    """Read ``path`` (or return the embedded default for ``None``)."""
+def load_config(path: str | os.PathLike[str] | None,
+                environ: Mapping[str, str] | None = None) -> Config:
+    """Read ``path`` (or the embedded default for ``None``) with the environment over it."""
     if path is None:
-        return Config()
+        return parse_config({}, Config().source, environ)
     source = os.fspath(path)
     try:
         with open(source, encoding="utf-8") as f:
@@ -326,4 +387,4 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
             hint = " (a trailing comma?)"
         raise ConfigError(f"{source}: not valid JSON: {exc.msg} at line {exc.lineno} "
                           f"column {exc.colno}{hint}") from None
-    return parse_config(data, source)
+    return parse_config(data, source, environ)

@@ -220,6 +220,12 @@ async def serve_connection(stream: trio.abc.Stream, *, hub: Hub, metrics: Metric
 
     ws = connection.ws = WebSocket(stream, writers, on_slow, trailing_data, on_failure)
     metrics.connections_total += 1
+    # The connection's number in this process, for following it through the log.
+    number = metrics.connections_total
+    opened = trio.current_time()
+    log.debug("%s: connection %d opened in room %d", remote, number, room_id,
+              extra={"event": "ws_open", "connection": number, "room": room_id,
+                     "remote": remote})
     hub.connections.add(connection)
     try:
         try:
@@ -239,3 +245,10 @@ async def serve_connection(stream: trio.abc.Stream, *, hub: Hub, metrics: Metric
             metrics.oversized_frames += 1
     finally:
         hub.connections.discard(connection)
+        code = ws.close_code if ws.close_code is not None else ws.peer_close_code
+        duration = trio.current_time() - opened
+        log.debug("%s: connection %d closed in room %d with %s after %.3fs", remote, number,
+                  room_id, code, duration,
+                  extra={"event": "ws_close", "connection": number, "room": room_id,
+                         "remote": remote, "close_code": code,
+                         "duration": round(duration, 6)})

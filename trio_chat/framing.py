@@ -111,7 +111,7 @@ class FrameReader:
         self._part_bytes = 0
         self._failed = False
 
-    def feed(self, data: bytes) -> list[tuple[int, Any]]:
+    def feed(self, data: bytes | bytearray) -> list[tuple[int, Any]]:
         """The events completed by ``data``; a partial frame waits for the next call."""
         if self._failed:
             return []

@@ -69,6 +69,8 @@ def _trailing_data(data: bytes, fmt: str) -> bool:
     if fmt == "PNG":
         at = 8
         while at + 8 <= len(data):
+            length: int
+            kind: bytes
             length, kind = struct.unpack(">I4s", data[at:at + 8])
             at += 12 + length
             if kind == b"IEND":
@@ -78,7 +80,7 @@ def _trailing_data(data: bytes, fmt: str) -> bool:
         return not data.rstrip(b"\0").endswith(b"\xff\xd9")
     if fmt == "GIF":
         return not data.endswith(b"\x3b")
-    riff_size = struct.unpack("<I", data[4:8])[0]  # WEBP: RIFF says how long it is
+    riff_size: int = struct.unpack("<I", data[4:8])[0]  # WEBP: RIFF says how long it is
     return 8 + riff_size + (riff_size & 1) < len(data)
 
 
@@ -117,7 +119,7 @@ def validate_image(data: bytes, config: MediaConfig) -> ProcessedImage:
                          "its end, or markup); it is refused", 422)
     try:
         probe.verify()
-        image = Image.open(io.BytesIO(data))
+        image: Image.Image = Image.open(io.BytesIO(data))
         image.load()
         if fmt == "JPEG":
             image = ImageOps.exif_transpose(image)  # before the EXIF goes

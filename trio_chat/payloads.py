@@ -103,7 +103,7 @@ def read_payload(data: str, room_id: int) -> Message | RelayedEvent | RelayedCom
         _check_fields(obj, _MESSAGE_FIELDS, required=True)
         _check_fields(obj, _MESSAGE_OPTIONAL, required=False)
         if kind not in CHAT_TYPES and kind not in CHANGE_TYPES:
-            raise PayloadError("unknown_kind", f"unknown message_type {kind[:40]!r}")
+            raise PayloadError("unknown_kind", f"unknown message_type {str(kind)[:40]!r}")
         if obj["id"] < 1:
             raise PayloadError("malformed", f"message id {obj['id']} is not positive")
         if kind in CHANGE_TYPES and obj.get("target_id") is None:
@@ -130,7 +130,7 @@ def _check_fields(obj: dict[str, Any], fields: dict[str, type], *, required: boo
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise PayloadError("malformed", f"{name} must be {_KIND_NAMES[kind]}, "
                                             f"got {json_kind(value)}")
-        if kind is int and not INT64_MIN <= value <= INT64_MAX:
+        if isinstance(value, int) and not INT64_MIN <= value <= INT64_MAX:
             raise PayloadError("malformed", f"{name} is out of the 64-bit integer range")
 
 

@@ -24,7 +24,7 @@ import trio
 
 from .auth import IpLimiter
 from .bridge import open_bridge
-from .broker import Broker, BrokerUnavailable, LocalBroker, RedisBroker
+from .broker import BrokerUnavailable, LocalBroker, RedisBroker
 from .config import Config
 from .framing import GOING_AWAY
 from .http import NodeInfo, Services, Shutdown, load_demo_page, serve_http
@@ -61,7 +61,7 @@ class _AcceptErrorThrottle(logging.Filter):
         record.exc_info = record.exc_text = None
         if self._held:
             record.msg = f"{record.msg} (%d more since the last report)"
-            record.args = (*(record.args or ()), self._held)  # type: ignore[misc]
+            record.args = (*(record.args or ()), self._held)
             self._held = 0
         return True
 
@@ -73,7 +73,7 @@ logging.getLogger("trio.serve_listeners").addFilter(
 async def open_shared_listeners(host: str, port: int) -> list[trio.SocketListener]:
     """Listeners on ``host:port`` with SO_REUSEPORT: the kernel spreads connections
     across every process listening on the same port."""
-    listeners = []
+    listeners: list[trio.SocketListener] = []
     for family, kind, proto, _, address in await trio.socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE):
         sock = trio.socket.socket(family, kind, proto)
@@ -106,7 +106,7 @@ GC_THRESHOLDS = (50_000, 20, 100)
 def tune_gc() -> None:
     """Set this process's garbage-collector thresholds for many long-lived connections."""
     gc.set_threshold(*GC_THRESHOLDS)
-    log.info("gc thresholds: %s", ", ".join(map(str, gc.get_threshold())))
+    log.debug("gc thresholds: %s", ", ".join(map(str, gc.get_threshold())))
 
 
 def _peer(stream: trio.abc.Stream) -> str:
@@ -122,7 +122,7 @@ class Server:
     config: Config
     metrics: Metrics
     store: Store
-    broker: Broker
+    broker: LocalBroker | RedisBroker
     hub: Hub
     writers: Writers
     # What the HTTP side is given: the handlers never see the server.
@@ -231,10 +231,13 @@ class Server:
         listeners = (await open_shared_listeners(s.host, s.port) if self.reuse_port
                      else await trio.open_tcp_listeners(s.port, host=s.host))
         self.port = listeners[0].socket.getsockname()[1]
+        urls = []
         for listener in listeners:
             host, port = listener.socket.getsockname()[:2]
-            log.info("listening on http://%s:%d/", f"[{host}]" if ":" in host else host,
-                     port)
+            urls.append(f"http://{f'[{host}]' if ':' in host else host}:{port}/")
+        log.info("listening on %s; history: %s; broker: %s", ", ".join(urls),
+                 self._describe_store(), self._describe_broker(),
+                 extra={"event": "listening", "urls": urls})
         async with trio.open_nursery() as connections:
             accept_scope = trio.CancelScope()
             await connections.start(self._accept, accept_scope, listeners, connections)
@@ -266,9 +269,22 @@ class Server:
             log.info("store flushed; stopped")
         root.cancel_scope.cancel()
 
+    def _describe_store(self) -> str:
+        db = self.config.db
+        if db is not None:
+            return f"MySQL {db.host}:{db.port}/{db.database}"
+        return f"SQLite {self.config.sqlite.path}"
+
+    def _describe_broker(self) -> str:
+        r = self.config.redis
+        if r is None:
+            return "in-process (one node)"
+        return f"Redis {r.host}:{r.port} database {r.database}, channels {r.publish_channel_name}"
+
     async def _accept(self, scope: trio.CancelScope, listeners: list[trio.SocketListener],
                       connections: trio.Nursery, *,
-                      task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+                      task_status: trio.TaskStatus[list[trio.SocketListener]]
+                      = trio.TASK_STATUS_IGNORED) -> None:
         with scope:
             # Out of descriptors (EMFILE, ENFILE) or memory (ENOBUFS, ENOMEM), trio's
             # serve_listeners logs, sleeps 0.1 s and accepts again: never fatal.

@@ -352,7 +352,8 @@ class WebSocket:
         After our own close frame, messages are read and dropped while the peer
         answers.
         """
-        data, self._trailing = self._trailing, b""
+        data: bytes | bytearray = self._trailing
+        self._trailing = b""
         reader = self._reader
         while True:
             for kind, value in reader.feed(data) if data else ():

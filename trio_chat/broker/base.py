@@ -47,9 +47,10 @@ class Broker(Protocol):
         idempotency window, if any: a cheap look before work that a resend must not
         repeat (storing an image). :meth:`publish` checks again, atomically."""
 
-    # Whether a message is durable once publish returns (in Redis's log), rather
-    # than once the history store has committed it.
-    durable_on_publish: bool
+    @property
+    def durable_on_publish(self) -> bool:
+        """Whether a message is durable once publish returns (in Redis's log), rather
+        than once the history store has committed it."""
 
     async def publish(self, draft: Draft, target: Message | None = None, *,
                       deliver: bool = True) -> tuple[Message, bool]:

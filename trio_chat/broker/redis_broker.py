@@ -49,8 +49,6 @@ def _json(obj: dict[str, Any]) -> str:
 @attrs.define(eq=False)
 class RedisBroker(RedisSubscription):
     recent_size: int = 100
-    # How long a send waits for a lost Redis to come back before it is refused.
-    outage_hold: float = 3.0
     # Keep each message in its room's Redis log until this node (or, if it dies,
     # another) has written it to the history store: it is durable once published.
     log: bool = False

@@ -61,6 +61,8 @@ class RedisLink:
     _store: Store
     timeout: float = 5.0
     idempotency_window: float = 600.0
+    # How long a send waits for a lost Redis to come back before it is refused.
+    outage_hold: float = 3.0
     node: str = attrs.field(factory=lambda: secrets.token_hex(4))
     _metrics: Metrics = attrs.field(factory=Metrics)
     # Bad payloads are logged at most once a minute per kind of problem.
@@ -234,7 +236,7 @@ class RedisLink:
 
     async def _aio_read(self) -> list[dict[str, Any]]:
         """Asyncio flavour. Wait up to a second for messages, then take what is there."""
-        batch = []
+        batch: list[dict[str, Any]] = []
         message = await self._pubsub.get_message(timeout=1.0)
         while message is not None and len(batch) < 1000:
             batch.append(message)

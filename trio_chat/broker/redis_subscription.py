@@ -155,7 +155,7 @@ class RedisSubscription(RedisLink):
         # the nodes in turn, waiting out the timeout on each), all feeding the one
         # loop in _follow, in order per shard, so in order per room.
         send: trio.MemorySendChannel[Any]
-        send, receive = trio.open_memory_channel(16)
+        send, receive = trio.open_memory_channel[list[dict[str, Any]] | Exception](16)
 
         async def next_batch() -> list[dict[str, Any]]:
             item = await receive.receive()
@@ -245,7 +245,8 @@ class RedisSubscription(RedisLink):
         elif not back:
             self._check_store_until = -math.inf
         if self.down_since is not None:
-            log.warning("Redis is back after %.1fs; resubscribed %d rooms",
+            # A recovery, not a problem.
+            log.info("Redis is back after %.1fs; resubscribed %d rooms",
                         trio.current_time() - self.down_since, len(self._rooms))
             self.down_since = None
         self._hold_until = None

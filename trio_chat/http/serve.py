@@ -48,7 +48,7 @@ async def _next_event(stream: trio.abc.Stream, conn: h11.Connection) -> Any:
             data = await stream.receive_some(RECEIVE_BYTES)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             data = b""
-        conn.receive_data(data)
+        conn.receive_data(bytes(data))
 
 
 async def _send(stream: trio.abc.Stream, conn: h11.Connection, response: Response,
@@ -151,6 +151,7 @@ async def _serve_requests(services: Services, stream: trio.abc.Stream, remote: s
     metrics = services.metrics
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
     while not services.shutdown.begun:
+        streamed: Response | None = None
         with trio.move_on_after(config.handshake_timeout) as scope:
             # Shutdown cancels this: an idle keep-alive connection must not hold it up.
             with services.shutdown.idle() as waiting:
@@ -187,15 +188,15 @@ async def _serve_requests(services: Services, stream: trio.abc.Stream, remote: s
                                        request.method, request.path)
                     response = error(500, "internal_error", "internal server error")
             assert response is not None
-            keep_alive = conn.their_state is h11.DONE and not upgrade and \
-                response.stream is None
+            streamed = response if response.stream is not None else None
+            keep_alive = conn.their_state is h11.DONE and not upgrade and streamed is None
             await _send(stream, conn, response, close=not keep_alive)
         if scope.cancelled_caught:
             # No complete request (or no room for our answer) within the time limit.
             metrics.handshake_failures += 1
             return None
-        if response.stream is not None:
-            await _send_stream(services, stream, conn, response)
+        if streamed is not None:
+            await _send_stream(services, stream, conn, streamed)
             return None
         if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
             return None

@@ -216,7 +216,8 @@ class SqlRooms:
     async def update_room(self, room_id: int, name: str | None, private: bool | None
                           ) -> RoomInfo | None:
         m = self._mark
-        sets, args = [], []
+        sets: list[str] = []
+        args: list[object] = []
         if name is not None:
             sets.append(f"name = {m}")
             args.append(name)

@@ -9,7 +9,8 @@ the store's writer which errors are this message's fault rather than the file's.
 from __future__ import annotations
 
 import sqlite3
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import attrs
 import trio
@@ -27,6 +28,7 @@ from .schema import (
     row_message,
 )
 
+T = TypeVar("T")
 
 @attrs.define(eq=False)
 class SqliteBackend(SqlRooms):
@@ -64,7 +66,7 @@ class SqliteBackend(SqlRooms):
         return isinstance(exc, sqlite3.DatabaseError) and \
             not isinstance(exc, sqlite3.OperationalError)
 
-    async def _call(self, fn, *args):  # type: ignore[no-untyped-def]
+    async def _call(self, fn: Callable[..., T], *args: object) -> T:
         return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
 
     def _open(self) -> int:
@@ -115,7 +117,7 @@ class SqliteBackend(SqlRooms):
         changes = [change_sql("?", m) for m in changes_in(messages)]
         await self._call(self._insert, rows, changes)
 
-    def _query(self, sql: str, args: tuple[object, ...]) -> list[tuple[object, ...]]:
+    def _query(self, sql: str, args: tuple[object, ...]) -> list[tuple[Any, ...]]:
         assert self._db is not None
         return self._db.execute(sql, args).fetchall()
 
