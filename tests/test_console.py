@@ -181,10 +181,14 @@ def _cell(room: int, cell: str) -> str:
 
 
 async def _read_all(client: RawClient, seen: list[Any]) -> None:
-    """Keep reading a member's socket (answering pings) until it closes."""
+    """Keep reading a member's socket (answering pings and the close) until it closes."""
     while True:
         event = await client.next_event()
-        if event is None or isinstance(event, CloseConnection):
+        if event is None:
+            return
+        if isinstance(event, CloseConnection):
+            # Answer the close, as a browser would: the server then lets the socket go.
+            await client.stream.send_all(client.proto.send(event.response()))
             return
         if isinstance(event, TextMessage):
             seen.append(json.loads(event.data))
