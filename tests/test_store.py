@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -247,3 +248,32 @@ async def test_purge_drops_buffered_messages_too(tmp_path: Path) -> None:
         assert await store.last_id(3) == 0
         assert await store.last_id(4) == 1
         nursery.cancel_scope.cancel()
+
+
+async def test_sqlite_close_waits_for_a_query_already_in_its_thread(tmp_path: Path) -> None:
+    """A query running in the worker thread when shutdown closes the database finishes
+    against the open database (it once saw it closed and failed an AssertionError)."""
+    backend = SqliteBackend(str(tmp_path / "history.db"))
+    await backend.open()
+    entered, release = threading.Event(), threading.Event()
+
+    def slow_last_id() -> int:
+        entered.set()
+        release.wait(10)
+        return backend._query("SELECT COUNT(*) FROM messages", ())[0][0]  # type: ignore[no-any-return]
+
+    results: list[int] = []
+
+    async def query() -> None:
+        results.append(await backend._call(slow_last_id))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(query)
+        await trio.to_thread.run_sync(entered.wait)
+        nursery.start_soon(backend.close)
+        # close() is queued behind the query; let it get there before the query ends.
+        await trio.testing.wait_all_tasks_blocked()
+        release.set()
+    assert results == [0]
+    with pytest.raises(AssertionError):
+        backend._query("SELECT 1", ())

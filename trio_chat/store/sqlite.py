@@ -97,9 +97,14 @@ class SqliteBackend(SqlRooms):
         return await self._call(self._open)
 
     async def close(self) -> None:
+        # In the worker's turn, after any query already running there: one cancelled
+        # mid-query at shutdown must still find the database open.
+        await self._call(self._close)
+
+    def _close(self) -> None:
         if self._db is not None:
             db, self._db = self._db, None
-            await self._call(db.close)
+            db.close()
 
     def _insert(self, rows: list[tuple[object, ...]],
                 changes: list[tuple[str, tuple[object, ...]]]) -> None:
