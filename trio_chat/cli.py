@@ -9,7 +9,9 @@ into a graceful shutdown (a second signal stops at once).
 With ``serve --workers N`` the process is instead a supervisor: it migrates
 the store once, then starts N worker processes (this module again, with the
 hidden ``--worker I/N`` and ``--supervisor PID`` options), each a node that
-binds the shared port with SO_REUSEPORT. Workers run in their own session, so
+binds the shared port with SO_REUSEPORT, and publishes its metrics to a
+directory the supervisor made, so that each answers ``/metrics`` for all
+(:mod:`trio_chat.workers`). Workers run in their own session, so
 only the supervisor sees a terminal's Ctrl-C; it forwards one SIGTERM to each,
 waits, and kills stragglers. A worker shuts down when its supervisor is gone.
 """
@@ -22,6 +24,8 @@ import os
 import signal
 import sqlite3
 import sys
+import tempfile
+from pathlib import Path
 from typing import TypeVar
 
 import attrs
@@ -34,6 +38,7 @@ from .chat_cli import run_chat
 from .config import Config, ConfigError, load_config
 from .server import Server, tune_gc
 from .store import make_backend
+from .workers import SharedMetrics
 
 log = logging.getLogger("trio_chat")
 E = TypeVar("E", bound=BaseException)
@@ -107,6 +112,7 @@ def _parser() -> argparse.ArgumentParser:
     # Internal: how the supervisor starts a worker.
     serve.add_argument("--worker", type=_worker_spec, help=argparse.SUPPRESS)
     serve.add_argument("--supervisor", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--metrics-dir", help=argparse.SUPPRESS)
     migrate = commands.add_parser(
         "migrate", help="create or upgrade the history database's schema",
         description="Create the configured history database (MySQL/MariaDB with a db "
@@ -225,11 +231,13 @@ async def _watch_supervisor(server: Server, pid: int, stop_now: trio.CancelScope
     stop_now.cancel()
 
 
-async def _serve(config: Config, worker: bool = False, supervisor: int | None = None
-                 ) -> None:
+async def _serve(config: Config, worker: tuple[int, int] | None = None,
+                 supervisor: int | None = None, metrics_dir: str | None = None) -> None:
     server = Server.build(config)
     # A worker shares its port with the other workers.
-    server.reuse_port = worker
+    server.reuse_port = worker is not None
+    if worker is not None and metrics_dir is not None:
+        server.shared_metrics = SharedMetrics(Path(metrics_dir), worker[0], server.metrics)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_watch_signals, server, nursery.cancel_scope)
         if supervisor is not None:
@@ -409,8 +417,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             raise_fd_limit()
             tune_gc()
-            trio.run(_serve, config, worker is not None,
-                     args.supervisor if worker else None)
+            trio.run(_serve, config, worker, args.supervisor if worker else None,
+                     args.metrics_dir)
             return 0
     except Exception as exc:
         if (dberror := _find(exc, pymysql.MySQLError)) is not None and config.db:
@@ -427,10 +435,12 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 1
         raise
-    supervisor = _Supervisor(_worker_command(args), workers,
-                             config.server.shutdown_timeout + _KILL_MARGIN)
     log.info("starting %d workers on %s:%d", workers, config.server.host, config.server.port)
-    return trio.run(supervisor.run)
+    # Where the workers publish their metrics to each other (trio_chat.workers).
+    with tempfile.TemporaryDirectory(prefix="trio-chat-metrics-") as metrics_dir:
+        supervisor = _Supervisor([*_worker_command(args), "--metrics-dir", metrics_dir],
+                                 workers, config.server.shutdown_timeout + _KILL_MARGIN)
+        return trio.run(supervisor.run)
 
 
 def _find(exc: BaseException, kind: type[E]) -> E | None:

@@ -18,7 +18,7 @@ Who owns what:
   metrics, the OpenAPI document and static files);
 - :mod:`.multipart`: the uploaded file of a request;
 - :mod:`.base`: requests, responses, ``HttpError`` and parameter parsing;
-- :mod:`.services`: :class:`Services` and :class:`Shutdown`.
+- :mod:`.services`: :class:`Services`, :class:`Shutdown` and :class:`Readiness`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from .base import Request, Response, Route
 from .operations import STATIC_FILES, load_demo_page
 from .router import ROUTES
 from .serve import serve_http
-from .services import Services, Shutdown
+from .services import Readiness, Services, Shutdown
 
-__all__ = ["ROUTES", "STATIC_FILES", "Request", "Response", "Route", "Services", "Shutdown",
-           "load_demo_page", "serve_http"]
+__all__ = ["ROUTES", "STATIC_FILES", "Readiness", "Request", "Response", "Route", "Services",
+           "Shutdown", "load_demo_page", "serve_http"]
