@@ -51,8 +51,9 @@ in-process broker, SQLite history in ./trio-chat.db. CONFIG is a chatAPI
 config.json (sections db, mq, redis, logger) plus optional "server", "sqlite",
 "auth" and "limits" sections; see config.json.example and the README for every key.
 
-SIGINT or SIGTERM stops it gracefully: it stops accepting, closes every
-WebSocket with 1001, stores every accepted message and exits 0 within
+SIGINT or SIGTERM stops it gracefully: after server.drainDelay seconds (default
+0) of answering /readyz with 503, it stops accepting, closes every WebSocket
+with 1001, stores every accepted message and exits 0 within
 server.shutdownTimeout seconds. A second signal stops at once.
 
 With --workers N (N > 1) it runs N worker processes sharing the port
@@ -60,9 +61,10 @@ With --workers N (N > 1) it runs N worker processes sharing the port
 through Redis, so the config needs a redis section and a fixed port. The
 parent supervises: SIGINT or SIGTERM is forwarded to every worker as one
 SIGTERM (each stops gracefully as above); workers still running
-server.shutdownTimeout + 5 seconds later are killed. It exits 0 when every
-worker exited 0. If a worker exits on its own (a crash, a kill), the others
-are stopped and it exits 1. Workers stop by themselves if the parent dies.
+server.drainDelay + server.shutdownTimeout + 5 seconds later are killed. It
+exits 0 when every worker exited 0. If a worker exits on its own (a crash, a
+kill), the others are stopped and it exits 1. Workers stop by themselves if the
+parent dies.
 """
 
 # A worker still running this long after server.shutdownTimeout is killed.
@@ -225,9 +227,9 @@ async def _watch_supervisor(server: Server, pid: int, stop_now: trio.CancelScope
         await trio.sleep(_SUPERVISOR_POLL)
     log.warning("the supervisor (pid %d) is gone: shutting down gracefully", pid)
     server.shutdown()
-    await trio.sleep(server.config.server.shutdown_timeout + _KILL_MARGIN)
-    log.warning("still running %g seconds later: stopping now",
-                server.config.server.shutdown_timeout + _KILL_MARGIN)
+    grace = _grace(server.config)
+    await trio.sleep(grace)
+    log.warning("still running %g seconds later: stopping now", grace)
     stop_now.cancel()
 
 
@@ -244,6 +246,11 @@ async def _serve(config: Config, worker: tuple[int, int] | None = None,
             nursery.start_soon(_watch_supervisor, server, supervisor, nursery.cancel_scope)
         await server.run()
         nursery.cancel_scope.cancel()
+
+
+def _grace(config: Config) -> float:
+    """How long a graceful shutdown may take before the process is killed."""
+    return config.server.drain_delay + config.server.shutdown_timeout + _KILL_MARGIN
 
 
 def _describe_exit(code: int) -> str:
@@ -439,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     # Where the workers publish their metrics to each other (trio_chat.workers).
     with tempfile.TemporaryDirectory(prefix="trio-chat-metrics-") as metrics_dir:
         supervisor = _Supervisor([*_worker_command(args), "--metrics-dir", metrics_dir],
-                                 workers, config.server.shutdown_timeout + _KILL_MARGIN)
+                                 workers, _grace(config))
         return trio.run(supervisor.run)
 
 
