@@ -125,9 +125,11 @@ async def test_metrics_follow_prometheus_conventions(server) -> None:
 
 async def test_event_loop_lag_is_observed(server) -> None:
     await wait_until(lambda: sum(server.metrics.loop_lag.counts) >= 2)
-    # Block the loop: the next wake-up is at least this late.
-    time.sleep(0.3)  # noqa: ASYNC251 (blocking the loop is the point)
-    await wait_until(lambda: server.metrics.loop_lag.sum >= 0.2)
+    before = server.metrics.loop_lag.sum
+    # Block the loop: the watcher's next wake-up, due within lag.INTERVAL, comes at
+    # least 0.6 - 0.25 s late.
+    time.sleep(0.6)  # noqa: ASYNC251 (blocking the loop is the point)
+    await wait_until(lambda: server.metrics.loop_lag.sum - before >= 0.3)
 
 
 def test_histogram_buckets_are_upper_bounds_inclusive() -> None:
