@@ -196,12 +196,12 @@ async def test_metrics_in_prometheus_format(server) -> None:
                   if not line.startswith("#"))
     assert values["triochat_connections_open"] == "1"
     assert values["triochat_rooms_live"] == "1"
-    assert values["triochat_messages_received"] == "1"
-    assert values["triochat_messages_delivered"] == "1"
-    assert values["triochat_bad_frames"] == "1"
-    assert values["triochat_slow_consumer_disconnects"] == "0"
+    assert values["triochat_messages_received_total"] == "1"
+    assert values["triochat_messages_delivered_total"] == "1"
+    assert values['triochat_refusals_total{reason="bad_frame"}'] == "1"
+    assert values['triochat_disconnects_total{reason="slow_consumer"}'] == "0"
     assert int(values["triochat_trio_tasks"]) > 3
-    assert "# TYPE triochat_messages_received counter" in body.decode()
+    assert "# TYPE triochat_messages_received_total counter" in body.decode()
 
 
 async def test_concurrent_senders_one_order_for_everyone(server) -> None:

@@ -16,6 +16,7 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
 
 import attrs
 import trio
@@ -42,8 +43,9 @@ in-process broker, SQLite history in ./trio-chat.db. CONFIG is a chatAPI
 config.json (sections db, mq, redis, logger) plus optional "server", "sqlite",
 "auth" and "limits" sections; see config.json.example and the README for every key.
 
-SIGINT or SIGTERM stops it gracefully: it stops accepting, closes every
-WebSocket with 1001, stores every accepted message and exits 0 within
+SIGINT or SIGTERM stops it gracefully: after server.drainDelay seconds (default
+0) of answering /readyz with 503, it stops accepting, closes every WebSocket
+with 1001, stores every accepted message and exits 0 within
 server.shutdownTimeout seconds. A second signal stops at once.
 
 With --workers N (N > 1) it runs N worker processes sharing the port
@@ -51,7 +53,7 @@ With --workers N (N > 1) it runs N worker processes sharing the port
 through Redis, so the config needs a redis section and a fixed port. The
 parent supervises: SIGINT or SIGTERM is forwarded to every worker as one
 SIGTERM (each stops gracefully as above); workers still running
-server.shutdownTimeout + 5 seconds later are killed. It exits 0 when every
+server.drainDelay + server.shutdownTimeout + 5 seconds later are killed. It exits 0 when every
 worker exited 0. If a worker exits on its own (a crash, a kill), the others
 are stopped and it exits 1 (or 3 or 4, that worker's start-up failure).
 Workers stop by themselves if the parent dies.
@@ -109,6 +111,7 @@ def _parser() -> argparse.ArgumentParser:
     # Internal: how the supervisor starts a worker.
     serve.add_argument("--worker", type=_worker_spec, help=argparse.SUPPRESS)
     serve.add_argument("--supervisor", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--metrics-dir", help=argparse.SUPPRESS)
     migrate = commands.add_parser(
         "migrate", help="create or upgrade the history database's schema",
         description="Create the configured history database (MySQL/MariaDB with a db "
@@ -258,17 +261,22 @@ def main(argv: list[str] | None = None) -> int:
         else:
             raise_fd_limit()
             tune_gc()
-            trio.run(serve, config, worker, args.supervisor if worker else None)
+            trio.run(serve, config, worker, args.supervisor if worker else None,
+                     args.metrics_dir)
             return 0
     except Exception as exc:
         if (failure := explain(exc, config)) is None:
             raise
         print(f"trio-chat: error: {failure.message}", file=sys.stderr)
         return failure.code
-    supervisor = Supervisor(worker_command(args.config, _serve_options(args)), workers,
-                            config.server.shutdown_timeout + KILL_MARGIN)
     log.info("starting %d workers on %s:%d", workers, config.server.host, config.server.port)
-    return trio.run(supervisor.run)
+    # Where the workers publish their metrics to each other (trio_chat.workers).
+    with tempfile.TemporaryDirectory(prefix="trio-chat-metrics-") as metrics_dir:
+        command = worker_command(args.config, [*_serve_options(args), "--metrics-dir",
+                                               metrics_dir])
+        supervisor = Supervisor(command, workers, config.server.drain_delay
+                                + config.server.shutdown_timeout + KILL_MARGIN)
+        return trio.run(supervisor.run)
 
 
 def entry() -> None:

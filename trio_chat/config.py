@@ -75,6 +75,8 @@ class ServerConfig:
     handshake_timeout: float = _opt("handshakeTimeout", 10.0, float, low=0.001, high=3600)
     close_timeout: float = _opt("closeTimeout", 2.0, float, low=0.0, high=3600)
     shutdown_timeout: float = _opt("shutdownTimeout", 10.0, float, low=0.0, high=3600)
+    # Seconds between a shutdown signal and closing anything, while /readyz answers 503.
+    drain_delay: float = _opt("drainDelay", 0.0, float, low=0.0, high=3600)
     store_buffer: int = _opt("storeBuffer", 100_000, int, low=1, high=10_000_000)
     store_batch: int = _opt("storeBatch", 1000, int, low=1, high=100_000)
     presence_ttl: float = _opt("presenceTtl", 30.0, float, low=0.1, high=86400)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from pathlib import Path
 
 import attrs
 import trio
@@ -21,6 +22,7 @@ from .config import Config
 from .server import Server
 from .startup import retry_startup
 from .store import make_backend
+from .workers import SharedMetrics
 
 log = logging.getLogger("trio_chat")
 
@@ -108,14 +110,15 @@ async def _run(server: Server, done: trio.CancelScope, *,
 
 
 async def serve(config: Config, worker: tuple[int, int] | None = None,
-                supervisor: int | None = None) -> None:
+                supervisor: int | None = None, metrics_dir: str | None = None) -> None:
     """Trio. Run one node until a signal (or the supervisor's end) stops it."""
     node = _Node()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_watch_signals, node, nursery.cancel_scope)
         if supervisor is not None:
             nursery.start_soon(_watch_supervisor, node, supervisor,
-                               config.server.shutdown_timeout, nursery.cancel_scope)
+                               config.server.drain_delay + config.server.shutdown_timeout,
+                               nursery.cancel_scope)
 
         async def start() -> None:
             if node.stopping:  # a signal while waiting to try again
@@ -125,6 +128,9 @@ async def serve(config: Config, worker: tuple[int, int] | None = None,
                                        f"{worker[0]}/{worker[1]}" if worker else None)
             # A worker shares its port with the other workers.
             node.server.reuse_port = worker is not None
+            if worker is not None and metrics_dir is not None:
+                node.server.shared_metrics = SharedMetrics(Path(metrics_dir), worker[0],
+                                                           node.server.metrics)
             try:
                 await nursery.start(_run, node.server, nursery.cancel_scope)
             except BaseException:

@@ -13,7 +13,9 @@ for every member without waiting for any of them.
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
+from datetime import datetime, timezone
 from typing import Any, Protocol
 
 import attrs
@@ -120,7 +122,11 @@ class Room:
         if message.id <= self.last_id:
             return
         self._fan_out(self._remember(message))
-        self._metrics.messages_delivered += len(self.members)
+        if self.members:
+            self._metrics.messages_delivered += len(self.members)
+            # Once per message, weighted by its members: nothing per delivery.
+            self._metrics.delivery_latency.observe(_age(message.received_at),
+                                                   len(self.members))
 
     def deliver_event(self, text: str) -> None:
         """Fan an event without an id (presence) out to every member; not kept for replay."""
@@ -194,3 +200,12 @@ class Room:
             self._empty.set()
             return True
         return False
+
+
+def _age(received_at: str) -> float:
+    """Seconds since ``received_at`` (utc_now's shape; another node's clock too)."""
+    try:
+        then = datetime.fromisoformat(received_at.removesuffix("Z"))
+    except ValueError:
+        return 0.0
+    return max(0.0, time.time() - then.replace(tzinfo=timezone.utc).timestamp())

@@ -6,8 +6,9 @@ rooms), the WebSockets' writers (flusher, heartbeat, and a writer for each
 full socket), and the listeners, whose handler tasks (one per TCP connection)
 run in a connections nursery. So cancelling ``run`` tears down every task the
 server ever started; a graceful :meth:`Server.shutdown` instead stops
-accepting, closes every WebSocket with 1001, gives connections a grace
-deadline, flushes the store and returns.
+accepting (after ``server.drainDelay`` seconds of answering ``/readyz`` with
+503), closes every WebSocket with 1001, gives connections a grace deadline,
+flushes the store and returns.
 
 :meth:`Server.build` makes the parts and the :class:`~.http.Services` record
 that every HTTP connection is given; the HTTP side never sees the server.
@@ -27,11 +28,13 @@ from .bridge import open_bridge
 from .broker import BrokerUnavailable, LocalBroker, RedisBroker
 from .config import Config
 from .framing import GOING_AWAY
-from .http import NodeInfo, Services, Shutdown, load_demo_page, serve_http
+from .http import NodeInfo, Readiness, Services, Shutdown, load_demo_page, serve_http
 from .hub import Hub
+from .lag import watch_loop_lag
 from .metrics import Metrics, count_tasks
 from .store import Repository, Store, make_backend
 from .websocket import Limits, Writers
+from .workers import SharedMetrics
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +135,8 @@ class Server:
     reuse_port: bool = False
     # The task running run(): every task the server starts is below it.
     task: trio.lowlevel.Task | None = None
+    # Under --workers: publishes this worker's metrics for the others (trio_chat.workers).
+    shared_metrics: SharedMetrics | None = None
 
     @classmethod
     def build(cls, config: Config, worker: str | None = None) -> Server:
@@ -163,11 +168,14 @@ class Server:
                         write_wait=s.write_wait, ping_period=s.ping_period,
                         pong_wait=s.pong_wait, close_timeout=s.close_timeout)
         writers = Writers(limits)
+        readiness = Readiness()
         services = Services(config, metrics, hub, repository, store, broker, writers,
                             IpLimiter(config.limits.connections_per_ip), Shutdown(),
                             load_demo_page(),
                             NodeInfo(broker.node if isinstance(broker, RedisBroker)
-                                     else "local", worker))
+                                     else "local", worker), readiness)
+        readiness.add_check(lambda: None if store.failing_since is None else (
+            "store_failing", f"history store writes failing for {store.outage_seconds:.1f} s"))
         server = cls(config, metrics, store, broker, hub, writers, services)
         metrics.add_gauge("connections_open", "Open WebSocket connections.",
                           lambda: len(hub.connections))
@@ -182,6 +190,8 @@ class Server:
         metrics.add_gauge("store_failing", "1 while store writes are failing.",
                           lambda: int(store.failing_since is not None))
         if isinstance(broker, RedisBroker):
+            readiness.add_check(lambda: None if broker.connected else (
+                "broker_unavailable", "Redis is unreachable"))
             metrics.add_gauge("redis_connected", "1 while the Redis broker is connected.",
                               lambda: int(broker.connected))
             metrics.add_gauge("redis_outage_seconds", "How long Redis has been unreachable.",
@@ -193,11 +203,11 @@ class Server:
 
     @property
     def shutting_down(self) -> bool:
-        return self.services.shutdown.begun
+        return self.services.shutdown.draining
 
     def shutdown(self) -> None:
-        """Ask :meth:`run` to stop gracefully; returns at once."""
-        self.services.shutdown.begin()
+        """Ask :meth:`run` to stop gracefully (after the drain delay); returns at once."""
+        self.services.shutdown.drain()
 
     async def run(self, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED
                   ) -> None:
@@ -219,6 +229,9 @@ class Server:
                      task_status: trio.TaskStatus[Server]) -> None:
         """Start everything in ``root``, serve until :meth:`shutdown`, then wind down."""
         s = self.config.server
+        await root.start(watch_loop_lag, self.metrics)
+        if self.shared_metrics is not None:
+            await root.start(self.shared_metrics.run)
         await root.start(self.store.run)
         if isinstance(self.broker, RedisBroker):
             await root.start(self.broker.run)
@@ -241,10 +254,16 @@ class Server:
         async with trio.open_nursery() as connections:
             accept_scope = trio.CancelScope()
             await connections.start(self._accept, accept_scope, listeners, connections)
+            self.services.readiness.listening = True
             task_status.started(self)
-            await self.services.shutdown.wait()
+            await self.services.shutdown.wait_draining()
+            if s.drain_delay and not self.services.shutdown.begun:
+                log.info("draining: /readyz answers 503; closing in %g s", s.drain_delay)
+                await trio.sleep(s.drain_delay)
+            self.services.shutdown.begin()
             started = trio.current_time()
             accept_scope.cancel()
+            self.services.readiness.listening = False
             log.info("shutting down: closing %d connections", len(self.hub.connections))
             self.hub.close_all(GOING_AWAY, "server shutting down")
             self.services.shutdown.end_idle()

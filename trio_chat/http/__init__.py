@@ -20,7 +20,8 @@ Who owns what:
   events);
 - :mod:`.multipart`: the uploaded file of a request;
 - :mod:`.base`: requests, responses, ``HttpError`` and parameter parsing;
-- :mod:`.services`: :class:`Services`, :class:`NodeInfo` and :class:`Shutdown`.
+- :mod:`.services`: :class:`Services`, :class:`NodeInfo`, :class:`Readiness` and
+  :class:`Shutdown`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from .base import Request, Response, Route
 from .operations import STATIC_FILES, load_demo_page
 from .router import ROUTES
 from .serve import serve_http
-from .services import NodeInfo, Services, Shutdown
+from .services import NodeInfo, Readiness, Services, Shutdown
 
-__all__ = ["ROUTES", "STATIC_FILES", "NodeInfo", "Request", "Response", "Route", "Services",
-           "Shutdown", "load_demo_page", "serve_http"]
+__all__ = ["ROUTES", "STATIC_FILES", "NodeInfo", "Readiness", "Request", "Response", "Route",
+           "Services", "Shutdown", "load_demo_page", "serve_http"]

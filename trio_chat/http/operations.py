@@ -1,5 +1,6 @@
-"""Routes for running the server and its pages: the demo page, ``/healthz``,
-``/metrics``, ``/openapi.json``, the packaged static files, and the answer to a
+"""Routes for running the server and its pages: the demo page, ``/healthz``
+(alive: the process answers), ``/readyz`` (ready for clients: 503 with the
+reasons while not), ``/metrics``, ``/openapi.json``, the packaged static files, and the answer to a
 plain ``GET /ws/{room_id}`` without an upgrade.
 
 Runs no task.
@@ -54,6 +55,18 @@ async def _healthz(services: Services, request: Request, match: re.Match[str]) -
                                "rooms": len(services.hub.rooms)})
 
 
+async def _readyz(services: Services, request: Request, match: re.Match[str]) -> Response:
+    problems = services.readiness.problems()
+    if services.shutdown.draining:
+        problems.insert(0, ("draining", "the node is shutting down"))
+    if not problems:
+        return json_response(200, {"status": "ready"})
+    return json_response(503, {"status": "not_ready",
+                               "reasons": [reason for reason, _ in problems],
+                               "detail": "; ".join(detail for _, detail in problems)},
+                         (("retry-after", "1"),))
+
+
 async def _metrics(services: Services, request: Request, match: re.Match[str]) -> Response:
     return Response(200, services.metrics.render().encode(),
                     "text/plain; version=0.0.4; charset=utf-8")
@@ -78,6 +91,7 @@ async def _ws_without_upgrade(services: Services, request: Request,
 ROUTES: list[Route] = [
     Route("GET", re.compile(r"/\Z"), _demo_page),
     Route("GET", re.compile(r"/healthz\Z"), _healthz),
+    Route("GET", re.compile(r"/readyz\Z"), _readyz),
     Route("GET", re.compile(r"/metrics\Z"), _metrics),
     Route("GET", re.compile(r"/openapi\.json\Z"), _openapi),
     *(Route("GET", re.compile(rf"/static/{re.escape(name)}\Z"), _static)

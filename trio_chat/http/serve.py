@@ -12,6 +12,11 @@ connection waiting for its next request at once, and a streamed answer
 (server-sent events) too. Failure boundary: one request.
 A bug in its handler is logged with its traceback, counted (``http_errors``)
 and answered 500; the connection goes on.
+
+At debug level the ``trio_chat.http.access`` logger writes one line per request
+(upgrades included): remote address, method, path, status, body bytes and the
+time from the request's arrival to its answer. The query string is never logged,
+nor any header: tokens travel there.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from .services import Services
 from .upgrade import WS_PATH, Upgrade, accept_upgrade, check_upgrade, is_upgrade
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger("trio_chat.http.access")
 
 RECEIVE_BYTES = 16 * 1024
 MAX_HEAD_BYTES = 16 * 1024
@@ -49,6 +55,14 @@ async def _next_event(stream: trio.abc.Stream, conn: h11.Connection) -> Any:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             data = b""
         conn.receive_data(bytes(data))
+
+
+def _log_access(remote: str, request: Request | None, status: int, size: int,
+                started: float) -> None:
+    if access_log.isEnabledFor(logging.DEBUG):
+        method, path = (request.method, request.path[:200]) if request else ("-", "-")
+        access_log.debug('%s "%s %s" %d %d %.1fms', remote, method, path, status, size,
+                         (trio.current_time() - started) * 1000)
 
 
 async def _send(stream: trio.abc.Stream, conn: h11.Connection, response: Response,
@@ -160,10 +174,12 @@ async def _serve_requests(services: Services, stream: trio.abc.Stream, remote: s
             # Cancelled by a shutdown: there is no request (the name is unbound).
             if waiting.cancelled_caught or request is None:
                 return None
+            started = trio.current_time()
             if isinstance(request, Response):
                 metrics.handshake_failures += 1
                 if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
                     await _send(stream, conn, request, close=True)
+                    _log_access(remote, None, request.status, len(request.body), started)
                 return None
             upgrade = is_upgrade(request.headers)
             if upgrade and (match := WS_PATH.fullmatch(request.path)):
@@ -174,6 +190,7 @@ async def _serve_requests(services: Services, stream: trio.abc.Stream, remote: s
                     except BaseException:
                         services.ip_limiter.release(ip)
                         raise
+                    _log_access(remote, request, 101, 0, started)
                     return attrs.evolve(accepted, trailing=conn.trailing_data[0])
             else:
                 metrics.http_requests += 1
@@ -191,6 +208,7 @@ async def _serve_requests(services: Services, stream: trio.abc.Stream, remote: s
             streamed = response if response.stream is not None else None
             keep_alive = conn.their_state is h11.DONE and not upgrade and streamed is None
             await _send(stream, conn, response, close=not keep_alive)
+            _log_access(remote, request, response.status, len(response.body), started)
         if scope.cancelled_caught:
             # No complete request (or no room for our answer) within the time limit.
             metrics.handshake_failures += 1

@@ -1,5 +1,6 @@
-"""What the HTTP side is given by the server: :class:`Services`, and the graceful
-shutdown as HTTP connections see it (:class:`Shutdown`).
+"""What the HTTP side is given by the server: :class:`Services`, the graceful
+shutdown as HTTP connections see it (:class:`Shutdown`), and what ``/readyz``
+reports (:class:`Readiness`).
 
 The server builds one :class:`Services` and passes it to every connection, so
 no handler sees the ``Server`` (and this package never imports it); with it,
@@ -12,7 +13,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import attrs
@@ -31,16 +32,34 @@ from ..websocket import Writers
 class Shutdown:
     """Whether a graceful shutdown has begun, and the HTTP connections waiting for
     their next request, which it ends at once (an idle keep-alive connection must
-    not hold it up)."""
+    not hold it up).
 
+    A shutdown first drains (``server.drainDelay`` seconds: ``/readyz`` answers 503
+    so load balancers stop sending clients, and everything is still served), then
+    begins (accepting stops, connections close).
+    """
+
+    _draining: trio.Event = attrs.field(init=False, factory=trio.Event)
     _begun: trio.Event = attrs.field(init=False, factory=trio.Event)
     _idle: set[trio.CancelScope] = attrs.field(init=False, factory=set)
+
+    @property
+    def draining(self) -> bool:
+        """A shutdown was asked for (draining, or begun)."""
+        return self._draining.is_set()
 
     @property
     def begun(self) -> bool:
         return self._begun.is_set()
 
+    def drain(self) -> None:
+        self._draining.set()
+
+    async def wait_draining(self) -> None:
+        await self._draining.wait()
+
     def begin(self) -> None:
+        self._draining.set()
         self._begun.set()
 
     async def wait(self) -> None:
@@ -59,6 +78,29 @@ class Shutdown:
     def end_idle(self) -> None:
         for scope in list(self._idle):
             scope.cancel()
+
+
+# A readiness check: None while fine, else (reason, detail) saying why not.
+ReadinessCheck = Callable[[], "tuple[str, str] | None"]
+
+
+@attrs.define(eq=False)
+class Readiness:
+    """Whether this node should be given new clients, as far as it knows: its
+    listener is up and the checks the server added (Redis, the history store) pass.
+    A shutdown's draining is :class:`Shutdown`'s."""
+
+    listening: bool = False
+    _checks: list[ReadinessCheck] = attrs.field(init=False, factory=list)
+
+    def add_check(self, check: ReadinessCheck) -> None:
+        self._checks.append(check)
+
+    def problems(self) -> list[tuple[str, str]]:
+        """Every (reason, detail) that makes the node not ready; empty when ready."""
+        problems = [] if self.listening else [("not_listening", "the listener is not up")]
+        problems.extend(p for check in self._checks if (p := check()) is not None)
+        return problems
 
 
 @attrs.frozen
@@ -93,3 +135,4 @@ class Services:
     shutdown: Shutdown
     demo_page: bytes
     node: NodeInfo = attrs.field(factory=NodeInfo)
+    readiness: Readiness = attrs.field(factory=Readiness)

@@ -17,6 +17,7 @@ import enum
 import logging
 import math
 import random
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -55,6 +56,9 @@ class _Entry:
     settle: Settle | None = None
     deadline: float = 0.0
     done: bool = False
+    # When it was accepted here (time.monotonic), for the write lag histogram; None for
+    # another node's orphans, whose lag this node does not know.
+    appended: float | None = None
 
 
 @attrs.define(eq=False)
@@ -127,7 +131,7 @@ class Store:
         publishing, so the buffer can exceed its limit only by the publishes in
         flight at that moment.
         """
-        entry = _Entry(message)
+        entry = _Entry(message, appended=time.monotonic())
         self._pending.append(entry)
         self._wakeup.set()
         if settle is None:
@@ -252,8 +256,11 @@ class Store:
                 return
             await self._dead_letter(entries[0], exc)
             return
+        now = time.monotonic()
         for entry in entries:
             entry.done = True
+            if entry.appended is not None:
+                self._metrics.store_write_lag.observe(now - entry.appended)
             self._settle(entry, Outcome.STORED)
         self._metrics.store_written += len(entries)
 
