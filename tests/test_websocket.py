@@ -3,7 +3,6 @@ on real ones."""
 
 from __future__ import annotations
 
-import contextlib
 import random
 import socket
 
@@ -12,7 +11,7 @@ import trio
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Message, Ping, TextMessage
 
-from trio_chat.metrics import count_tasks
+from trio_chat.server import Server
 from trio_chat.websocket import (
     BINARY,
     CLOSE,
@@ -158,33 +157,41 @@ def test_close_frame_cuts_a_long_reason_on_a_character() -> None:
     assert close_frame(1005) == b"\x88\x00"
 
 
+def writer_tasks(server: Server) -> int:
+    """The writer tasks of blocked sockets: the writers' nursery holds them and the flusher."""
+    return len(server.writers._nursery.child_tasks) - 1
+
+
+def room_members(server: Server, room: int) -> int:
+    return len(server.hub.rooms[room].members) if room in server.hub.rooms else 0
+
+
 async def test_a_full_socket_gets_a_writer_task_only_until_it_drains(nursery, db_path) -> None:
     server = await start_server(nursery, make_config(db_path, write_wait=30.0))
-    baseline = count_tasks(server.task)
     # A client that does not read: its socket fills and the server's writes block.
-    stuck = socket.socket()
-    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    stuck.connect(("127.0.0.1", server.port))
-    stuck.sendall(handshake_request("/ws/5"))
-    stuck.setblocking(False)
-    async with open_ws(ws_url(server, 5)) as sender:
-        # One task per connection, one for the room.
-        idle = baseline + 2 + 1
-        await wait_until(lambda: count_tasks(server.task) == idle)
-        assert len(server.hub.rooms[5].members) == 2
-        for i in range(40):
-            await sender.send_message(chat_frame(f"{i}:" + "x" * 4000, room_id=5))
-            await recv(sender)
-        # The stuck member's writer waits for its socket; nothing else has a writer.
-        await wait_until(lambda: count_tasks(server.task) == idle + 1)
-        received = b""
-        while received.count(b'"content"') < 40:
-            await trio.sleep(0.01)
-            with contextlib.suppress(BlockingIOError):
-                received += stuck.recv(1 << 20)
-        await wait_until(lambda: count_tasks(server.task) == idle)
-    stuck.close()
-    await wait_until(lambda: count_tasks(server.task) == baseline)
+    with trio.socket.socket() as stuck:
+        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        await stuck.connect(("127.0.0.1", server.port))
+        await stuck.send(handshake_request("/ws/5"))
+        await wait_until(lambda: room_members(server, 5) == 1)
+        (member,) = server.hub.rooms[5].members
+        async with open_ws(ws_url(server, 5)) as sender:
+            await wait_until(lambda: room_members(server, 5) == 2)
+            assert writer_tasks(server) == 0
+            for i in range(40):
+                await sender.send_message(chat_frame(f"{i}:" + "x" * 4000, room_id=5))
+                await recv(sender)
+            # The stuck member's writer waits for its socket; nothing else has a writer.
+            await wait_until(lambda: member.ws._writing)
+            assert writer_tasks(server) == 1
+            received = b""
+            with trio.fail_after(20):
+                while received.count(b'"content"') < 40:
+                    received += await stuck.recv(1 << 20)
+            await wait_until(lambda: not member.ws._writing)
+            assert writer_tasks(server) == 0
+    await wait_until(lambda: not server.hub.connections and not server.hub.rooms)
+    assert writer_tasks(server) == 0
 
 
 async def test_heartbeat_pings_each_connection_once_a_period(nursery, db_path) -> None:
