@@ -8,7 +8,6 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import subprocess
 import time
 import uuid
@@ -36,6 +35,8 @@ from trio_chat.config import (
 )
 from trio_chat.protocol import PRESENCE_EVENTS
 from trio_chat.server import Server
+
+from .wire import free_port
 
 # The Redis scripts/services starts; tests that stop Redis start their own (redis_server).
 REDIS_PORT = 6379
@@ -163,12 +164,6 @@ async def open_ws(url: str, **kwargs: Any) -> AsyncIterator[WebSocketConnection]
     finally:
         if connection is not None:
             await trio.aclose_forcefully(connection._stream)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture

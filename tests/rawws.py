@@ -2,39 +2,14 @@
 
 from __future__ import annotations
 
-import base64
 import json
-import os
-import struct
 from typing import Any
 
 import trio
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 
-KEY = base64.b64encode(b"0123456789abcdef").decode()
-
-
-def handshake_request(path: str, *, key: str = KEY, version: str = "13",
-                      extra: str = "") -> bytes:
-    return (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-            f"Sec-WebSocket-Version: {version}\r\n{extra}\r\n").encode()
-
-
-def client_frame(payload: bytes, opcode: int = 0x1, fin: bool = True) -> bytes:
-    """A masked client frame with any payload, valid UTF-8 or not."""
-    mask = os.urandom(4)
-    n = len(payload)
-    head = bytes([(0x80 if fin else 0) | opcode])
-    if n < 126:
-        head += bytes([0x80 | n])
-    elif n < 65536:
-        head += bytes([0x80 | 126]) + struct.pack("!H", n)
-    else:
-        head += bytes([0x80 | 127]) + struct.pack("!Q", n)
-    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    return head + mask + masked
+from .wire import client_frame, handshake_request
 
 
 async def read_http_response(stream: trio.abc.Stream) -> tuple[int, dict[str, str], bytes]:

@@ -27,7 +27,8 @@ from .conftest import (
     wait_until,
     ws_url,
 )
-from .rawws import RawClient, client_frame, handshake_request, read_http_response
+from .rawws import RawClient, read_http_response
+from .wire import client_frame, handshake_request
 
 
 def task_names(root: trio.lowlevel.Task) -> list[str]:

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -31,20 +30,9 @@ from trio_chat.metrics import count_tasks
 
 from .conftest import chat_frame, node_config, open_ws, recv, start_server, wait_until, ws_url
 from .rawws import http_get
+from .wire import free_ports
 
 MASTERS = 3
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free loopback ports (held together while picked, so distinct)."""
-    probes = [socket.socket() for _ in range(n)]
-    try:
-        for probe in probes:
-            probe.bind(("127.0.0.1", 0))
-        return [probe.getsockname()[1] for probe in probes]
-    finally:
-        for probe in probes:
-            probe.close()
 
 
 @attrs.define

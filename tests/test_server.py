@@ -23,7 +23,8 @@ from .conftest import (
     wait_until,
     ws_url,
 )
-from .rawws import RawClient, client_frame, handshake_request, http_get, read_http_response
+from .rawws import RawClient, http_get, read_http_response
+from .wire import client_frame, handshake_request
 
 
 async def assert_silent(ws, seconds: float = 0.2) -> None:

@@ -32,7 +32,8 @@ from .conftest import (
     wait_until,
     ws_url,
 )
-from .rawws import RawClient, client_frame, handshake_request
+from .rawws import RawClient
+from .wire import client_frame, handshake_request
 
 
 def feed_all(reader: FrameReader, data: bytes, chunk: int | None = None) -> list:
