@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import trio
@@ -73,15 +75,20 @@ class RawClient:
 
     @classmethod
     async def connect(cls, port: int, path: str) -> RawClient:
+        """An upgraded client; prefer :func:`open_raw`, which also closes it."""
         stream = await trio.open_tcp_stream("127.0.0.1", port)
-        await stream.send_all(handshake_request(path))
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = await stream.receive_some(65536)
-            assert chunk, "server closed during the handshake"
-            data += chunk
-        head, _, leftover = data.partition(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 101"), head
+        try:
+            await stream.send_all(handshake_request(path))
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = await stream.receive_some(65536)
+                assert chunk, "server closed during the handshake"
+                data += chunk
+            head, _, leftover = data.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 101"), head
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
         return cls(stream, leftover)
 
     async def send_raw(self, data: bytes) -> None:
@@ -122,3 +129,13 @@ class RawClient:
 
     async def aclose(self) -> None:
         await self.stream.aclose()
+
+
+@asynccontextmanager
+async def open_raw(port: int, path: str) -> AsyncIterator[RawClient]:
+    """A :class:`RawClient` closed on the way out, also when the test fails."""
+    client = await RawClient.connect(port, path)
+    try:
+        yield client
+    finally:
+        await trio.aclose_forcefully(client.stream)
