@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -133,6 +134,31 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 20) -> None
     with trio.fail_after(timeout):
         while not predicate():
             await trio.sleep(0.01)
+
+
+def task_census(root: trio.lowlevel.Task) -> Counter[str]:
+    """How many tasks of each name run under ``root``, itself included."""
+    census: Counter[str] = Counter()
+    stack = [root]
+    while stack:
+        task = stack.pop()
+        census[task.name] += 1
+        for nursery in task.child_nurseries:
+            stack.extend(nursery.child_tasks)
+    return census
+
+
+async def wait_no_tasks_beyond(root: trio.lowlevel.Task, baseline: Counter[str],
+                               timeout: float = 20) -> None:
+    """Wait until no kind of task under ``root`` outnumbers ``baseline``: whatever was
+    started since has ended. Compared kind by kind rather than as one total, so a task
+    that was still ending when the baseline was taken cannot hide a leak nor keep the
+    total from ever matching."""
+    try:
+        await wait_until(lambda: not task_census(root) - baseline, timeout)
+    except trio.TooSlowError:
+        raise AssertionError(f"tasks beyond the baseline: {task_census(root) - baseline}"
+                             ) from None
 
 
 def ws_url(server: Server, room: int | str, query: str = "") -> str:

@@ -23,12 +23,19 @@ import attrs
 import pytest
 import redis
 import trio
-import trio.testing
 from redis.crc import key_slot
 
-from trio_chat.metrics import count_tasks
-
-from .conftest import chat_frame, node_config, open_ws, recv, start_server, wait_until, ws_url
+from .conftest import (
+    chat_frame,
+    node_config,
+    open_ws,
+    recv,
+    start_server,
+    task_census,
+    wait_no_tasks_beyond,
+    wait_until,
+    ws_url,
+)
 from .rawws import http_get
 from .wire import free_ports
 
@@ -264,13 +271,6 @@ async def test_node_shutdown_after_churn_leaves_nothing_on_any_shard(
             return (not server.hub.rooms and not server.hub.connections
                     and subscription_connections() == 1)
 
-        async def quiet() -> None:
-            await wait_until(settled)
-            # And every task that was finishing (a room unsubscribing, a connection
-            # closing, an asyncio reader of a closed socket) has finished.
-            with trio.fail_after(10):
-                await trio.testing.wait_all_tasks_blocked(cushion=0.1)
-
         # First one round on every shard, some rooms at once: each shard's command
         # connections (pooled, each with a reader task on the asyncio loop) open
         # on first use and stay.
@@ -279,12 +279,12 @@ async def test_node_shutdown_after_churn_leaves_nothing_on_any_shard(
         async with trio.open_nursery() as together:
             for cycle in range(len(rooms)):
                 together.start_soon(chat, cycle)
-        await quiet()
-        baseline = count_tasks(server.task)
+        await wait_until(settled)
+        baseline = task_census(server.task)
         for cycle in range(30):
             await chat(cycle)
-        await quiet()
-        await wait_until(lambda: count_tasks(server.task) == baseline)
+        await wait_until(settled)
+        await wait_no_tasks_beyond(server.task, baseline)
         await wait_until(lambda: room_channels() == {port: [] for port in redis_cluster.ports})
         server.shutdown()
     assert server.task is not None and not server.task.child_nurseries
