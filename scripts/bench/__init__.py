@@ -1,6 +1,6 @@
-"""The benchmark scripts' shared parts. Every ``scripts/bench_*.py`` and
-``scripts/chaos.py`` imports from here (``scripts/`` is on the path of a script run
-from it):
+"""The benchmark scripts' parts. ``scripts/bench_*.py`` (but bench_codec and
+bench_acks, which stand alone) and ``scripts/chaos.py`` import from here
+(``scripts/`` is on the path of a script run from it):
 
 - ``client``: one load-generator connection (upgrade, frame scanning, sends);
 - ``loadgen``: load-generator processes over many such connections, and the tally;
@@ -10,7 +10,10 @@ from it):
 - ``servers``: the servers under test as processes, and the CPU split;
 - ``reference``: the ``websockets`` comparison server;
 - ``probes``: CPU, memory, descriptor and /metrics readings;
-- ``scale``: idle and churning connection workers (bench_conns, bench_churn).
+- ``scale``: idle and churning connection workers (bench_conns, bench_churn);
+- ``store_load``, ``store_fanout``: bench_store's in-process store load and its
+  fan-out comparison;
+- ``chaos``: the chaos run's parts (a package; its ``__init__`` has the map).
 
 The client side of the WebSocket wire and free ports come from ``tests/wire.py``,
 shared with the tests, hence the repository root on the path.
