@@ -33,9 +33,16 @@ from bench.report import (
     summary_part,
     verdict,
 )
-from bench.servers import SERVERS, Nodes, ServerProcess, split_cpus
+from bench.servers import (
+    SERVERS,
+    Nodes,
+    ServerProcess,
+    fanout_servers,
+    redis_cleanup,
+    redis_client,
+    split_cpus,
+)
 from bench.step import run_step
-from tests.wire import free_port
 
 FULL_LADDER = (200, 400, 800, 1200, 1600, 2000, 2500, 3000, 3600, 4300, 5000, 6000, 7000,
                8000, 10000, 12000, 15000, 20000)
@@ -77,7 +84,7 @@ def bench_server(name: str, args: argparse.Namespace,
                  outcome: dict[str, Any]) -> None:
     """Search one server's limit, filling in ``outcome`` as it goes."""
     with tempfile.TemporaryDirectory(prefix="bench_fanout_") as tmp:
-        server = _servers(name, args, Path(tmp), cpu_split[0] if cpu_split else None)
+        server = fanout_servers(name, args, Path(tmp), cpu_split[0] if cpu_split else None)
         name = server.name
         outcome.update({"server": name, "steps": [], "best": None, "limit": None})
         try:
@@ -121,62 +128,6 @@ def bench_server(name: str, args: argparse.Namespace,
                       "(counted apart from messages)", flush=True)
             for node in server.procs:
                 _report_stop(name, node, outcome, args)
-
-
-def _servers(kind: str, args: argparse.Namespace, workdir: Path, cpus: set[int] | None
-             ) -> Nodes:
-    """The processes that make up the server under test (not started yet)."""
-    if kind != "trio-chat":
-        return Nodes(kind, [ServerProcess(kind, workdir, cpus)])
-    config = workdir / "bench.json"
-    config.write_text(json.dumps(_bench_config(args)))
-    if not args.via_redis:
-        return Nodes(kind, [ServerProcess(kind, workdir, cpus, config=str(config))])
-    if args.server_workers:
-        return Nodes(args.label, [ServerProcess(kind, workdir, None, str(config),
-                                                port=free_port(),
-                                                workers=args.server_workers)])
-    return Nodes(args.label, [
-        ServerProcess(kind, workdir, cpus, str(config),
-                      tag=f"node{i}" if args.nodes > 1 else None)
-        for i in range(1, args.nodes + 1)])
-
-
-def _bench_config(args: argparse.Namespace) -> dict[str, Any]:
-    """``--config`` (if any); senders here are load generators, not people, so the
-    per-connection rate limit is lifted unless that file sets it; with Redis, a redis
-    section on a channel of this run's own."""
-    config: dict[str, Any] = {}
-    if args.config:
-        config = json.loads(Path(args.config).read_text())
-    config["limits"] = {"messagesPerSecond": 1_000_000, "messageBurst": 1_000_000,
-                        "connectionsPerIp": 1_000_000, **config.get("limits", {})}
-    if not args.via_redis:
-        return config
-    config["redis"] = {**config.get("redis", {}), "host": args.redis_host,
-                       "port": args.redis_port, "listeningChannelName": args.channel,
-                       "publishChannelName": args.channel}
-    return config
-
-
-def _redis_client(args: argparse.Namespace) -> Any:
-    import redis
-
-    return redis.Redis(host=args.redis_host, port=args.redis_port, socket_timeout=5,
-                       socket_connect_timeout=5)
-
-
-def _redis_cleanup(args: argparse.Namespace) -> None:
-    """Delete the keys this run left behind (they would expire in a week anyway)."""
-    try:
-        client = _redis_client(args)
-        keys = list(client.scan_iter(match=f"{args.channel}:*", count=1000))
-        if keys:
-            client.delete(*keys)
-        client.close()
-    except Exception as exc:  # the results are printed already; say why and go on
-        print(f"# could not delete this run's Redis keys ({args.channel}:*): {exc}",
-              file=sys.stderr, flush=True)
 
 
 def _report_stop(name: str, server: ServerProcess, outcome: dict[str, Any],
@@ -318,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         args.label = (f"{n} worker{'s' if n > 1 else ''}" if n is not None
                       else f"redis {args.nodes}n")
         try:
-            client = _redis_client(args)
+            client = redis_client(args)
             args.redis_pid = int(client.info("server")["process_id"])
             client.close()
         except Exception as exc:
@@ -389,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
             outcomes[list(outcomes)[-1]]["interrupted"] = True
     finally:
         if args.via_redis:
-            _redis_cleanup(args)
+            redis_cleanup(args)
     parts = [summary_part(outcomes[name].get("server", name), outcomes[name], args)
              for name in names if name in outcomes]
     tail = (f"{args.clients} clients, {args.senders} senders, {ncpu} cores shared with the "

@@ -4,6 +4,7 @@ stopped; and how the CPUs are split between server and load generator."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import http.client
 import json
@@ -23,6 +24,7 @@ except ImportError:  # CPU columns are left empty without it.
     psutil = None
 
 from bench import HOST, ROOT
+from tests.wire import free_port
 
 SERVERS = ("trio-chat", "websockets")
 SERVER_START_TIMEOUT = 20.0
@@ -240,3 +242,59 @@ def start_server(name: str, workdir: Path, cpus: set[int] | None,
         server.argv += ["--ping-interval", str(ping_interval)]
     server.start()
     return server
+
+
+def fanout_servers(kind: str, args: argparse.Namespace, workdir: Path, cpus: set[int] | None
+             ) -> Nodes:
+    """The processes that make up the server under test (not started yet)."""
+    if kind != "trio-chat":
+        return Nodes(kind, [ServerProcess(kind, workdir, cpus)])
+    config = workdir / "bench.json"
+    config.write_text(json.dumps(fanout_config(args)))
+    if not args.via_redis:
+        return Nodes(kind, [ServerProcess(kind, workdir, cpus, config=str(config))])
+    if args.server_workers:
+        return Nodes(args.label, [ServerProcess(kind, workdir, None, str(config),
+                                                port=free_port(),
+                                                workers=args.server_workers)])
+    return Nodes(args.label, [
+        ServerProcess(kind, workdir, cpus, str(config),
+                      tag=f"node{i}" if args.nodes > 1 else None)
+        for i in range(1, args.nodes + 1)])
+
+
+def fanout_config(args: argparse.Namespace) -> dict[str, Any]:
+    """``--config`` (if any); senders here are load generators, not people, so the
+    per-connection rate limit is lifted unless that file sets it; with Redis, a redis
+    section on a channel of this run's own."""
+    config: dict[str, Any] = {}
+    if args.config:
+        config = json.loads(Path(args.config).read_text())
+    config["limits"] = {"messagesPerSecond": 1_000_000, "messageBurst": 1_000_000,
+                        "connectionsPerIp": 1_000_000, **config.get("limits", {})}
+    if not args.via_redis:
+        return config
+    config["redis"] = {**config.get("redis", {}), "host": args.redis_host,
+                       "port": args.redis_port, "listeningChannelName": args.channel,
+                       "publishChannelName": args.channel}
+    return config
+
+
+def redis_client(args: argparse.Namespace) -> Any:
+    import redis
+
+    return redis.Redis(host=args.redis_host, port=args.redis_port, socket_timeout=5,
+                       socket_connect_timeout=5)
+
+
+def redis_cleanup(args: argparse.Namespace) -> None:
+    """Delete the keys this run left behind (they would expire in a week anyway)."""
+    try:
+        client = redis_client(args)
+        keys = list(client.scan_iter(match=f"{args.channel}:*", count=1000))
+        if keys:
+            client.delete(*keys)
+        client.close()
+    except Exception as exc:  # the results are printed already; say why and go on
+        print(f"# could not delete this run's Redis keys ({args.channel}:*): {exc}",
+              file=sys.stderr, flush=True)
