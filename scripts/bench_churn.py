@@ -60,7 +60,7 @@ def _churn(server: servers.ServerProcess, rate: float, duration: float, rooms: l
         wall = time.monotonic() - t0
         cpu = 100 * (probes.cpu_seconds(server.proc.pid) - cpu0) / wall
     finally:
-        scale.reap(pipes, procs)
+        loadgen.reap(pipes, procs)
     if any(m is None for m in finals):
         return {"error": "a load generator gave no result"}
     results = [m[1] for m in finals]

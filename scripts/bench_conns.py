@@ -54,7 +54,7 @@ def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
             scale.gather(pipes, "connected", 60)
             pipes[0].send(("stop",))
             scale.gather(pipes, "result", 30)
-            scale.reap(pipes, procs)
+            loadgen.reap(pipes, procs)
             base = probes.settle(lambda: probes.rss(pid))
             base_fds = probes.open_fds(pid)
             n = args.connections
@@ -103,7 +103,7 @@ def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
                 for pipe in pipes:
                     with contextlib.suppress(OSError):
                         pipe.send(("stop",))
-                scale.reap(pipes, procs)
+                loadgen.reap(pipes, procs)
         finally:
             server.stop()
     return result

@@ -288,3 +288,18 @@ def recv(pipe: Any, deadline: float) -> Any:
     except (EOFError, OSError):
         return None
     return None
+
+
+def reap(pipes: list[Any], procs: list[Any], grace: float = 10.0) -> None:
+    """Give each load-generator process ``grace`` s to end, then terminate it, then
+    kill it; close the pipes."""
+    for proc in procs:
+        proc.join(grace)
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(2)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(2)
+    for pipe in pipes:
+        pipe.close()

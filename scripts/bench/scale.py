@@ -115,15 +115,5 @@ def gather(pipes: list[Any], kind: str, timeout: float) -> list[Any]:
     return out
 
 
-def reap(pipes: list[Any], procs: list[Any]) -> None:
-    for proc in procs:
-        proc.join(10)
-        if proc.is_alive():
-            proc.kill()
-            proc.join(2)
-    for pipe in pipes:
-        pipe.close()
-
-
 def split(items: list[int], parts: int) -> list[list[int]]:
     return [items[i::parts] for i in range(parts)]

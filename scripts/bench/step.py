@@ -17,7 +17,15 @@ try:
 except ImportError:  # CPU columns are left empty without it.
     psutil = None
 
-from bench.loadgen import CONNECT_TIMEOUT, STRAGGLE, WARMUP, load_worker, recv, spawn
+from bench.loadgen import (
+    CONNECT_TIMEOUT,
+    STRAGGLE,
+    WARMUP,
+    load_worker,
+    reap,
+    recv,
+    spawn,
+)
 from bench.probes import CpuProbe
 from bench.report import bucket_ms, percentile
 from bench.servers import Nodes
@@ -161,16 +169,7 @@ def run_step(server: Nodes, rate: float, args: argparse.Namespace,
             step["error"] = server.exit_note()
         return step
     finally:
-        for proc in procs:
-            proc.join(5)
-            if proc.is_alive():
-                proc.terminate()
-                proc.join(2)
-            if proc.is_alive():
-                proc.kill()
-                proc.join(2)
-        for pipe in pipes:
-            pipe.close()
+        reap(pipes, procs, grace=5)
 
 
 def _aggregate(step: dict[str, Any], results: list[dict[str, Any]], measure_start: float,
