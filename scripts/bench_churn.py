@@ -2,7 +2,7 @@
 """Connection churn: connects plus disconnects per second, then a leak check.
 
 For each server (trio-chat on its embedded default, then the minimal ``websockets``
-broadcast server from bench_fanout), load-generator processes pinned away from
+broadcast server of scripts/bench/reference.py), load-generator processes pinned away from
 the server open ``--rate`` connections a second for ``--duration`` seconds over
 ``--rooms`` rooms. Each connection does the HTTP upgrade, then closes with 1000
 at once; a cycle counts when the server has answered the close and hung up.
@@ -29,39 +29,38 @@ import time
 from pathlib import Path
 from typing import Any
 
-import _bench
-import bench_fanout as fan
+from bench import loadgen, probes, scale, servers
 
 WARMUP_SECONDS = 1.0
 WARMUP_RATE = 100.0
 MAX_OPEN = 2000  # per load generator: if the server falls further behind, it shows
 
 
-def _readings(server: fan.ServerProcess) -> dict[str, float]:
-    out: dict[str, float] = {"fds": _bench.open_fds(server.proc.pid)}
+def _readings(server: servers.ServerProcess) -> dict[str, float]:
+    out: dict[str, float] = {"fds": probes.open_fds(server.proc.pid)}
     if server.name == "trio-chat":
-        m = _bench.metrics(server.port)
+        m = probes.metrics(server.port)
         out.update(tasks=m["triochat_trio_tasks"], open=m["triochat_connections_open"],
                    rooms=m["triochat_rooms_live"])
     return out
 
 
-def _churn(server: fan.ServerProcess, rate: float, duration: float, rooms: list[int],
+def _churn(server: servers.ServerProcess, rate: float, duration: float, rooms: list[int],
            workers: int, cpus: set[int] | None) -> dict[str, Any]:
     specs = []
-    for part in _bench.split(rooms, workers):
-        spec = _bench.client_spec(server.port, part, cpus)
+    for part in scale.split(rooms, workers):
+        spec = scale.client_spec(server.port, part, cpus)
         spec.update(rate=rate / workers, duration=duration, max_open=MAX_OPEN)
         specs.append(spec)
-    pipes, procs = _bench.spawn(_bench.churn_worker, specs)
+    pipes, procs = loadgen.spawn(scale.churn_worker, specs)
     try:
-        _bench.gather(pipes, "connected", 60)
-        cpu0, t0 = _bench.cpu_seconds(server.proc.pid), time.monotonic()
-        finals = _bench.gather(pipes, "result", duration + 60)
+        scale.gather(pipes, "connected", 60)
+        cpu0, t0 = probes.cpu_seconds(server.proc.pid), time.monotonic()
+        finals = scale.gather(pipes, "result", duration + 60)
         wall = time.monotonic() - t0
-        cpu = 100 * (_bench.cpu_seconds(server.proc.pid) - cpu0) / wall
+        cpu = 100 * (probes.cpu_seconds(server.proc.pid) - cpu0) / wall
     finally:
-        _bench.reap(pipes, procs)
+        loadgen.reap(pipes, procs)
     if any(m is None for m in finals):
         return {"error": "a load generator gave no result"}
     results = [m[1] for m in finals]
@@ -80,15 +79,15 @@ def _churn(server: fan.ServerProcess, rate: float, duration: float, rooms: list[
 
 
 def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
-    server_cpus, load_cpus = _bench.cpu_split(args.pin)
+    server_cpus, load_cpus = servers.split_cpus(args.pin) or (None, None)
     rooms = [3 * 10**9 + i for i in range(args.rooms)]
     with tempfile.TemporaryDirectory(prefix="bench_churn_") as tmp:
-        server = _bench.start_server(name, Path(tmp), server_cpus)
+        server = servers.start_server(name, Path(tmp), server_cpus)
         try:
             _churn(server, WARMUP_RATE, WARMUP_SECONDS, rooms, 1, load_cpus)
-            before = _bench.settle(lambda: tuple(_readings(server).values()))
+            before = probes.settle(lambda: tuple(_readings(server).values()))
             result = _churn(server, args.rate, args.duration, rooms, args.workers, load_cpus)
-            after = _bench.settle(lambda: tuple(_readings(server).values()), timeout=30)
+            after = probes.settle(lambda: tuple(_readings(server).values()), timeout=30)
             keys = list(_readings(server))
             result["before"] = dict(zip(keys, before, strict=True))
             result["after"] = dict(zip(keys, after, strict=True))
@@ -132,13 +131,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=None, help="seconds (30; --quick 5)")
     p.add_argument("--rooms", type=int, default=100, help="rooms the clients spread over")
     p.add_argument("--workers", type=int, default=2, help="load-generator processes (2)")
-    p.add_argument("--server", choices=(*fan.SERVERS, "both"), default="both")
+    p.add_argument("--server", choices=(*servers.SERVERS, "both"), default="both")
     p.add_argument("--no-pin", dest="pin", action="store_false",
                    help="do not pin the server to CPU 0 and the clients to the others")
     args = p.parse_args(argv)
     args.duration = args.duration or (5.0 if args.quick else 30.0)
-    fan.raise_nofile()
-    names = fan.SERVERS if args.server == "both" else (args.server,)
+    loadgen.raise_nofile()
+    names = servers.SERVERS if args.server == "both" else (args.server,)
     print(f"# churn: {args.rate:g} connections/s, each upgraded then closed with 1000, for "
           f"{args.duration:g} s over {args.rooms} rooms; then the leak check", flush=True)
     results = []

@@ -2,7 +2,7 @@
 """Idle connections: resident memory per connection and the heartbeat's CPU.
 
 For each server (trio-chat on its embedded default, then the minimal ``websockets``
-broadcast server from bench_fanout), connects ``--connections`` clients that only
+broadcast server of scripts/bench/reference.py), connects ``--connections`` clients that only
 listen, ``--room-size`` to a room, from load-generator processes pinned away from
 the server. Memory per connection is the growth of the server's RSS from just
 before connecting them to once they are all upgraded and the RSS has settled,
@@ -30,8 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import _bench
-import bench_fanout as fan
+from bench import loadgen, probes, scale, servers
 
 MEMORY_GOAL_KIB = 12.0
 CPU_GOAL = 5.0
@@ -39,10 +38,10 @@ WARMUP_CONNECTIONS = 200
 
 
 def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
-    server_cpus, load_cpus = _bench.cpu_split(args.pin)
+    server_cpus, load_cpus = servers.split_cpus(args.pin) or (None, None)
     result: dict[str, Any] = {"server": name}
     with tempfile.TemporaryDirectory(prefix="bench_conns_") as tmp:
-        server = _bench.start_server(name, Path(tmp), server_cpus,
+        server = servers.start_server(name, Path(tmp), server_cpus,
                                      {"pingPeriod": args.ping_period},
                                      ping_interval=args.ping_period)
         pid = server.proc.pid
@@ -50,24 +49,24 @@ def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
             # Warm up: a batch connects and leaves, so one-off allocations are in the base.
             warm = [10**9 + r for r in range(WARMUP_CONNECTIONS // args.room_size + 1)]
             rooms = [warm[i % len(warm)] for i in range(WARMUP_CONNECTIONS)]
-            pipes, procs = _bench.spawn(_bench.idle_worker, [
-                _bench.client_spec(server.port, rooms, load_cpus)])
-            _bench.gather(pipes, "connected", 60)
+            pipes, procs = loadgen.spawn(scale.idle_worker, [
+                scale.client_spec(server.port, rooms, load_cpus)])
+            scale.gather(pipes, "connected", 60)
             pipes[0].send(("stop",))
-            _bench.gather(pipes, "result", 30)
-            _bench.reap(pipes, procs)
-            base = _bench.settle(lambda: _bench.rss(pid))
-            base_fds = _bench.open_fds(pid)
+            scale.gather(pipes, "result", 30)
+            loadgen.reap(pipes, procs)
+            base = probes.settle(lambda: probes.rss(pid))
+            base_fds = probes.open_fds(pid)
             n = args.connections
             nrooms = -(-n // args.room_size)
             rooms = [2 * 10**9 + i % nrooms for i in range(n)]
             t0 = time.monotonic()
-            specs = [_bench.client_spec(server.port, part, load_cpus,
+            specs = [scale.client_spec(server.port, part, load_cpus,
                                         connect_timeout=30 + n / 200)
-                     for part in _bench.split(rooms, args.workers)]
-            pipes, procs = _bench.spawn(_bench.idle_worker, specs)
+                     for part in scale.split(rooms, args.workers)]
+            pipes, procs = loadgen.spawn(scale.idle_worker, specs)
             try:
-                connected = _bench.gather(pipes, "connected", 60 + n / 100)
+                connected = scale.gather(pipes, "connected", 60 + n / 100)
                 result["connect_s"] = time.monotonic() - t0
                 result["connected"] = sum(m[1] for m in connected if m)
                 result["connect_errors"] = [e for m in connected if m for e in m[2]][:3]
@@ -75,22 +74,22 @@ def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
                     result["error"] = (f"{result['connected']} of {n} connected: "
                                        f"{result['connect_errors']}")
                     return result
-                after = _bench.settle(lambda: _bench.rss(pid))
-                result["fds"] = _bench.open_fds(pid) - base_fds
-                result["kib_per_conn"] = (after - base) / n / _bench.KIB
+                after = probes.settle(lambda: probes.rss(pid))
+                result["fds"] = probes.open_fds(pid) - base_fds
+                result["kib_per_conn"] = (after - base) / n / 1024
                 result["rss_base_mib"] = base / 2**20
                 result["rss_after_mib"] = after / 2**20
                 if name == "trio-chat":
-                    m = _bench.metrics(server.port)
+                    m = probes.metrics(server.port)
                     result["tasks"] = m.get("triochat_trio_tasks")
                     result["open"] = m.get("triochat_connections_open")
-                cpu0, w0 = _bench.cpu_seconds(pid), time.monotonic()
+                cpu0, w0 = probes.cpu_seconds(pid), time.monotonic()
                 time.sleep(args.window)
-                cpu1, w1 = _bench.cpu_seconds(pid), time.monotonic()
+                cpu1, w1 = probes.cpu_seconds(pid), time.monotonic()
                 result["idle_cpu"] = 100 * (cpu1 - cpu0) / (w1 - w0)
                 for pipe in pipes:
                     pipe.send(("stop",))
-                finals = _bench.gather(pipes, "result", 60)
+                finals = scale.gather(pipes, "result", 60)
                 result["alive"] = sum(m[1]["alive"] for m in finals if m)
                 result["pings"] = sum(m[1]["pings"] for m in finals if m)
                 closes: dict[str, int] = {}
@@ -104,7 +103,7 @@ def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
                 for pipe in pipes:
                     with contextlib.suppress(OSError):
                         pipe.send(("stop",))
-                _bench.reap(pipes, procs)
+                loadgen.reap(pipes, procs)
         finally:
             server.stop()
     return result
@@ -133,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="trio-chat's pingPeriod and the websockets server's ping "
                         "interval (54; --quick 5)")
     p.add_argument("--workers", type=int, default=4, help="load-generator processes (4)")
-    p.add_argument("--server", choices=(*fan.SERVERS, "both"), default="both")
+    p.add_argument("--server", choices=(*servers.SERVERS, "both"), default="both")
     p.add_argument("--no-pin", dest="pin", action="store_false",
                    help="do not pin the server to CPU 0 and the clients to the others")
     args = p.parse_args(argv)
@@ -141,8 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     args.connections = args.connections or (2000 if quick else 10_000)
     args.window = args.window or (10.0 if quick else 60.0)
     args.ping_period = args.ping_period or (5.0 if quick else 54.0)
-    fan.raise_nofile()
-    names = fan.SERVERS if args.server == "both" else (args.server,)
+    loadgen.raise_nofile()
+    names = servers.SERVERS if args.server == "both" else (args.server,)
     print(f"# {args.connections} idle connections, {args.room_size} per room; ping every "
           f"{args.ping_period:g} s; CPU over {args.window:g} s; goals: at most "
           f"{MEMORY_GOAL_KIB:g} KiB per connection, under {CPU_GOAL:g}% of a core", flush=True)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import sys
 
-import bench_fanout
+from bench import fanout
 
 PRESET = ["--rooms", "1000", "--clients", "10000", "--senders", "1000",
           "--latency-every", "10", "--p99", "50"]
@@ -30,7 +30,7 @@ QUICK = ["--ladder", "1000,2000,4000,8000"]
 
 def main(argv: list[str]) -> int:
     ladder = QUICK if "--quick" in argv else FULL
-    return bench_fanout.main([*PRESET, *ladder, *argv])
+    return fanout.main([*PRESET, *ladder, *argv])
 
 
 if __name__ == "__main__":

@@ -8,10 +8,10 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import subprocess
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -36,6 +36,8 @@ from trio_chat.config import (
 )
 from trio_chat.outbound import PRESENCE_EVENTS
 from trio_chat.server import Server
+
+from .wire import free_port
 
 # The Redis scripts/services starts; tests that stop Redis start their own (redis_server).
 REDIS_PORT = 6379
@@ -134,6 +136,31 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 20) -> None
             await trio.sleep(0.01)
 
 
+def task_census(root: trio.lowlevel.Task) -> Counter[str]:
+    """How many tasks of each name run under ``root``, itself included."""
+    census: Counter[str] = Counter()
+    stack = [root]
+    while stack:
+        task = stack.pop()
+        census[task.name] += 1
+        for nursery in task.child_nurseries:
+            stack.extend(nursery.child_tasks)
+    return census
+
+
+async def wait_no_tasks_beyond(root: trio.lowlevel.Task, baseline: Counter[str],
+                               timeout: float = 20) -> None:
+    """Wait until no kind of task under ``root`` outnumbers ``baseline``: whatever was
+    started since has ended. Compared kind by kind rather than as one total, so a task
+    that was still ending when the baseline was taken cannot hide a leak nor keep the
+    total from ever matching."""
+    try:
+        await wait_until(lambda: not task_census(root) - baseline, timeout)
+    except trio.TooSlowError:
+        raise AssertionError(f"tasks beyond the baseline: {task_census(root) - baseline}"
+                             ) from None
+
+
 def ws_url(server: Server, room: int | str, query: str = "") -> str:
     return f"ws://127.0.0.1:{server.port}/ws/{room}{query}"
 
@@ -163,12 +190,6 @@ async def open_ws(url: str, **kwargs: Any) -> AsyncIterator[WebSocketConnection]
     finally:
         if connection is not None:
             await trio.aclose_forcefully(connection._stream)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture

@@ -2,39 +2,16 @@
 
 from __future__ import annotations
 
-import base64
 import json
-import os
-import struct
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import trio
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 
-KEY = base64.b64encode(b"0123456789abcdef").decode()
-
-
-def handshake_request(path: str, *, key: str = KEY, version: str = "13",
-                      extra: str = "") -> bytes:
-    return (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-            f"Sec-WebSocket-Version: {version}\r\n{extra}\r\n").encode()
-
-
-def client_frame(payload: bytes, opcode: int = 0x1, fin: bool = True) -> bytes:
-    """A masked client frame with any payload, valid UTF-8 or not."""
-    mask = os.urandom(4)
-    n = len(payload)
-    head = bytes([(0x80 if fin else 0) | opcode])
-    if n < 126:
-        head += bytes([0x80 | n])
-    elif n < 65536:
-        head += bytes([0x80 | 126]) + struct.pack("!H", n)
-    else:
-        head += bytes([0x80 | 127]) + struct.pack("!Q", n)
-    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    return head + mask + masked
+from .wire import client_frame, handshake_request
 
 
 async def read_http_response(stream: trio.abc.Stream) -> tuple[int, dict[str, str], bytes]:
@@ -98,15 +75,20 @@ class RawClient:
 
     @classmethod
     async def connect(cls, port: int, path: str) -> RawClient:
+        """An upgraded client; prefer :func:`open_raw`, which also closes it."""
         stream = await trio.open_tcp_stream("127.0.0.1", port)
-        await stream.send_all(handshake_request(path))
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = await stream.receive_some(65536)
-            assert chunk, "server closed during the handshake"
-            data += chunk
-        head, _, leftover = data.partition(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 101"), head
+        try:
+            await stream.send_all(handshake_request(path))
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = await stream.receive_some(65536)
+                assert chunk, "server closed during the handshake"
+                data += chunk
+            head, _, leftover = data.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 101"), head
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
         return cls(stream, leftover)
 
     async def send_raw(self, data: bytes) -> None:
@@ -147,3 +129,13 @@ class RawClient:
 
     async def aclose(self) -> None:
         await self.stream.aclose()
+
+
+@asynccontextmanager
+async def open_raw(port: int, path: str) -> AsyncIterator[RawClient]:
+    """A :class:`RawClient` closed on the way out, also when the test fails."""
+    client = await RawClient.connect(port, path)
+    try:
+        yield client
+    finally:
+        await trio.aclose_forcefully(client.stream)

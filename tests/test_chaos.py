@@ -3,44 +3,46 @@ it, and a 20-second run against real nodes, Redis and MariaDB passes."""
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import re
 import signal
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# The run's parts are a package of the scripts, which are not installed.
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from bench.chaos.checks import (  # noqa: E402
+    Verdict,
+    check_connections,
+    check_deaths,
+    check_delivery,
+    check_sends,
+    check_store,
+)
+from bench.chaos.clients import Client, Progress, Sent  # noqa: E402
+from bench.chaos.common import Clock, Events  # noqa: E402
+from bench.chaos.faults import FAULTS, SLOT, schedule  # noqa: E402
+from bench.chaos.services import Node  # noqa: E402
+
 ROOM = 101
-
-
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("chaos", ROOT / "scripts" / "chaos.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["chaos"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-chaos = _load()
 
 
 def world() -> tuple[Any, list[Any], list[tuple[Any, ...]]]:
     """Two members of one room, one per node, each sending three messages that were all
     acked, stored and delivered to both: the evidence of a clean run."""
-    events = chaos.Events(chaos.Clock(t0=0.0))
-    nodes = [chaos.Node(i, Path("node.json"), Path("."), events) for i in range(2)]
-    clients = [chaos.Client(i, ROOM, 1000 + i, nodes[i], 1.0, events.clock, chaos.Progress())
+    events = Events(Clock(t0=0.0))
+    nodes = [Node(i, Path("node.json"), Path("."), events) for i in range(2)]
+    clients = [Client(i, ROOM, 1000 + i, nodes[i], 1.0, events.clock, Progress())
                for i in range(2)]
     for k in range(6):
         client = clients[k % 2]
-        client.sent.append(chaos.Sent(f"m{k}", ROOM, client.author, client.node.index,
+        client.sent.append(Sent(f"m{k}", ROOM, client.author, client.node.index,
                                       float(k), acked_id=k + 1, acked_at=k + 0.5))
     for client in clients:
         client.delivered = [(k + 1, f"m{k}", 1000 + k % 2) for k in range(6)]
@@ -50,12 +52,12 @@ def world() -> tuple[Any, list[Any], list[tuple[Any, ...]]]:
 
 
 def judge(events: Any, clients: list[Any], rows: list[tuple[Any, ...]]) -> Any:
-    verdict = chaos.Verdict()
-    chaos.check_sends(clients, events, verdict)
-    chaos.check_store(rows, clients, events, verdict)
-    chaos.check_delivery(clients, events, verdict)
-    chaos.check_connections(clients, events, verdict)
-    chaos.check_deaths(events, verdict)
+    verdict = Verdict()
+    check_sends(clients, events, verdict)
+    check_store(rows, clients, events, verdict)
+    check_delivery(clients, events, verdict)
+    check_connections(clients, events, verdict)
+    check_deaths(events, verdict)
     return verdict
 
 
@@ -130,8 +132,8 @@ def test_readers_of_one_room_seeing_different_ids_fails() -> None:
 
 def test_unanswered_and_refused_sends_fail() -> None:
     events, clients, rows = world()
-    clients[0].sent.append(chaos.Sent("m6", ROOM, 1000, 0, 6.0))
-    clients[1].sent.append(chaos.Sent("m7", ROOM, 1001, 1, 7.0, error="internal"))
+    clients[0].sent.append(Sent("m6", ROOM, 1000, 0, 6.0))
+    clients[1].sent.append(Sent("m7", ROOM, 1001, 1, 7.0, error="internal"))
     verdict = judge(events, clients, rows)
     assert (verdict.unsettled, verdict.refused) == (1, 1)
     assert failed(verdict) == {"unsettled", "refused"}
@@ -156,19 +158,19 @@ def test_a_process_dying_on_its_own_fails() -> None:
 
 
 def test_the_schedule_is_seeded_and_covers_every_fault() -> None:
-    plan = chaos.schedule(60, chaos.FAULTS, seed=7)
-    assert plan == chaos.schedule(60, chaos.FAULTS, seed=7)
-    assert plan != chaos.schedule(60, chaos.FAULTS, seed=8)
-    assert sorted(f.kind for f in plan) == sorted(chaos.FAULTS)
+    plan = schedule(60, FAULTS, seed=7)
+    assert plan == schedule(60, FAULTS, seed=7)
+    assert plan != schedule(60, FAULTS, seed=8)
+    assert sorted(f.kind for f in plan) == sorted(FAULTS)
     for fault, following in itertools.pairwise(plan):
         assert fault.start + fault.length < following.start, "quiet between faults"
     assert plan[-1].start + plan[-1].length < 60
-    longer = chaos.schedule(120, chaos.FAULTS, seed=7)
-    assert len(longer) == round((120 - 5) / chaos.SLOT) > len(chaos.FAULTS)
-    assert sorted(f.kind for f in longer[:len(chaos.FAULTS)]) == sorted(chaos.FAULTS), \
+    longer = schedule(120, FAULTS, seed=7)
+    assert len(longer) == round((120 - 5) / SLOT) > len(FAULTS)
+    assert sorted(f.kind for f in longer[:len(FAULTS)]) == sorted(FAULTS), \
         "every kind before any again"
-    assert [f.kind for f in chaos.schedule(60, ("node-kill",), seed=7)] == ["node-kill"] * 5
-    assert chaos.schedule(60, (), seed=7) == []
+    assert [f.kind for f in schedule(60, ("node-kill",), seed=7)] == ["node-kill"] * 5
+    assert schedule(60, (), seed=7) == []
 
 
 def test_a_chaos_run_passes() -> None:

@@ -33,7 +33,7 @@ from trio_chat.framing import (
     utf8_frame,
 )
 
-from .rawws import client_frame
+from .wire import client_frame
 
 
 def feed_all(reader: FrameReader, data: bytes, chunk: int | None = None) -> list:

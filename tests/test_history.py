@@ -152,7 +152,7 @@ async def test_reconnect_with_since_gets_what_it_missed(nursery, any_config) -> 
 
 @pytest.mark.parametrize("since", ["-1", "abc", "1.5", str(2**63)])
 async def test_bad_since_is_refused_before_the_upgrade(server, since: str) -> None:
-    from .rawws import handshake_request
+    from .wire import handshake_request
     stream = await trio.open_tcp_stream("127.0.0.1", server.port)
     async with stream:
         await stream.send_all(handshake_request(f"/ws/1?since={since}"))

@@ -14,7 +14,8 @@ from trio_chat.auth import make_token
 from trio_chat.config import AuthConfig, LimitsConfig
 
 from .conftest import chat_frame, make_config, open_ws, recv, start_server, wait_until, ws_url
-from .rawws import KEY, http_call, read_http_response
+from .rawws import http_call, read_http_response
+from .wire import handshake_request
 
 SECRET = "s" * 40
 ADMIN = "admin-key-0123456789"
@@ -34,12 +35,11 @@ async def secured(nursery, db_path) -> Any:
 async def upgrade(server: Any, path: str, headers: dict[str, str] | None = None
                   ) -> tuple[int, dict[str, Any]]:
     """A raw upgrade request: the status and, for a refusal, the JSON body."""
-    head = (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n")
-    head += "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+    extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
     stream = await trio.open_tcp_stream("127.0.0.1", server.port)
     async with stream:
-        await stream.send_all((head + "\r\n").encode())
+        await stream.send_all(handshake_request(path, extra=extra,
+                                                  host=f"127.0.0.1:{server.port}"))
         status, _, body = await read_http_response(stream)
     return status, (json.loads(body) if status != 101 else {})
 

@@ -9,6 +9,7 @@ import sqlite3
 import struct
 import subprocess
 import sys
+from contextlib import AsyncExitStack
 
 import pytest
 import trio
@@ -27,7 +28,8 @@ from .conftest import (
     wait_until,
     ws_url,
 )
-from .rawws import RawClient, client_frame, handshake_request, read_http_response
+from .rawws import open_raw, read_http_response
+from .wire import client_frame, handshake_request
 
 
 def task_names(root: trio.lowlevel.Task) -> list[str]:
@@ -53,31 +55,27 @@ async def _clean_session(port: int, room: int) -> None:
 
 
 async def _reset_mid_frame(port: int, room: int) -> None:
-    client = await RawClient.connect(port, f"/ws/{room}")
-    frame = client_frame(chat_frame("cut off", room_id=room).encode())
-    await client.send_raw(frame[: len(frame) // 2])
-    reset(client.stream)
-    await client.aclose()
+    async with open_raw(port, f"/ws/{room}") as client:
+        frame = client_frame(chat_frame("cut off", room_id=room).encode())
+        await client.send_raw(frame[: len(frame) // 2])
+        reset(client.stream)
 
 
 async def _never_reads(port: int, room: int) -> None:
-    client = await RawClient.connect(port, f"/ws/{room}")
-    for i in range(20):
-        await client.send_text(chat_frame(f"unread {i}", room_id=room))
-    await client.aclose()
+    async with open_raw(port, f"/ws/{room}") as client:
+        for i in range(20):
+            await client.send_text(chat_frame(f"unread {i}", room_id=room))
 
 
 async def _abandoned_handshake(port: int, room: int) -> None:
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    await stream.send_all(handshake_request(f"/ws/{room}")[:30])
-    await stream.aclose()
+    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        await stream.send_all(handshake_request(f"/ws/{room}")[:30])
 
 
 async def _reset_during_handshake(port: int, room: int) -> None:
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    await stream.send_all(handshake_request(f"/ws/{room}")[:-2])
-    reset(stream)
-    await stream.aclose()
+    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        await stream.send_all(handshake_request(f"/ws/{room}")[:-2])
+        reset(stream)
 
 
 CHURN = [_clean_session, _reset_mid_frame, _never_reads, _abandoned_handshake,
@@ -92,38 +90,37 @@ async def test_churn_leaves_no_task_and_no_room(nursery, db_path) -> None:
             for i, kind in enumerate(CHURN):
                 batch.start_soon(kind, server.port, 1000 + (cycle + i) % 7)
     # A handshake that never finishes holds its task until handshakeTimeout.
-    stuck = await trio.open_tcp_stream("127.0.0.1", server.port)
-    await stuck.send_all(b"GET /ws/1 HTTP/1.1\r\n")
-    await wait_until(lambda: not server.hub.connections and not server.hub.rooms)
-    try:
-        await wait_until(lambda: count_tasks(server.task) == baseline)
-    except trio.TooSlowError:
-        raise AssertionError(f"{count_tasks(server.task)} tasks, baseline {baseline}: "
-                             f"{task_names(server.task)}") from None
-    assert server.metrics.connections_total == 60 * 3
-    assert server.metrics.handshake_failures >= 60 * 2 + 1
-    await stuck.aclose()
+    async with await trio.open_tcp_stream("127.0.0.1", server.port) as stuck:
+        await stuck.send_all(b"GET /ws/1 HTTP/1.1\r\n")
+        await wait_until(lambda: not server.hub.connections and not server.hub.rooms)
+        try:
+            await wait_until(lambda: count_tasks(server.task) == baseline)
+        except trio.TooSlowError:
+            raise AssertionError(f"{count_tasks(server.task)} tasks, baseline {baseline}: "
+                                 f"{task_names(server.task)}") from None
+        assert server.metrics.connections_total == 60 * 3
+        assert server.metrics.handshake_failures >= 60 * 2 + 1
 
 
 async def test_cancelling_the_root_ends_every_task_promptly(db_path) -> None:
-    with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            server = await start_server(nursery, make_config(db_path))
-            before = count_tasks(server.task)
-            clients = [await RawClient.connect(server.port, f"/ws/{i % 3}") for i in range(9)]
-            await clients[0].send_text(chat_frame("x", room_id=0))
-            stuck = await trio.open_tcp_stream("127.0.0.1", server.port)
-            await wait_until(lambda: len(server.hub.rooms) == 3 and
-                             len(server.hub.connections) == 9)
-            # Each connection: its one task; each room: one task; the stuck one.
-            await wait_until(lambda: count_tasks(server.task) == before + 9 + 3 + 1)
-            nursery.cancel_scope.cancel()
-    assert server.task is not None
-    assert not server.task.child_nurseries, "every nursery under the server is closed"
-    assert count_tasks(nursery.parent_task) == 1, "only the test's own task is left"
-    for client in clients:
-        await client.aclose()
-    await stuck.aclose()
+    async with AsyncExitStack() as stack:
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                server = await start_server(nursery, make_config(db_path))
+                before = count_tasks(server.task)
+                clients = [await stack.enter_async_context(
+                    open_raw(server.port, f"/ws/{i % 3}")) for i in range(9)]
+                await clients[0].send_text(chat_frame("x", room_id=0))
+                await stack.enter_async_context(
+                    await trio.open_tcp_stream("127.0.0.1", server.port))
+                await wait_until(lambda: len(server.hub.rooms) == 3 and
+                                 len(server.hub.connections) == 9)
+                # Each connection: its one task; each room: one task; the stuck one.
+                await wait_until(lambda: count_tasks(server.task) == before + 9 + 3 + 1)
+                nursery.cancel_scope.cancel()
+        assert server.task is not None
+        assert not server.task.child_nurseries, "every nursery under the server is closed"
+        assert count_tasks(nursery.parent_task) == 1, "only the test's own task is left"
 
 
 async def test_slow_consumer_is_disconnected_and_the_room_keeps_going(nursery, db_path) -> None:
@@ -162,24 +159,23 @@ async def test_slow_consumer_is_disconnected_and_the_room_keeps_going(nursery, d
 
 async def test_peer_that_never_answers_pings_is_closed(nursery, db_path) -> None:
     server = await start_server(nursery, make_config(db_path, ping_period=0.2, pong_wait=0.6))
-    silent = await RawClient.connect(server.port, "/ws/2")
-    silent.answer_pings = False
-    polite = await RawClient.connect(server.port, "/ws/2")
-    closed_polite = []
+    async with open_raw(server.port, "/ws/2") as silent, \
+            open_raw(server.port, "/ws/2") as polite:
+        silent.answer_pings = False
+        closed_polite = []
 
-    async def read_polite() -> None:
-        closed_polite.append(await polite.wait_closed())
+        async def read_polite() -> None:
+            closed_polite.append(await polite.wait_closed())
 
-    async with trio.open_nursery() as readers:
-        readers.start_soon(read_polite)
-        with trio.fail_after(10):
-            assert await silent.wait_closed() == 4002
-        await trio.sleep(1.5)
-        readers.cancel_scope.cancel()
-    assert closed_polite == [], "a client answering pings was closed"
-    await wait_until(lambda: len(server.hub.connections) == 1)
-    await silent.aclose()
-    await polite.aclose()
+        async with trio.open_nursery() as readers:
+            readers.start_soon(read_polite)
+            with trio.fail_after(10):
+                assert await silent.wait_closed() == 4002
+            # Several ping periods in which the polite client must stay.
+            await trio.sleep(1.5)
+            readers.cancel_scope.cancel()
+        assert closed_polite == [], "a client answering pings was closed"
+        await wait_until(lambda: len(server.hub.connections) == 1)
 
 
 async def test_graceful_shutdown_closes_with_1001_and_stores_everything(db_path) -> None:
@@ -231,19 +227,20 @@ async def test_process_stops_on_signal_with_1001_and_exit_0(tmp_path, signum) ->
 
 
 async def test_shutdown_does_not_wait_for_idle_http_connections(db_path, caplog) -> None:
-    async with trio.open_nursery() as nursery:
-        server = await start_server(nursery, make_config(db_path, shutdown_timeout=60))
-        idle = await trio.open_tcp_stream("127.0.0.1", server.port)  # never sends a request
-        kept = await trio.open_tcp_stream("127.0.0.1", server.port)  # keep-alive after one
-        await kept.send_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-        status, _, _ = await read_http_response(kept)
-        assert status == 200
-        started = trio.current_time()
-        server.shutdown()
-    # Not the 30 s grace: idle connections are closed at once.
-    assert trio.current_time() - started < 10
-    assert await idle.receive_some() == b"" and await kept.receive_some() == b""
-    await idle.aclose()
-    await kept.aclose()
+    async with AsyncExitStack() as stack:
+        async with trio.open_nursery() as nursery:
+            server = await start_server(nursery, make_config(db_path, shutdown_timeout=60))
+            idle = await stack.enter_async_context(  # never sends a request
+                await trio.open_tcp_stream("127.0.0.1", server.port))
+            kept = await stack.enter_async_context(  # keep-alive after one
+                await trio.open_tcp_stream("127.0.0.1", server.port))
+            await kept.send_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            status, _, _ = await read_http_response(kept)
+            assert status == 200
+            started = trio.current_time()
+            server.shutdown()
+        # Not the 30 s grace: idle connections are closed at once.
+        assert trio.current_time() - started < 10
+        assert await idle.receive_some() == b"" and await kept.receive_some() == b""
     # Closing them is routine, not a failed connection.
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []

@@ -27,7 +27,8 @@ from .conftest import (
     wait_until,
     ws_url,
 )
-from .rawws import handshake_request, http_get, read_http_response
+from .rawws import http_get, read_http_response
+from .wire import handshake_request
 
 
 async def members(server: Any, room: int) -> dict[str, Any]:

@@ -7,9 +7,6 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 import redis
 import trio
-import trio.testing
-
-from trio_chat.metrics import count_tasks
 
 from .conftest import (
     REDIS_PORT,
@@ -18,6 +15,8 @@ from .conftest import (
     open_ws,
     recv,
     start_server,
+    task_census,
+    wait_no_tasks_beyond,
     wait_until,
     ws_url,
 )
@@ -110,6 +109,7 @@ async def test_redis_restart_no_gap_no_duplicate_and_ids_continue(nodes, redis_s
     refused = 0
     views: dict[str, list[tuple[int, str]]] = {"a": [], "b": []}
     stop = trio.Event()
+    senders_done = 0
 
     async def watch(server, name: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with open_ws(ws_url(server, 3)) as ws:
@@ -119,7 +119,7 @@ async def test_redis_restart_no_gap_no_duplicate_and_ids_continue(nodes, redis_s
                 views[name].append((message["id"], message["content"]))
 
     async def send(server) -> None:
-        nonlocal refused
+        nonlocal refused, senders_done
         async with open_ws(ws_url(server, 3)) as ws:
             i = 0
             while not stop.is_set():
@@ -137,6 +137,7 @@ async def test_redis_restart_no_gap_no_duplicate_and_ids_continue(nodes, redis_s
                         break
                 i += 1
                 await trio.sleep(0.01)
+        senders_done += 1
 
     with trio.fail_after(90):
         async with trio.open_nursery() as work:
@@ -144,18 +145,20 @@ async def test_redis_restart_no_gap_no_duplicate_and_ids_continue(nodes, redis_s
             await work.start(watch, b, "b")
             work.start_soon(send, a)
             work.start_soon(send, b)
-            await trio.sleep(0.5)
+            await wait_until(lambda: len(accepted) > 20)
             process = redis_server.processes[-1]  # type: ignore[attr-defined]
             process.kill()
             process.wait()
             await wait_until(lambda: refused > 0)
-            await trio.sleep(0.5)
+            await trio.sleep(0.5)  # the outage lasts a while
             redis_server()
             await wait_until(lambda: a.broker.connected and b.broker.connected)
             before = len(accepted)
             await wait_until(lambda: len(accepted) > before + 20)
             stop.set()
-            await trio.sleep(1)
+            # Every send answered, and both members have what was accepted.
+            await wait_until(lambda: senders_done == 2
+                             and min(len(views["a"]), len(views["b"])) >= len(accepted))
             work.cancel_scope.cancel()
     if views["a"] != views["b"]:
         ids_a = [i for i, _ in views["a"]]
@@ -187,14 +190,14 @@ async def test_node_shutdown_after_churn_leaves_nothing(nursery, tmp_path, chann
         # on the asyncio loop) opens on first use and stays.
         await chat(0)
         await wait_until(lambda: not server.hub.rooms and not server.hub.connections)
-        # The last room may still be unsubscribing: let every task settle first.
-        await trio.testing.wait_all_tasks_blocked(cushion=0.1)
-        baseline = count_tasks(server.task)
+        baseline = task_census(server.task)
         for cycle in range(30):
             await chat(cycle)
         await wait_until(lambda: not server.hub.rooms and not server.hub.connections)
-        await wait_until(lambda: count_tasks(server.task) == baseline)
-        assert client.execute_command("PUBSUB", "SHARDCHANNELS", f"{channel}:{{*") == []
+        await wait_no_tasks_beyond(server.task, baseline)
+        # The last room's unsubscribe may still be on its way to Redis.
+        await wait_until(lambda: client.execute_command(
+            "PUBSUB", "SHARDCHANNELS", f"{channel}:{{*") == [])
         # Every presence entry withdrawn, and its keys with it.
         await wait_until(lambda: not client.keys(f"{channel}:*:presence")
                          and not client.keys(f"{channel}:*:online"))

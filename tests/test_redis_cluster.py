@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -24,27 +23,23 @@ import attrs
 import pytest
 import redis
 import trio
-import trio.testing
 from redis.crc import key_slot
 
-from trio_chat.metrics import count_tasks
-
-from .conftest import chat_frame, node_config, open_ws, recv, start_server, wait_until, ws_url
+from .conftest import (
+    chat_frame,
+    node_config,
+    open_ws,
+    recv,
+    start_server,
+    task_census,
+    wait_no_tasks_beyond,
+    wait_until,
+    ws_url,
+)
 from .rawws import http_get
+from .wire import free_ports
 
 MASTERS = 3
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free loopback ports (held together while picked, so distinct)."""
-    probes = [socket.socket() for _ in range(n)]
-    try:
-        for probe in probes:
-            probe.bind(("127.0.0.1", 0))
-        return [probe.getsockname()[1] for probe in probes]
-    finally:
-        for probe in probes:
-            probe.close()
 
 
 @attrs.define
@@ -276,13 +271,6 @@ async def test_node_shutdown_after_churn_leaves_nothing_on_any_shard(
             return (not server.hub.rooms and not server.hub.connections
                     and subscription_connections() == 1)
 
-        async def quiet() -> None:
-            await wait_until(settled)
-            # And every task that was finishing (a room unsubscribing, a connection
-            # closing, an asyncio reader of a closed socket) has finished.
-            with trio.fail_after(10):
-                await trio.testing.wait_all_tasks_blocked(cushion=0.1)
-
         # First one round on every shard, some rooms at once: each shard's command
         # connections (pooled, each with a reader task on the asyncio loop) open
         # on first use and stay.
@@ -291,12 +279,12 @@ async def test_node_shutdown_after_churn_leaves_nothing_on_any_shard(
         async with trio.open_nursery() as together:
             for cycle in range(len(rooms)):
                 together.start_soon(chat, cycle)
-        await quiet()
-        baseline = count_tasks(server.task)
+        await wait_until(settled)
+        baseline = task_census(server.task)
         for cycle in range(30):
             await chat(cycle)
-        await quiet()
-        await wait_until(lambda: count_tasks(server.task) == baseline)
+        await wait_until(settled)
+        await wait_no_tasks_beyond(server.task, baseline)
         await wait_until(lambda: room_channels() == {port: [] for port in redis_cluster.ports})
         server.shutdown()
     assert server.task is not None and not server.task.child_nurseries
@@ -312,6 +300,7 @@ async def test_losing_one_shards_subscription_is_a_lost_connection(
     views: dict[str, list[tuple[int, str]]] = {"a": [], "b": []}
     sent: list[str] = []
     stop = trio.Event()
+    sender_done = trio.Event()
 
     async def watch(server, name: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with open_ws(ws_url(server, room)) as ws:
@@ -331,6 +320,7 @@ async def test_losing_one_shards_subscription_is_a_lost_connection(
                 sent.append(content)
                 i += 1
                 await trio.sleep(0.02)
+        sender_done.set()
 
     def a_subscription_on_shard() -> list[dict[str, Any]]:
         return [c for c in redis_cluster.connections(f"{channel}:{a.broker.node}")[port]
@@ -352,7 +342,10 @@ async def test_losing_one_shards_subscription_is_a_lost_connection(
             before = len(sent)
             await wait_until(lambda: len(sent) > before + 20)
             stop.set()
-            await wait_until(lambda: len(views["a"]) == len(views["b"]) == len(sent))
+            # Every send answered, and both members have what was accepted.
+            with trio.fail_after(30):
+                await sender_done.wait()
+            await wait_until(lambda: min(len(views["a"]), len(views["b"])) >= len(sent))
             work.cancel_scope.cancel()
     assert views["a"] == views["b"], "one order, nothing missed or doubled across the loss"
     assert [i for i, _ in views["a"]] == list(range(1, len(sent) + 1))
@@ -398,6 +391,7 @@ async def test_a_shard_dropping_a_subscription_is_a_lost_connection(
     sent: list[str] = []
     refused = 0
     stop = trio.Event()
+    sender_done = trio.Event()
 
     async def watch(server, name: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with open_ws(ws_url(server, room)) as ws:
@@ -422,6 +416,7 @@ async def test_a_shard_dropping_a_subscription_is_a_lost_connection(
                 else:
                     sent.append(content)
                 await trio.sleep(0.02)
+        sender_done.set()
 
     def lost() -> int:
         return sum("the cluster dropped the subscription" in r.getMessage()
@@ -436,14 +431,17 @@ async def test_a_shard_dropping_a_subscription_is_a_lost_connection(
                 await wait_until(lambda: len(sent) > 10)
                 owner.execute_command("CLUSTER", "DELSLOTS", slot)
                 await wait_until(lambda: lost() >= 2)  # both nodes heard it
-                await trio.sleep(0.3)
+                await trio.sleep(0.3)  # the slot stays unowned a while
                 owner.execute_command("CLUSTER", "ADDSLOTS", slot)
                 await wait_until(lambda: all(s.broker.connected and s.broker.down_since is None
                                              for s in (a, b)))
                 before = len(sent)
                 await wait_until(lambda: len(sent) > before + 10)
                 stop.set()
-                await wait_until(lambda: len(views["a"]) == len(views["b"]) == len(sent))
+                # Every send answered, and both members have what was accepted.
+                with trio.fail_after(30):
+                    await sender_done.wait()
+                await wait_until(lambda: min(len(views["a"]), len(views["b"])) >= len(sent))
                 work.cancel_scope.cancel()
     finally:
         if slot not in {s for start, end, *_ in owner.execute_command("CLUSTER", "SLOTS")

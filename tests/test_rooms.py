@@ -19,7 +19,8 @@ from .conftest import (
     wait_until,
     ws_url,
 )
-from .rawws import RawClient, handshake_request, http_call, read_http_response
+from .rawws import RawClient, http_call, read_http_response
+from .wire import handshake_request
 
 
 @pytest.fixture

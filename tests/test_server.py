@@ -23,7 +23,8 @@ from .conftest import (
     wait_until,
     ws_url,
 )
-from .rawws import RawClient, client_frame, handshake_request, http_get, read_http_response
+from .rawws import RawClient, http_get, open_raw, read_http_response
+from .wire import client_frame, handshake_request
 
 
 async def assert_silent(ws, seconds: float = 0.2) -> None:
@@ -91,11 +92,10 @@ async def test_bad_frames_get_named_errors_and_the_connection_survives(server) -
 
 
 async def test_invalid_utf8_fails_the_connection_with_1007(server) -> None:
-    client = await RawClient.connect(server.port, "/ws/1")
-    await client.send_raw(client_frame(b'{"content": "\xff\xfe"}'))
-    with trio.fail_after(10):
-        assert await client.wait_closed() == 1007
-    await client.aclose()
+    async with open_raw(server.port, "/ws/1") as client:
+        await client.send_raw(client_frame(b'{"content": "\xff\xfe"}'))
+        with trio.fail_after(10):
+            assert await client.wait_closed() == 1007
 
 
 async def test_oversized_frame_closes_with_1009_and_nothing_is_stored(nursery, db_path) -> None:

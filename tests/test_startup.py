@@ -26,14 +26,9 @@ import trio
 from trio_chat.startup import EXIT_CONFIG, EXIT_LISTEN, EXIT_SERVICE
 
 from .conftest import MYSQL, node_config, start_server
+from .wire import free_port
 
 EXIT_TIMEOUT = 120
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def serve(tmp_path: Path, sections: dict[str, object], *options: str,

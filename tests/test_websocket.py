@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+from contextlib import AsyncExitStack
 
 import trio
 from wsproto.events import CloseConnection, TextMessage
@@ -20,7 +21,8 @@ from .conftest import (
     wait_until,
     ws_url,
 )
-from .rawws import RawClient, handshake_request
+from .rawws import open_raw
+from .wire import handshake_request
 
 
 def writer_tasks(server: Server) -> list[trio.lowlevel.Task]:
@@ -33,6 +35,10 @@ def writer_tasks(server: Server) -> list[trio.lowlevel.Task]:
         for nursery in task.child_nurseries:
             stack.extend(nursery.child_tasks)
     return found
+
+
+def room_members(server: Server, room: int) -> int:
+    return len(server.hub.rooms[room].members) if room in server.hub.rooms else 0
 
 
 async def test_a_full_socket_gets_a_writer_task_only_until_it_drains(nursery, db_path) -> None:
@@ -76,47 +82,46 @@ async def test_a_full_socket_gets_a_writer_task_only_until_it_drains(nursery, db
 
 async def test_heartbeat_pings_each_connection_once_a_period(nursery, db_path) -> None:
     server = await start_server(nursery, make_config(db_path, ping_period=0.5, pong_wait=2.0))
-    clients = [await RawClient.connect(server.port, "/ws/9") for _ in range(3)]
-    pings = [0, 0, 0]
+    async with AsyncExitStack() as stack:
+        clients = [await stack.enter_async_context(open_raw(server.port, "/ws/9"))
+                   for _ in range(3)]
+        pings = [0, 0, 0]
 
-    async def count_pings(i: int) -> None:
-        while True:
-            await clients[i].next_event()
+        async def count_pings(i: int) -> None:
+            while True:
+                await clients[i].next_event()
 
-    # RawClient answers pings itself; count them at the transport.
-    for i, client in enumerate(clients):
-        original = client.proto.receive_data
+        # RawClient answers pings itself; count them at the transport.
+        for i, client in enumerate(clients):
+            original = client.proto.receive_data
 
-        def receive_data(data: bytes | None, i: int = i, original=original) -> None:
-            pings[i] += data.count(b"\x89\x00") if data else 0
-            original(data)
+            def receive_data(data: bytes | None, i: int = i, original=original) -> None:
+                pings[i] += data.count(b"\x89\x00") if data else 0
+                original(data)
 
-        client.proto.receive_data = receive_data  # type: ignore[method-assign]
-    started = trio.current_time()
-    async with trio.open_nursery() as readers:
-        for i in range(3):
-            readers.start_soon(count_pings, i)
-        await wait_until(lambda: min(pings) >= 3)
-        readers.cancel_scope.cancel()
-    # Every connection is pinged, and not more often than once a period.
-    periods = (trio.current_time() - started) / 0.5
-    assert all(n <= periods + 1 for n in pings), (pings, periods)
-    assert len(server.hub.connections) == 3, "answered pings keep connections open"
-    for client in clients:
-        await client.aclose()
+            client.proto.receive_data = receive_data  # type: ignore[method-assign]
+        started = trio.current_time()
+        async with trio.open_nursery() as readers:
+            for i in range(3):
+                readers.start_soon(count_pings, i)
+            await wait_until(lambda: min(pings) >= 3)
+            readers.cancel_scope.cancel()
+        # Every connection is pinged, and not more often than once a period.
+        periods = (trio.current_time() - started) / 0.5
+        assert all(n <= periods + 1 for n in pings), (pings, periods)
+        assert len(server.hub.connections) == 3, "answered pings keep connections open"
 
 
 async def test_protocol_errors_on_a_real_socket_close_with_their_code(server) -> None:
-    unmasked = await RawClient.connect(server.port, "/ws/4")
-    await unmasked.send_raw(bytes((0x81, 0x02)) + b"hi")
-    assert await unmasked.wait_closed() == 1002
+    async with open_raw(server.port, "/ws/4") as unmasked:
+        await unmasked.send_raw(bytes((0x81, 0x02)) + b"hi")
+        with trio.fail_after(10):
+            assert await unmasked.wait_closed() == 1002
     # A header announcing 100 MB: refused at once, before any of it is sent.
-    huge = await RawClient.connect(server.port, "/ws/4")
-    await huge.send_raw(bytes((0x81, 0xFF)) + (100 << 20).to_bytes(8, "big") + b"\0\0\0\0")
-    with trio.fail_after(10):
-        assert await huge.wait_closed() == 1009
-    for client in (unmasked, huge):
-        await client.aclose()
+    async with open_raw(server.port, "/ws/4") as huge:
+        await huge.send_raw(bytes((0x81, 0xFF)) + (100 << 20).to_bytes(8, "big") + b"\0\0\0\0")
+        with trio.fail_after(10):
+            assert await huge.wait_closed() == 1009
     await wait_until(lambda: not server.hub.connections)
 
 
@@ -125,11 +130,10 @@ async def test_a_close_after_a_half_written_frame_keeps_the_stream_whole(
     """A close frame waits for the rest of a frame the socket took only part of
     (it once went out in the middle of one: the peer saw invalid UTF-8)."""
     server = await start_server(nursery, make_config(db_path, write_wait=30.0))
-    client = await RawClient.connect(server.port, "/ws/6")
-    try:
+    async with open_raw(server.port, "/ws/6") as client:
         client.stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         async with open_ws(ws_url(server, 6)) as sender:
-            await wait_until(lambda: len(server.hub.rooms[6].members) == 2)
+            await wait_until(lambda: room_members(server, 6) == 2)
             # Frames until the client's socket is full and one is only half written.
             member = None
             for i in range(200):
@@ -147,5 +151,3 @@ async def test_a_close_after_a_half_written_frame_keeps_the_stream_whole(
                 assert isinstance(event, TextMessage), event
                 texts += 1
         assert event.code == 4004 and texts >= 1
-    finally:
-        await client.aclose()

@@ -6,7 +6,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -20,17 +19,12 @@ import trio
 
 from .conftest import chat_frame, open_ws, recv
 from .rawws import http_get, read_http_response
+from .wire import free_port
 
 REDIS = {"host": "127.0.0.1", "port": 6379}
 # Generous: a loaded CI machine starts Python processes slowly.
 START_TIMEOUT = 60
 STOP_TIMEOUT = 30
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def write_config(tmp_path: Path, **sections: object) -> Path:
