@@ -11,6 +11,7 @@ one message's fault and which are transient.
 from __future__ import annotations
 
 import base64
+import contextlib
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any, TypeVar
@@ -43,6 +44,9 @@ CLIENT_ERRORS = 2000
 # Server errors that pass: too many connections, shutting down, lock wait timeout,
 # deadlock, read-only (a failover), connection killed.
 TRANSIENT_ERRORS = frozenset({1040, 1053, 1205, 1213, 1290, 1836, 1927})
+# Seconds a start-up migration may take: up to 30 s for another node's migration
+# lock, then the statements themselves.
+MIGRATE_TIMEOUT = 300.0
 
 
 def _to_datetime(stamp: str) -> datetime:
@@ -139,9 +143,10 @@ class MysqlBackend(SqlRooms):
                 conn.close()
                 raise
 
-    async def _run(self, work: Callable[[Any], Awaitable[T]]) -> T:
+    async def _run(self, work: Callable[[Any], Awaitable[T]],
+                   seconds: float | None = None) -> T:
         # A database that stops answering must fail like one that is gone.
-        with trio.fail_after(self.timeout):
+        with trio.fail_after(self.timeout if seconds is None else seconds):
             if self._pool is None:
                 self._pool = await bridge.call(self._aio_connect)
             return await bridge.call(self._aio_run, work)
@@ -166,11 +171,18 @@ class MysqlBackend(SqlRooms):
                 current = version
             return current
         finally:
-            await cur.execute("SELECT RELEASE_LOCK('trio_chat_migrate')")
+            # After a failure the connection may be unusable (it is closed, which releases
+            # the lock too): the failure is what the caller must see, not this.
+            with contextlib.suppress(Exception):
+                await cur.execute("SELECT RELEASE_LOCK('trio_chat_migrate')")
 
     async def open(self) -> int:
-        """Connect, create the database if needed and migrate; returns the schema version."""
-        return await self._run(self._migrate)
+        """Connect, create the database if needed and migrate; returns the schema version.
+
+        Migrating may wait for another node's migration (the lock) and may add an
+        index to a large table: it gets longer than a query.
+        """
+        return await self._run(self._migrate, max(self.timeout, MIGRATE_TIMEOUT))
 
     async def close(self) -> None:
         if self._pool is not None:
