@@ -34,7 +34,7 @@ async def _upload_image(services: Services, request: Request, match: re.Match[st
             author_id = authenticate(request.query, request.headers,
                                      config.auth.secret).author_id
     try:
-        info = await save_image(services.repository, config.media, uploaded_file(request),
+        info = await save_image(services.repository, config.media, await uploaded_file(request),
                                 room_id, author_id)
     except ImageError as exc:
         raise HttpError(error(exc.status, exc.code, exc.detail)) from None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from functools import partial
 
 import attrs
 
@@ -25,6 +26,7 @@ from .base import (
     invalid,
     json_object,
     json_response,
+    parse_body,
     query_int,
     room_id_of,
 )
@@ -95,11 +97,16 @@ async def _announce(services: Services, request: Request, match: re.Match[str]) 
     room_id = room_id_of(match)
     if services.config.server.room_policy == "strict":
         await existing_room(services, room_id)
+    return await _publish(services, await parse_body(partial(_announced, room_id=room_id),
+                                                     request.body), 201)
+
+
+def _announced(body: bytes, room_id: int) -> Draft:
     try:
-        text = request.body.decode("utf-8")
+        text = body.decode("utf-8")
     except UnicodeDecodeError:
         raise HttpError(error(400, "bad_json", "the body must be UTF-8 JSON")) from None
-    return await _publish(services, _frame(text, room_id), 201)
+    return _frame(text, room_id)
 
 
 def _message_id(match: re.Match[str]) -> int:
@@ -113,7 +120,7 @@ def _message_id(match: re.Match[str]) -> int:
 async def _edit_message(services: Services, request: Request, match: re.Match[str]
                         ) -> Response:
     room_id, message_id = room_id_of(match), _message_id(match)
-    body = json_object(request, {"content"})
+    body = await json_object(request, {"content"})
     if "content" not in body:
         raise HttpError(invalid("content", "is required"))
     if not isinstance(body["content"], str) or not body["content"]:
