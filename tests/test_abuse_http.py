@@ -4,17 +4,21 @@ the bound the server holds the attacker to."""
 
 from __future__ import annotations
 
+import gc
+import io
 import json
 from typing import Any
 
+import psutil
 import pytest
 import trio
+from PIL import Image
 
 from trio_chat.http.multipart import MAX_PARTS, file_part
 
 from .conftest import make_config, start_server
 from .hostile import LAG_BOUND, served_meanwhile
-from .rawws import read_http_response
+from .rawws import http_call, read_http_response
 from .test_images import image_bytes
 
 
@@ -89,4 +93,47 @@ async def test_a_large_json_body_is_parsed_off_the_event_loop(server) -> None:
             assert status == 422, answer
 
     lag = await served_meanwhile(server, attack)
+    assert lag.worst < LAG_BOUND, lag
+
+
+def big_png(side: int) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (side, side), (10, 200, 30)).save(out, "PNG")
+    return out.getvalue()
+
+
+async def test_image_decodes_are_bounded_and_their_memory_returns(server) -> None:
+    # Four uploads of a 25-megapixel image at once: one decode at a time
+    # (media.decodeConcurrency 1), each holding the image once (4 bytes a pixel).
+    data = big_png(5000)
+    path = "/rooms/1/images?author_id=5"
+    status, _ = await http_call(server.port, "POST", path, raw=image_bytes("PNG"))
+    assert status == 201
+    gc.collect()
+    process = psutil.Process()
+    baseline = process.memory_info().rss
+    peak = baseline
+
+    async def attack() -> None:
+        async def one() -> None:
+            status, answer = await http_call(server.port, "POST", path, raw=data)
+            assert status == 201, answer
+
+        async with trio.open_nursery() as uploads:
+            for _ in range(4):
+                uploads.start_soon(one)
+
+    async def sample() -> None:
+        nonlocal peak
+        while True:
+            peak = max(peak, process.memory_info().rss)
+            await trio.sleep(0.005)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sample)
+        lag = await served_meanwhile(server, attack)
+        nursery.cancel_scope.cancel()
+    one_decode = 5000 * 5000 * 4
+    assert peak - baseline < 1.6 * one_decode, (peak - baseline) >> 20
+    assert process.memory_info().rss - baseline < 48 * 1024 * 1024
     assert lag.worst < LAG_BOUND, lag

@@ -161,6 +161,8 @@ class MediaConfig:
     max_dimension: int = _opt("maxDimension", 10_000, int, low=16, high=100_000)
     max_pixels: int = _opt("maxPixels", 40_000_000, int, low=256, high=1_000_000_000)
     thumbnail_size: int = _opt("thumbnailSize", 320, int, low=16, high=4096)
+    # Image decodes at once in the process; each may hold 8 bytes x maxPixels.
+    decode_concurrency: int = _opt("decodeConcurrency", 1, int, low=1, high=64)
 
 
 SECRET_ENV = "TRIO_CHAT_AUTH_SECRET"

@@ -29,6 +29,7 @@ from .config import Config
 from .framing import GOING_AWAY
 from .http import Services, Shutdown, load_demo_page, serve_http
 from .hub import Hub
+from .media import configure_decoding
 from .metrics import Metrics, count_tasks
 from .store import Repository, Store, make_backend
 from .websocket import Limits, Writers
@@ -137,6 +138,7 @@ class Server:
     def build(cls, config: Config) -> Server:
         s = config.server
         metrics = Metrics()
+        configure_decoding(config.media)
         stored = s.ack_after == "stored"
         backend = make_backend(config)
         repository = Repository(backend)
