@@ -4,22 +4,35 @@ the bound the server holds the attacker to."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import io
 import json
+import socket
 from typing import Any
 
+import attrs
 import psutil
 import pytest
 import trio
 from PIL import Image
 
+from trio_chat.config import MediaConfig
 from trio_chat.http.multipart import MAX_PARTS, file_part
 
-from .conftest import make_config, start_server
-from .hostile import LAG_BOUND, served_meanwhile
-from .rawws import http_call, read_http_response
-from .test_images import image_bytes
+from .conftest import (
+    UNLIMITED,
+    chat_frame,
+    make_config,
+    open_ws,
+    recv,
+    start_server,
+    wait_until,
+    ws_url,
+)
+from .hostile import LAG_BOUND, SERVED_WITHIN, served_meanwhile
+from .rawws import KEY, http_call, http_get, read_http_response
+from .test_images import image_bytes, noisy_png
 
 
 @pytest.fixture
@@ -137,3 +150,145 @@ async def test_image_decodes_are_bounded_and_their_memory_returns(server) -> Non
     assert peak - baseline < 1.6 * one_decode, (peak - baseline) >> 20
     assert process.memory_info().rss - baseline < 48 * 1024 * 1024
     assert lag.worst < LAG_BOUND, lag
+
+
+async def open_from(source: str, port: int) -> trio.SocketStream:
+    """A connection to the server from the loopback address ``source``."""
+    sock = trio.socket.socket()
+    try:
+        await sock.bind((source, 0))
+        await sock.connect(("127.0.0.1", port))
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
+
+
+async def test_half_open_requests_from_one_address_never_starve_another(nursery,
+                                                                         db_path) -> None:
+    server = await start_server(nursery, make_config(db_path, limits=attrs.evolve(
+        UNLIMITED, http_connections_per_ip=8, connections_per_ip=12)))
+    async with open_ws(ws_url(server, 5, "?author_id=1")) as member, \
+            contextlib.AsyncExitStack() as stack:
+        idle: list[trio.SocketStream] = []
+        refused = []
+        for _ in range(20):
+            stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+            stack.push_async_callback(trio.aclose_forcefully, stream)
+            await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            idle.append(stream)
+        for stream in idle:
+            with trio.move_on_after(0.3):
+                status, _, body = await read_http_response(stream)
+                refused.append((status, json.loads(body)["error"]))
+        # Eight half-open requests wait for their end; the rest were refused at once.
+        assert refused == [(429, "too_many_connections")] * 12
+        assert server.services.http_limiter.count("127.0.0.1") == 8
+        # The upgraded member counts against connectionsPerIp (12 in all), not as HTTP.
+        assert server.services.ip_limiter.count("127.0.0.1") == 9
+        other = await open_from("127.0.0.2", server.port)
+        async with other:
+            with trio.fail_after(SERVED_WITHIN):
+                await other.send_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                status, _, _ = await read_http_response(other)
+            assert status == 200
+        with trio.fail_after(SERVED_WITHIN):
+            await member.send_message(chat_frame("still here", author_id=1, room_id=5))
+            assert (await recv(member))["content"] == "still here"
+    await wait_until(lambda: len(server.services.http_limiter) == 0)
+
+
+async def test_request_bodies_in_flight_are_held_to_the_address_budget(nursery,
+                                                                        db_path) -> None:
+    config = make_config(db_path, limits=attrs.evolve(
+        UNLIMITED, body_bytes_per_ip=2 * 1024 * 1024 + 128 * 1024))
+    config = attrs.evolve(config, media=MediaConfig(max_image_bytes=1024 * 1024))
+    server = await start_server(nursery, config)
+    chunk = b"\0" * (900 * 1024)
+    head = (f"POST /rooms/1/images HTTP/1.1\r\nHost: x\r\n"
+            f"Content-Length: {1024 * 1024}\r\n\r\n").encode()
+    async with contextlib.AsyncExitStack() as stack:
+        streams = []
+        for _ in range(2):
+            stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+            stack.push_async_callback(trio.aclose_forcefully, stream)
+            await stream.send_all(head + chunk)
+            streams.append(stream)
+        await wait_until(lambda: server.services.bodies.held("127.0.0.1") == 2 * len(chunk))
+        third = await trio.open_tcp_stream("127.0.0.1", server.port)
+        stack.push_async_callback(trio.aclose_forcefully, third)
+        # One byte over the budget, and no more: the server reads all of it before it
+        # answers, so closing after the answer resets nothing the answer needs.
+        over = config.limits.body_bytes_per_ip - 2 * len(chunk) + 1
+        with trio.fail_after(10):
+            await third.send_all(head + chunk[:over])
+            status, _, body = await read_http_response(third)
+        assert (status, json.loads(body)["error"]) == (429, "too_many_bytes")
+        with trio.fail_after(SERVED_WITHIN):
+            status, _, _ = await http_get(server.port, "/healthz")
+        assert status == 200
+    # The bodies' bytes are given back when their connections go.
+    await wait_until(lambda: server.services.bodies.held() == 0)
+
+
+def request_head(method: str = "GET", version: str = "1.1", extra: str = "") -> bytes:
+    return (f"{method} /ws/1 HTTP/{version}\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\n"
+            f"Sec-WebSocket-Version: 13\r\n{extra}\r\n").encode()
+
+
+@pytest.mark.parametrize(("head", "detail"), [
+    (request_head("POST"), "must be a GET"),
+    (request_head(version="1.0"), "must be a GET over HTTP/1.1"),
+    (request_head(extra=f"Sec-WebSocket-Key: {KEY[::-1]}\r\n"), "sec-websocket-key must"),
+    (request_head(extra="Sec-WebSocket-Version: 13\r\n"), "sec-websocket-version must"),
+    (request_head(extra="Upgrade: websocket\r\n"), "upgrade must appear once"),
+])
+async def test_the_handshake_is_strict(server, head: bytes, detail: str) -> None:
+    stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+    async with stream:
+        await stream.send_all(head)
+        status, _, body = await read_http_response(stream)
+    answer = json.loads(body)
+    assert (status, answer["error"]) == (400, "bad_handshake") and detail in answer["detail"]
+
+
+async def test_content_length_with_transfer_encoding_is_refused_and_closed(server) -> None:
+    smuggled = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+    async with stream:
+        await stream.send_all(b"POST /rooms HTTP/1.1\r\nHost: x\r\nContent-Length: "
+                              + str(5 + len(smuggled)).encode()
+                              + b"\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n" + smuggled)
+        status, headers, body = await read_http_response(stream)
+        assert (status, json.loads(body)["error"]) == (400, "bad_request")
+        assert headers["connection"] == "close"
+        with trio.fail_after(5):
+            rest = b""
+            while chunk := await stream.receive_some(65536):
+                rest += chunk
+        assert rest == b""  # the hidden request was never served
+
+
+async def test_a_slow_reader_above_the_minimum_rate_gets_the_whole_download(
+        nursery, db_path) -> None:
+    server = await start_server(nursery, make_config(
+        db_path, handshake_timeout=1, write_wait=1, min_transfer_rate=500_000))
+    status, info = await http_call(server.port, "POST", "/rooms/1/images?author_id=5",
+                                   raw=noisy_png(1100))
+    assert status == 201 and info["size"] > 3_000_000, info
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+    stream = trio.SocketStream(sock)
+    async with stream:
+        await sock.connect(("127.0.0.1", server.port))
+        started = trio.current_time()
+        await stream.send_all(f"GET {info['url']} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        received = b""
+        while len(received) < info["size"]:
+            # About 1 MB/s, twice the minimum rate: longer than the old fixed deadline.
+            chunk = await stream.receive_some(16 * 1024)
+            assert chunk, f"cut after {len(received)} bytes"
+            received += chunk
+            await trio.sleep(len(chunk) / 1_000_000)
+    assert trio.current_time() - started > 2

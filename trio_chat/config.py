@@ -60,6 +60,12 @@ class ServerConfig:
     pong_wait: float = _opt("pongWait", 60.0, float, low=0.001, high=86400)
     ping_period: float = _opt("pingPeriod", 54.0, float, low=0.001, high=86400)
     handshake_timeout: float = _opt("handshakeTimeout", 10.0, float, low=0.001, high=3600)
+    # Running one HTTP handler (the upgrade's checks included); over it: 503.
+    handler_timeout: float = _opt("handlerTimeout", 30.0, float, low=0.001, high=3600)
+    # The slowest a request body or an HTTP answer may move, in bytes a second: its
+    # deadline grows by its size over this rate, past handshakeTimeout or writeWait.
+    min_transfer_rate: int = _opt("minTransferRate", 32 * 1024, int, low=1,
+                                  high=1024 * 1024 * 1024)
     close_timeout: float = _opt("closeTimeout", 2.0, float, low=0.0, high=3600)
     shutdown_timeout: float = _opt("shutdownTimeout", 10.0, float, low=0.0, high=3600)
     store_buffer: int = _opt("storeBuffer", 100_000, int, low=1, high=10_000_000)
@@ -146,7 +152,18 @@ class LimitsConfig:
     # Refused messages since the client last slowed down enough to refill its burst,
     # before the connection is closed (1008).
     flood_limit: int = _opt("floodLimit", 20, int, low=1, high=1_000_000)
+    # Every TCP connection from one address counts, HTTP and WebSocket alike.
     connections_per_ip: int = _opt("connectionsPerIp", 1000, int, low=1, high=10_000_000)
+    # Connections of one address not (yet) upgraded: reading, answering or idle between
+    # requests. A burst of half-open requests is refused here, long before the descriptors
+    # run out.
+    http_connections_per_ip: int = _opt("httpConnectionsPerIp", 64, int, low=1,
+                                        high=10_000_000)
+    # Request bodies held at once (read, not yet answered), per address and in all.
+    body_bytes_per_ip: int = _opt("bodyBytesPerIp", 16 * 1024 * 1024, int, low=1024 * 1024,
+                                  high=1 << 40)
+    body_bytes_total: int = _opt("bodyBytesTotal", 256 * 1024 * 1024, int,
+                                 low=1024 * 1024, high=1 << 40)
     # A connection's typing events closer together than this are dropped.
     typing_interval: float = _opt("typingInterval", 2.0, float, low=0, high=3600)
 
@@ -164,6 +181,9 @@ class MediaConfig:
     # Image decodes at once in the process; each may hold 8 bytes x maxPixels.
     decode_concurrency: int = _opt("decodeConcurrency", 1, int, low=1, high=64)
 
+
+# What an image upload's body may hold beyond the image: a multipart envelope.
+UPLOAD_ENVELOPE = 64 * 1024
 
 SECRET_ENV = "TRIO_CHAT_AUTH_SECRET"
 ADMIN_KEY_ENV = "TRIO_CHAT_ADMIN_KEY"
@@ -291,6 +311,12 @@ def parse_config(data: Any, source: str = "<config>",
     if server.ping_period >= server.pong_wait:
         raise ConfigError(f"{source}: server.pingPeriod: expected less than server.pongWait "
                           f"({server.pong_wait:g}), got {server.ping_period:g}")
+    upload = config.media.max_image_bytes + UPLOAD_ENVELOPE
+    for key, value in (("bodyBytesPerIp", config.limits.body_bytes_per_ip),
+                       ("bodyBytesTotal", config.limits.body_bytes_total)):
+        if value < upload:
+            raise ConfigError(f"{source}: limits.{key}: expected at least media.maxImageBytes "
+                              f"+ {UPLOAD_ENVELOPE} ({upload}) so an upload fits, got {value}")
     return config
 
 

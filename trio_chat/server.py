@@ -28,6 +28,7 @@ from .broker import Broker, BrokerUnavailable, LocalBroker, RedisBroker
 from .config import Config
 from .framing import GOING_AWAY
 from .http import Services, Shutdown, load_demo_page, serve_http
+from .http.budget import ByteBudget
 from .hub import Hub
 from .media import configure_decoding
 from .metrics import Metrics, count_tasks
@@ -166,7 +167,10 @@ class Server:
         writers = Writers(limits)
         services = Services(config, metrics, hub, repository, store, broker, writers,
                             IpLimiter(config.limits.connections_per_ip), Shutdown(),
-                            load_demo_page())
+                            load_demo_page(),
+                            http_limiter=IpLimiter(config.limits.http_connections_per_ip),
+                            bodies=ByteBudget(config.limits.body_bytes_per_ip,
+                                              config.limits.body_bytes_total))
         server = cls(config, metrics, store, broker, hub, writers, services)
         metrics.add_gauge("connections_open", "Open WebSocket connections.",
                           lambda: len(hub.connections))
@@ -175,6 +179,8 @@ class Server:
         metrics.add_gauge("presence_entries",
                           "Authors online in a room through a connection to this node.",
                           lambda: hub.presence.entries)
+        metrics.add_gauge("http_body_bytes", "Bytes of request bodies held (read, not yet "
+                          "answered).", lambda: services.bodies.held())
         metrics.add_gauge("trio_tasks", "Live trio tasks in this process.", count_tasks)
         metrics.add_gauge("store_lag_messages", "Accepted messages not yet written.",
                           lambda: store.lag)

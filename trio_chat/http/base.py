@@ -36,6 +36,9 @@ class Request:
     headers: dict[str, str]
     body: bytes
     remote: str
+    http_version: str = "1.1"
+    # Lower-case names of the headers that came more than once (``headers`` keeps the last).
+    repeated: frozenset[str] = frozenset()
 
 
 @attrs.frozen

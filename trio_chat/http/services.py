@@ -20,6 +20,7 @@ from ..hub import Hub
 from ..metrics import Metrics
 from ..store import Repository, Store
 from ..websocket import Writers
+from .budget import ByteBudget
 
 
 @attrs.define(eq=False)
@@ -70,6 +71,11 @@ class Services:
     # Closing a room's members on every node; forgetting a purged room.
     broker: Broker
     writers: Writers
+    # Every connection of an address (limits.connectionsPerIp).
     ip_limiter: IpLimiter
     shutdown: Shutdown
     demo_page: bytes
+    # An address's connections not upgraded (limits.httpConnectionsPerIp).
+    http_limiter: IpLimiter
+    # Request bodies held, per address and in all (limits.bodyBytesPerIp, bodyBytesTotal).
+    bodies: ByteBudget
