@@ -292,3 +292,51 @@ async def test_a_slow_reader_above_the_minimum_rate_gets_the_whole_download(
             received += chunk
             await trio.sleep(len(chunk) / 1_000_000)
     assert trio.current_time() - started > 2
+
+
+async def test_uploads_have_a_rate_and_a_quota_per_identity(nursery, db_path) -> None:
+    config = make_config(db_path, limits=attrs.evolve(
+        UNLIMITED, uploads_per_minute=3, upload_bytes_per_hour=5 * 1024 * 1024 + 1))
+    server = await start_server(nursery, config)
+    path = "/rooms/1/images?author_id=5"
+    small = image_bytes("PNG")
+    answers = [await http_call(server.port, "POST", path, raw=small) for _ in range(4)]
+    assert [status for status, _ in answers] == [201, 201, 201, 429]
+    assert answers[-1][1]["error"] == "upload_rate_exceeded"
+    # Another identity (another address) is not held back by the first one's.
+    other = await open_from("127.0.0.2", server.port)
+    async with other:
+        await other.send_all(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: "
+                             f"{len(small)}\r\n\r\n".encode() + small)
+        status, _, _ = await read_http_response(other)
+    assert status == 201
+    allowance = server.services.uploads
+    assert allowance.take("author 9", 5 * 1024 * 1024, 0.0) is None
+    kind, wait = allowance.take("author 9", 1024, 0.0) or ("", 0.0)
+    assert kind == "quota" and 0 < wait < 3600
+
+
+async def test_uploads_no_message_names_are_deleted(nursery, db_path) -> None:
+    config = make_config(db_path)
+    server = await start_server(nursery, attrs.evolve(
+        config, media=MediaConfig(unsent_upload_ttl=1)))
+    path = "/rooms/3/images?author_id=5"
+    _, unsent = await http_call(server.port, "POST", path, raw=image_bytes("PNG"))
+    _, sent = await http_call(server.port, "POST", path, raw=image_bytes("GIF"))
+    async with open_ws(ws_url(server, 3, "?author_id=5")) as ws:
+        await ws.send_message(chat_frame(sent["url"], author_id=5, room_id=3,
+                                         message_type="chat_img"))
+        assert (await recv(ws))["content"] == sent["url"]
+    repository = server.services.repository
+
+    async def gone() -> bool:
+        return await repository.media_info(unsent["id"]) is None
+
+    with trio.fail_after(10):
+        while not await gone():
+            await trio.sleep(0.05)
+    # The sweep has run at least once since the upload's time was up; the sent one stays.
+    await trio.sleep(0.5)
+    assert await repository.media_info(sent["id"]) is not None
+    status, _, _ = await http_get(server.port, sent["url"])
+    assert status == 200

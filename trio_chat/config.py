@@ -159,6 +159,11 @@ class LimitsConfig:
     # run out.
     http_connections_per_ip: int = _opt("httpConnectionsPerIp", 64, int, low=1,
                                         high=10_000_000)
+    # Uploads per identity (a token's author, or the address when tokens are off).
+    uploads_per_minute: float = _opt("uploadsPerMinute", 10.0, float, low=0.01,
+                                     high=1_000_000)
+    upload_bytes_per_hour: int = _opt("uploadBytesPerHour", 100 * 1024 * 1024, int,
+                                      low=1024, high=1 << 40)
     # Request bodies held at once (read, not yet answered), per address and in all.
     body_bytes_per_ip: int = _opt("bodyBytesPerIp", 16 * 1024 * 1024, int, low=1024 * 1024,
                                   high=1 << 40)
@@ -178,6 +183,9 @@ class MediaConfig:
     max_dimension: int = _opt("maxDimension", 10_000, int, low=16, high=100_000)
     max_pixels: int = _opt("maxPixels", 40_000_000, int, low=256, high=1_000_000_000)
     thumbnail_size: int = _opt("thumbnailSize", 320, int, low=16, high=4096)
+    # An upload that no chat_img message names within this many seconds is deleted.
+    unsent_upload_ttl: float = _opt("unsentUploadTtl", 86400.0, float, low=1,
+                                    high=365 * 86400)
     # Image decodes at once in the process; each may hold 8 bytes x maxPixels.
     decode_concurrency: int = _opt("decodeConcurrency", 1, int, low=1, high=64)
 
@@ -311,6 +319,10 @@ def parse_config(data: Any, source: str = "<config>",
     if server.ping_period >= server.pong_wait:
         raise ConfigError(f"{source}: server.pingPeriod: expected less than server.pongWait "
                           f"({server.pong_wait:g}), got {server.ping_period:g}")
+    if config.limits.upload_bytes_per_hour < config.media.max_image_bytes:
+        raise ConfigError(f"{source}: limits.uploadBytesPerHour: expected at least "
+                          f"media.maxImageBytes ({config.media.max_image_bytes}), got "
+                          f"{config.limits.upload_bytes_per_hour}")
     upload = config.media.max_image_bytes + UPLOAD_ENVELOPE
     for key, value in (("bodyBytesPerIp", config.limits.body_bytes_per_ip),
                        ("bodyBytesTotal", config.limits.body_bytes_total)):

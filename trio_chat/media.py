@@ -17,6 +17,7 @@ import binascii
 import ctypes
 import ctypes.util
 import io
+import logging
 import re
 import secrets
 import struct
@@ -28,7 +29,7 @@ import trio
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import MediaConfig
-from .protocol import Draft, FrameError, utc_now
+from .protocol import Draft, FrameError, utc_after, utc_now
 from .store import MediaInfo, Repository, StoredMedia
 
 # What may be uploaded: Pillow's format name -> content type.
@@ -42,6 +43,8 @@ _KEPT_INFO = ("transparency", "background")
 # Markup that makes a file something else too when a browser or a server sniffs it.
 _MARKUP = re.compile(rb"<(?:script|html|body|svg|iframe|\?php)", re.IGNORECASE)
 _DATA_URL = re.compile(r"data:(image/[a-z0-9.+-]+)?(;[a-z0-9=.+-]+)*;base64,", re.IGNORECASE)
+log = logging.getLogger(__name__)
+
 _MEDIA_PATH = re.compile(r"(?:https?://[^/\s]+)?/media/([A-Za-z0-9_-]{16,64})\Z")
 # Image decodes running at once in this process (media.decodeConcurrency, set by
 # configure_decoding): each holds up to 8 bytes a pixel, so this bounds the peak.
@@ -193,14 +196,15 @@ def _decode(data: bytes, config: MediaConfig) -> ProcessedImage:
 
 
 async def save_image(repository: Repository, config: MediaConfig, data: bytes, room_id: int,
-                     author_id: int) -> MediaInfo:
+                     author_id: int, *, sent: bool = True) -> MediaInfo:
     """Validate ``data`` (in a worker thread, at most ``media.decodeConcurrency`` at once)
-    and store it; :class:`ImageError` if refused."""
+    and store it; :class:`ImageError` if refused. An upload (not ``sent``) is deleted
+    unless a message names it within ``media.unsentUploadTtl``."""
     image = await trio.to_thread.run_sync(_decode, data, config, limiter=_DECODERS)
     info = MediaInfo(secrets.token_urlsafe(16), room_id, author_id, image.content_type,
                      len(image.data), image.width, image.height, image.thumbnail_type,
                      image.thumbnail_width, image.thumbnail_height, utc_now())
-    await repository.save_media(StoredMedia(info, image.data, image.thumbnail))
+    await repository.save_media(StoredMedia(info, image.data, image.thumbnail, sent))
     return info
 
 
@@ -225,6 +229,32 @@ async def attach_image(repository: Repository, config: MediaConfig, draft: Draft
                                  "base64 URL or the url of an image uploaded to this room "
                                  "(POST /rooms/{room_id}/images)", cmid)
             info = found
+            await repository.media_sent(info.id)
     except ImageError as exc:
         raise FrameError(exc.code, exc.detail, cmid) from None
     return attrs.evolve(draft, content=info.url, image=info.to_wire())
+
+
+async def expire_unsent_uploads(repository: Repository, config: MediaConfig, *,
+                                task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                                ) -> None:
+    """Delete, every quarter of ``media.unsentUploadTtl`` (at most ten minutes apart),
+    the uploads that no message named within it. Never returns.
+
+    Failure boundary: one sweep. A store that fails or hangs (each call has the
+    store's deadline), or a bug, is logged with its traceback and the next sweep
+    tries again; chat and uploads go on meanwhile, and what was not deleted waits.
+    """
+    interval = min(config.unsent_upload_ttl / 4, 600.0)
+    task_status.started()
+    while True:
+        await trio.sleep(interval)
+        try:
+            dropped = await repository.drop_unsent_media(utc_after(-config.unsent_upload_ttl))
+        except Exception:
+            log.warning("could not delete unsent uploads; trying again in %gs", interval,
+                        exc_info=True)
+        else:
+            if dropped:
+                log.info("deleted %d uploads no message named within %gs", dropped,
+                         config.unsent_upload_ttl)

@@ -28,9 +28,9 @@ from .broker import Broker, BrokerUnavailable, LocalBroker, RedisBroker
 from .config import Config
 from .framing import GOING_AWAY
 from .http import Services, Shutdown, load_demo_page, serve_http
-from .http.budget import ByteBudget
+from .http.budget import ByteBudget, UploadAllowance
 from .hub import Hub
-from .media import configure_decoding
+from .media import configure_decoding, expire_unsent_uploads
 from .metrics import Metrics, count_tasks
 from .store import Repository, Store, make_backend
 from .websocket import Limits, Writers
@@ -170,7 +170,9 @@ class Server:
                             load_demo_page(),
                             http_limiter=IpLimiter(config.limits.http_connections_per_ip),
                             bodies=ByteBudget(config.limits.body_bytes_per_ip,
-                                              config.limits.body_bytes_total))
+                                              config.limits.body_bytes_total),
+                            uploads=UploadAllowance(config.limits.uploads_per_minute,
+                                                    config.limits.upload_bytes_per_hour))
         server = cls(config, metrics, store, broker, hub, writers, services)
         metrics.add_gauge("connections_open", "Open WebSocket connections.",
                           lambda: len(hub.connections))
@@ -233,6 +235,7 @@ class Server:
             await root.start(self.broker.run)
         await root.start(self.hub.run)
         await root.start(self.writers.run)
+        await root.start(expire_unsent_uploads, self.services.repository, self.config.media)
         listeners = (await open_shared_listeners(s.host, s.port) if self.reuse_port
                      else await trio.open_tcp_listeners(s.port, host=s.host))
         self.port = listeners[0].socket.getsockname()[1]

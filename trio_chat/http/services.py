@@ -20,7 +20,7 @@ from ..hub import Hub
 from ..metrics import Metrics
 from ..store import Repository, Store
 from ..websocket import Writers
-from .budget import ByteBudget
+from .budget import ByteBudget, UploadAllowance
 
 
 @attrs.define(eq=False)
@@ -79,3 +79,5 @@ class Services:
     http_limiter: IpLimiter
     # Request bodies held, per address and in all (limits.bodyBytesPerIp, bodyBytesTotal).
     bodies: ByteBudget
+    # Uploads per identity (limits.uploadsPerMinute, uploadBytesPerHour).
+    uploads: UploadAllowance
