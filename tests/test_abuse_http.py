@@ -9,6 +9,8 @@ import gc
 import io
 import json
 import socket
+import subprocess
+import sys
 from typing import Any
 
 import attrs
@@ -17,7 +19,8 @@ import pytest
 import trio
 from PIL import Image
 
-from trio_chat.config import MediaConfig
+from trio_chat.auth import make_token, origin_allowed
+from trio_chat.config import AuthConfig, MediaConfig
 from trio_chat.http.multipart import MAX_PARTS, file_part
 
 from .conftest import (
@@ -340,3 +343,58 @@ async def test_uploads_no_message_names_are_deleted(nursery, db_path) -> None:
     assert await repository.media_info(sent["id"]) is not None
     status, _, _ = await http_get(server.port, sent["url"])
     assert status == 200
+
+
+@pytest.mark.parametrize(("origin", "host", "tokens", "allowed"), [
+    ("http://127.0.0.1:8080", "127.0.0.1:8080", True, True),
+    ("http://[::1]:8080", "[::1]:8080", True, True),
+    ("http://localhost:8080", "localhost:8080", True, True),
+    # A DNS-rebinding page: its name, now resolving to the server, in Origin and Host.
+    ("http://rebind.example:8080", "rebind.example:8080", True, False),
+    ("http://rebind.example:8080", "rebind.example:8080", False, True),
+    ("http://evil.example", "127.0.0.1", True, False),
+])
+def test_with_tokens_a_host_name_alone_does_not_prove_the_origin(
+        origin: str, host: str, tokens: bool, allowed: bool) -> None:
+    assert origin_allowed(origin, host, (), trust_host_names=not tokens) is allowed
+    # Listing the origin is how a page served at a host name connects.
+    assert origin_allowed(origin, host, (origin,), trust_host_names=False)
+
+
+async def test_a_rebinding_page_cannot_upgrade_when_tokens_are_on(nursery, db_path) -> None:
+    server = await start_server(nursery, make_config(db_path, auth=AuthConfig(
+        mode="token", secret="s" * 32)))
+    token = make_token(7, "s" * 32)
+
+    async def upgrade(host: str) -> int:
+        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+        async with stream:
+            await stream.send_all(request_head(extra=f"Origin: http://{host}\r\n")
+                                  .replace(b"/ws/1 ", f"/ws/1?token={token} ".encode())
+                                  .replace(b"Host: 127.0.0.1", f"Host: {host}".encode()))
+            status, _, _ = await read_http_response(stream)
+        return status
+
+    assert await upgrade(f"rebind.example:{server.port}") == 403
+    assert await upgrade(f"127.0.0.1:{server.port}") == 101
+
+
+async def test_start_up_warns_when_tokens_are_on_and_no_origin_is_listed(tmp_path) -> None:
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"auth": {"mode": "token", "secret": "s" * 32},
+                                  "sqlite": {"path": str(tmp_path / "c.db")}}))
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "trio_chat.cli", "serve", str(config), "--port", "0"],
+        stderr=subprocess.PIPE)
+    try:
+        log = b""
+        with trio.fail_after(30):
+            while b"listening on" not in log:
+                chunk = await process.stderr.receive_some()
+                assert chunk, log.decode()
+                log += chunk
+        assert b"auth.allowedOrigins is empty" in log
+    finally:
+        process.kill()
+        await process.wait()
+        await process.stderr.aclose()

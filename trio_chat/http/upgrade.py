@@ -93,7 +93,7 @@ async def _admit(services: Services, request: Request, room_id: int, author_id: 
     auth = services.config.auth
     try:
         check_origin(request.headers.get("origin"), request.headers.get("host"),
-                     auth.allowed_origins)
+                     auth.allowed_origins, trust_host_names=auth.mode != "token")
     except AuthError as exc:
         services.metrics.origin_refusals += 1
         return error(exc.status, exc.code, exc.detail), None, False
