@@ -398,3 +398,22 @@ async def test_start_up_warns_when_tokens_are_on_and_no_origin_is_listed(tmp_pat
         process.kill()
         await process.wait()
         await process.stderr.aclose()
+
+
+async def test_metrics_can_be_protected_by_a_key(nursery, db_path) -> None:
+    metrics_key, admin_key = "m" * 20, "a" * 20
+    server = await start_server(nursery, make_config(db_path, auth=AuthConfig(
+        metrics_key=metrics_key, admin_key=admin_key)))
+
+    async def scrape(headers: str = "") -> int:
+        status, _, _ = await http_get(server.port, "/metrics", headers)
+        return status
+
+    assert await scrape() == 401
+    assert await scrape("Authorization: Bearer wrong-key-of-some-length\r\n") == 401
+    assert await scrape(f"Authorization: Bearer {metrics_key}\r\n") == 200
+    assert await scrape(f"Authorization: Bearer {admin_key}\r\n") == 200
+    # Without the key configured, /metrics answers anyone, as before.
+    open_server = await start_server(nursery, make_config(db_path.with_name("o.db")))
+    status, _, _ = await http_get(open_server.port, "/metrics")
+    assert status == 200

@@ -138,6 +138,8 @@ class AuthConfig:
     mode: str = _opt("mode", "off", str, choices={"off": "off", "token": "token"})
     secret: str = _opt("secret", "", str, secret=True)
     admin_key: str = _opt("adminKey", "", str, secret=True)
+    # Needed (as a bearer token) to read /metrics, when set; the admin key works too.
+    metrics_key: str = _opt("metricsKey", "", str, secret=True)
     # Origins allowed to open WebSockets from a browser; none: the server's own host.
     allowed_origins: tuple[str, ...] = _opt("allowedOrigins", (), tuple)
 
@@ -195,6 +197,7 @@ UPLOAD_ENVELOPE = 64 * 1024
 
 SECRET_ENV = "TRIO_CHAT_AUTH_SECRET"
 ADMIN_KEY_ENV = "TRIO_CHAT_ADMIN_KEY"
+METRICS_KEY_ENV = "TRIO_CHAT_METRICS_KEY"
 MIN_SECRET = 32
 
 
@@ -334,7 +337,11 @@ def parse_config(data: Any, source: str = "<config>",
 
 def _auth_secrets(auth: AuthConfig, source: str, environ: Mapping[str, str]) -> AuthConfig:
     auth = attrs.evolve(auth, secret=auth.secret or environ.get(SECRET_ENV, ""),
-                        admin_key=auth.admin_key or environ.get(ADMIN_KEY_ENV, ""))
+                        admin_key=auth.admin_key or environ.get(ADMIN_KEY_ENV, ""),
+                        metrics_key=auth.metrics_key or environ.get(METRICS_KEY_ENV, ""))
+    if auth.metrics_key and len(auth.metrics_key) < 16:
+        raise ConfigError(f"{source}: auth.metricsKey: expected at least 16 characters, got "
+                          f"{len(auth.metrics_key)}")
     if auth.mode == "token" and len(auth.secret.encode()) < MIN_SECRET:
         raise ConfigError(f"{source}: auth.secret: expected at least {MIN_SECRET} bytes "
                           f"(or set {SECRET_ENV}) when auth.mode is token, got "

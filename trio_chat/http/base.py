@@ -81,7 +81,8 @@ class Route:
     pattern: re.Pattern[str]
     handler: Handler
     # "public"; "reader": a room's data (a user token for it, or the admin key, when
-    # tokens are on); "admin": management (the admin key).
+    # tokens are on); "admin": management (the admin key); "metrics": auth.metricsKey
+    # (or the admin key) when it is set.
     access: str = "public"
 
 

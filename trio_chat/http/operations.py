@@ -78,7 +78,7 @@ async def _ws_without_upgrade(services: Services, request: Request,
 ROUTES: list[Route] = [
     Route("GET", re.compile(r"/\Z"), _demo_page),
     Route("GET", re.compile(r"/healthz\Z"), _healthz),
-    Route("GET", re.compile(r"/metrics\Z"), _metrics),
+    Route("GET", re.compile(r"/metrics\Z"), _metrics, "metrics"),
     Route("GET", re.compile(r"/openapi\.json\Z"), _openapi),
     *(Route("GET", re.compile(rf"/static/{re.escape(name)}\Z"), _static)
       for name in STATIC_FILES),
