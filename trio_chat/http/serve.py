@@ -93,9 +93,10 @@ class _BodyHold:
 def _over_budget(refused: str, limits: LimitsConfig) -> Response:
     if refused == "key":
         return error(429, "too_many_bytes", f"at most {limits.body_bytes_per_ip} bytes of "
-                     "request bodies from one address at once", (("retry-after", "1"),))
-    return error(503, "server_busy", "the server holds too many request bodies; try again",
-                 (("retry-after", "1"),))
+                     "request and answer bodies for one address at once",
+                     (("retry-after", "1"),))
+    return error(503, "server_busy", "the server holds too many request and answer bodies; "
+                 "try again", (("retry-after", "1"),))
 
 
 async def _read_request(stream: trio.abc.Stream, conn: h11.Connection, remote: str,
@@ -265,8 +266,13 @@ async def _serve_requests(services: Services, stream: trio.abc.Stream, remote: s
                     return None
                 return attrs.evolve(accepted, trailing=conn.trailing_data[0])
             assert response is not None
+            # The answer is held until a slow reader has taken it: it counts in the same
+            # budget as bodies read, else many slow downloads could hold any amount.
+            refused = hold.take(len(response.body))
+            if refused is not None:
+                response = _over_budget(refused, services.config.limits)
             keep_alive = conn.their_state is h11.DONE and not upgrade and \
-                not handling.cancelled_caught
+                not handling.cancelled_caught and refused is None
             if not await _write(services, _send(stream, conn, response, close=not keep_alive),
                                 len(response.body)):
                 return None
