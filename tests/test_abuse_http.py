@@ -417,3 +417,29 @@ async def test_metrics_can_be_protected_by_a_key(nursery, db_path) -> None:
     open_server = await start_server(nursery, make_config(db_path.with_name("o.db")))
     status, _, _ = await http_get(open_server.port, "/metrics")
     assert status == 200
+
+
+async def test_a_stalled_download_is_held_in_the_budget_and_dropped_at_its_deadline(
+        nursery, db_path) -> None:
+    server = await start_server(nursery, make_config(
+        db_path, write_wait=0.5, min_transfer_rate=1_000_000,
+        limits=attrs.evolve(UNLIMITED, body_bytes_per_ip=6 * 1024 * 1024)))
+    status, info = await http_call(server.port, "POST", "/rooms/1/images?author_id=5",
+                                   raw=noisy_png(1100))
+    assert status == 201, info
+    bodies = server.services.bodies
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stalled = trio.SocketStream(sock)
+    async with stalled:
+        await sock.connect(("127.0.0.1", server.port))
+        await stalled.send_all(f"GET {info['url']} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        await stalled.receive_some(4096)  # then it reads no more
+        await wait_until(lambda: bodies.held("127.0.0.1") >= info["size"])
+        started = trio.current_time()
+        # A second download from the address would hold more than its budget.
+        status, _, body = await http_get(server.port, info["url"])
+        assert (status, json.loads(body)["error"]) == (429, "too_many_bytes")
+        # Given up after writeWait plus the answer's size at minTransferRate (4.1 s).
+        await wait_until(lambda: bodies.held() == 0, timeout=30)
+        assert 2 < trio.current_time() - started < 10
