@@ -22,6 +22,7 @@ from PIL import Image
 from trio_chat.auth import make_token, origin_allowed
 from trio_chat.config import AuthConfig, MediaConfig
 from trio_chat.http.multipart import MAX_PARTS, file_part
+from trio_chat.store import Repository
 
 from .conftest import (
     UNLIMITED,
@@ -443,3 +444,17 @@ async def test_a_stalled_download_is_held_in_the_budget_and_dropped_at_its_deadl
         # Given up after writeWait plus the answer's size at minTransferRate (4.1 s).
         await wait_until(lambda: bodies.held() == 0, timeout=30)
         assert 2 < trio.current_time() - started < 10
+
+
+async def test_a_handler_that_hangs_is_answered_503_at_its_deadline(nursery, db_path,
+                                                                      monkeypatch) -> None:
+    server = await start_server(nursery, make_config(db_path, handler_timeout=0.5))
+
+    async def hung(self: Any, media_id: str, thumbnail: bool) -> None:
+        await trio.sleep_forever()
+
+    monkeypatch.setattr(Repository, "media_bytes", hung)
+    started = trio.current_time()
+    status, headers, body = await http_get(server.port, "/media/AAAAAAAAAAAAAAAAAAAAAA")
+    assert (status, json.loads(body)["error"]) == (503, "handler_timeout")
+    assert headers["connection"] == "close" and trio.current_time() - started < 5
