@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-from functools import partial
 
 import attrs
 
@@ -26,7 +25,6 @@ from .base import (
     invalid,
     json_object,
     json_response,
-    parse_body,
     query_int,
     room_id_of,
 )
@@ -97,16 +95,11 @@ async def _announce(services: Services, request: Request, match: re.Match[str]) 
     room_id = room_id_of(match)
     if services.config.server.room_policy == "strict":
         await existing_room(services, room_id)
-    return await _publish(services, await parse_body(partial(_announced, room_id=room_id),
-                                                     request.body), 201)
-
-
-def _announced(body: bytes, room_id: int) -> Draft:
     try:
-        text = body.decode("utf-8")
+        text = request.body.decode("utf-8")
     except UnicodeDecodeError:
         raise HttpError(error(400, "bad_json", "the body must be UTF-8 JSON")) from None
-    return _frame(text, room_id)
+    return await _publish(services, _frame(text, room_id), 201)
 
 
 def _message_id(match: re.Match[str]) -> int:
@@ -120,7 +113,7 @@ def _message_id(match: re.Match[str]) -> int:
 async def _edit_message(services: Services, request: Request, match: re.Match[str]
                         ) -> Response:
     room_id, message_id = room_id_of(match), _message_id(match)
-    body = await json_object(request, {"content"})
+    body = json_object(request, {"content"})
     if "content" not in body:
         raise HttpError(invalid("content", "is required"))
     if not isinstance(body["content"], str) or not body["content"]:

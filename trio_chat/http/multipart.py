@@ -4,8 +4,10 @@ part of a ``multipart/form-data`` form (RFC 7578).
 The form is read by :func:`file_part`, sans-IO, which walks the body with
 ``bytes.find`` (C speed) and gives up after :data:`MAX_PARTS` parts or a part
 head over :data:`MAX_PART_HEAD_BYTES`: a body of 150,000 empty parts costs the
-same as one of sixteen. :func:`uploaded_file` runs it in a worker thread, so
-even the copy of a large part never runs on the event loop. Runs no task.
+same as one of sixteen, a few milliseconds at most for the largest body. The
+caps are what bound it (searching and copying hold the GIL);
+:func:`uploaded_file` still runs it in a worker thread, so the event loop takes
+its other turns in between. Runs no task.
 """
 
 from __future__ import annotations

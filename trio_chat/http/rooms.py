@@ -107,7 +107,7 @@ async def _members(services: Services, request: Request, match: re.Match[str]) -
 
 async def _create_room(services: Services, request: Request, match: re.Match[str]
                        ) -> Response:
-    body = await json_object(request, {"name", "private"})
+    body = json_object(request, {"name", "private"})
     name = _room_name(body, required=True)
     assert name is not None
     try:
@@ -138,7 +138,7 @@ async def _get_room(services: Services, request: Request, match: re.Match[str]) 
 async def _patch_room(services: Services, request: Request, match: re.Match[str]
                       ) -> Response:
     room_id = room_id_of(match)
-    body = await json_object(request, {"name", "private"})
+    body = json_object(request, {"name", "private"})
     name, private = _room_name(body, required=False), _flag(body, "private")
     try:
         room = await services.repository.update_room(room_id, name, private)
@@ -181,7 +181,7 @@ async def _delete_room(services: Services, request: Request, match: re.Match[str
 
 async def _kick(services: Services, request: Request, match: re.Match[str]) -> Response:
     room_id = room_id_of(match)
-    body = await json_object(request, {"author_id", "reason"})
+    body = json_object(request, {"author_id", "reason"})
     author_id, reason = _author(body), _reason(body)
     await _close_members(services, room_id, author_id, KICKED, reason or "kicked")
     return json_response(200, {"room_id": room_id, "author_id": author_id, "kicked": True})
@@ -189,7 +189,7 @@ async def _kick(services: Services, request: Request, match: re.Match[str]) -> R
 
 async def _ban(services: Services, request: Request, match: re.Match[str]) -> Response:
     room_id = room_id_of(match)
-    body = await json_object(request, {"author_id", "reason", "duration"})
+    body = json_object(request, {"author_id", "reason", "duration"})
     author_id, reason = _author(body), _reason(body)
     duration = body.get("duration")
     if duration is not None and (isinstance(duration, bool) or
