@@ -12,6 +12,7 @@ sockets or sleeps.
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import math
 import re
 import time
@@ -179,13 +180,19 @@ def check_admin(headers: Mapping[str, str], admin_key: str | None,
     raise AuthError(401, "admin_key_invalid", "The admin key is wrong.")
 
 
-def origin_allowed(origin: str | None, host: str | None, allowed: tuple[str, ...]) -> bool:
+def origin_allowed(origin: str | None, host: str | None, allowed: tuple[str, ...], *,
+                   trust_host_names: bool = True) -> bool:
     """Whether a WebSocket from a page at ``origin`` may connect (cross-site hijacking).
 
     No ``Origin``: not a browser, allowed. ``"*"`` in ``allowed``: any origin. Empty
     ``allowed``: only the server's own host, as the ``Host`` header names it. Otherwise
     exactly the listed origins (``https://app.example.com``), after normalising case and
     default ports. A ``null`` or malformed origin is refused unless ``"*"`` is listed.
+
+    Without ``trust_host_names`` (tokens on), an empty ``allowed`` trusts the ``Host``
+    header only when it is an IP address or ``localhost``: a DNS-rebinding page, served
+    from the attacker's name that now resolves to this server, sends that name as both
+    its ``Origin`` and its ``Host``, so an equal pair of names proves nothing.
     """
     if origin is None or "*" in allowed:
         return True
@@ -200,13 +207,28 @@ def origin_allowed(origin: str | None, host: str | None, allowed: tuple[str, ...
     if match is None:
         return False
     scheme, origin_host, origin_port = parsed
+    if not trust_host_names and not _unrebindable(match["host"].lower()):
+        return False
     host_port = int(match["port"]) if match["port"] else _DEFAULT_PORTS.get(scheme)
     return (match["host"].lower(), host_port) == (origin_host, origin_port)
 
 
-def check_origin(origin: str | None, host: str | None, allowed: tuple[str, ...]) -> None:
+def _unrebindable(host: str) -> bool:
+    """Whether a page whose origin names ``host`` can only come from that host: an IP
+    address, or ``localhost``, which browsers never look up in DNS."""
+    if host == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
+    except ValueError:
+        return False
+    return True
+
+
+def check_origin(origin: str | None, host: str | None, allowed: tuple[str, ...], *,
+                 trust_host_names: bool = True) -> None:
     """:func:`origin_allowed`, raising :class:`AuthError` (403 ``origin_not_allowed``)."""
-    if not origin_allowed(origin, host, allowed):
+    if not origin_allowed(origin, host, allowed, trust_host_names=trust_host_names):
         raise AuthError(403, "origin_not_allowed",
                         "Pages from this origin may not open a WebSocket here.")
 

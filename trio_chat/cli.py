@@ -218,6 +218,12 @@ def _start_up_log(args: argparse.Namespace, config: Config) -> None:
     if args.command == "serve" and config.auth.mode == "off" and not config.auth.admin_key:
         log.warning("development mode: any client may claim any author_id and the rooms "
                     "API needs no key; set auth.mode and auth.adminKey in production")
+    if args.command == "serve" and config.auth.mode == "token" and \
+            not config.auth.allowed_origins:
+        log.warning("auth.allowedOrigins is empty: browsers may open WebSockets only from "
+                    "pages served at an IP address or localhost (a page at a host name "
+                    "could be DNS rebinding); list your app's origins, such as "
+                    '"https://chat.example.com"')
 
 
 def main(argv: list[str] | None = None) -> int:

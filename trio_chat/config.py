@@ -73,6 +73,12 @@ class ServerConfig:
     pong_wait: float = _opt("pongWait", 60.0, float, low=0.001, high=86400)
     ping_period: float = _opt("pingPeriod", 54.0, float, low=0.001, high=86400)
     handshake_timeout: float = _opt("handshakeTimeout", 10.0, float, low=0.001, high=3600)
+    # Running one HTTP handler (the upgrade's checks included); over it: 503.
+    handler_timeout: float = _opt("handlerTimeout", 30.0, float, low=0.001, high=3600)
+    # The slowest a request body or an HTTP answer may move, in bytes a second: its
+    # deadline grows by its size over this rate, past handshakeTimeout or writeWait.
+    min_transfer_rate: int = _opt("minTransferRate", 32 * 1024, int, low=1,
+                                  high=1024 * 1024 * 1024)
     close_timeout: float = _opt("closeTimeout", 2.0, float, low=0.0, high=3600)
     shutdown_timeout: float = _opt("shutdownTimeout", 10.0, float, low=0.0, high=3600)
     # Seconds between a shutdown signal and closing anything, while /readyz answers 503.
@@ -150,6 +156,8 @@ class AuthConfig:
     mode: str = _opt("mode", "off", str, choices={"off": "off", "token": "token"})
     secret: str = _opt("secret", "", str, secret=True)
     admin_key: str = _opt("adminKey", "", str, secret=True)
+    # Needed (as a bearer token) to read /metrics, when set; the admin key works too.
+    metrics_key: str = _opt("metricsKey", "", str, secret=True)
     # Origins allowed to open WebSockets from a browser; none: the server's own host.
     allowed_origins: tuple[str, ...] = _opt("allowedOrigins", (), tuple)
 
@@ -164,7 +172,23 @@ class LimitsConfig:
     # Refused messages since the client last slowed down enough to refill its burst,
     # before the connection is closed (1008).
     flood_limit: int = _opt("floodLimit", 20, int, low=1, high=1_000_000)
+    # Every TCP connection from one address counts, HTTP and WebSocket alike.
     connections_per_ip: int = _opt("connectionsPerIp", 1000, int, low=1, high=10_000_000)
+    # Connections of one address not (yet) upgraded: reading, answering or idle between
+    # requests. A burst of half-open requests is refused here, long before the descriptors
+    # run out.
+    http_connections_per_ip: int = _opt("httpConnectionsPerIp", 64, int, low=1,
+                                        high=10_000_000)
+    # Uploads per identity (a token's author, or the address when tokens are off).
+    uploads_per_minute: float = _opt("uploadsPerMinute", 10.0, float, low=0.01,
+                                     high=1_000_000)
+    upload_bytes_per_hour: int = _opt("uploadBytesPerHour", 100 * 1024 * 1024, int,
+                                      low=1024, high=1 << 40)
+    # Request bodies held at once (read, not yet answered), per address and in all.
+    body_bytes_per_ip: int = _opt("bodyBytesPerIp", 16 * 1024 * 1024, int, low=1024 * 1024,
+                                  high=1 << 40)
+    body_bytes_total: int = _opt("bodyBytesTotal", 256 * 1024 * 1024, int,
+                                 low=1024 * 1024, high=1 << 40)
     # A connection's typing events closer together than this are dropped.
     typing_interval: float = _opt("typingInterval", 2.0, float, low=0, high=3600)
 
@@ -179,9 +203,18 @@ class MediaConfig:
     max_dimension: int = _opt("maxDimension", 10_000, int, low=16, high=100_000)
     max_pixels: int = _opt("maxPixels", 40_000_000, int, low=256, high=1_000_000_000)
     thumbnail_size: int = _opt("thumbnailSize", 320, int, low=16, high=4096)
+    # An upload that no chat_img message names within this many seconds is deleted.
+    unsent_upload_ttl: float = _opt("unsentUploadTtl", 86400.0, float, low=1,
+                                    high=365 * 86400)
+    # Image decodes at once in the process; each may hold 8 bytes x maxPixels.
+    decode_concurrency: int = _opt("decodeConcurrency", 1, int, low=1, high=64)
 
 
 ENV_PREFIX = "TRIO_CHAT_"
+
+# What an image upload's body may hold beyond the image: a multipart envelope.
+UPLOAD_ENVELOPE = 64 * 1024
+
 SECRET_ENV = "TRIO_CHAT_AUTH_SECRET"
 # The older name of TRIO_CHAT_AUTH_ADMIN_KEY, still read.
 ADMIN_KEY_ENV = "TRIO_CHAT_ADMIN_KEY"
@@ -351,11 +384,21 @@ def parse_config(data: Any, source: str = "<config>",
             f"from redis.publishChannelName {redis.publish_channel_name!r}: nodes would "
             "listen where nobody publishes and no message would reach anybody; give both "
             "the same value, or set redis.relay to true if a relay forwards one to the other")
+    if config.limits.upload_bytes_per_hour < config.media.max_image_bytes:
+        raise ConfigError(f"{source}: limits.uploadBytesPerHour: expected at least "
+                          f"media.maxImageBytes ({config.media.max_image_bytes}), got "
+                          f"{config.limits.upload_bytes_per_hour}")
+    upload = config.media.max_image_bytes + UPLOAD_ENVELOPE
+    for key, value in (("bodyBytesPerIp", config.limits.body_bytes_per_ip),
+                       ("bodyBytesTotal", config.limits.body_bytes_total)):
+        if value < upload:
+            raise ConfigError(f"{source}: limits.{key}: expected at least media.maxImageBytes "
+                              f"+ {UPLOAD_ENVELOPE} ({upload}) so an upload fits, got {value}")
     return config
 
 
 def _auth_secrets(auth: AuthConfig, source: str, environ: Mapping[str, str]) -> AuthConfig:
-    # TRIO_CHAT_AUTH_SECRET is already read by the general rule.
+    # TRIO_CHAT_AUTH_SECRET and TRIO_CHAT_AUTH_METRICS_KEY are read by the general rule.
     auth = attrs.evolve(auth, admin_key=auth.admin_key or environ.get(ADMIN_KEY_ENV, ""))
     if auth.mode == "token" and len(auth.secret.encode()) < MIN_SECRET:
         raise ConfigError(f"{source}: auth.secret: expected at least {MIN_SECRET} bytes "
@@ -364,6 +407,9 @@ def _auth_secrets(auth: AuthConfig, source: str, environ: Mapping[str, str]) -> 
     if auth.admin_key and len(auth.admin_key) < 16:
         raise ConfigError(f"{source}: auth.adminKey: expected at least 16 characters, got "
                           f"{len(auth.admin_key)}")
+    if auth.metrics_key and len(auth.metrics_key) < 16:
+        raise ConfigError(f"{source}: auth.metricsKey: expected at least 16 characters, got "
+                          f"{len(auth.metrics_key)}")
     return auth
 
 

@@ -5,17 +5,23 @@ Owns image validation (sans-IO, :func:`validate_image`: bytes in, a cleaned imag
 and its thumbnail out, or an :class:`ImageError`), data URLs, and turning a
 ``chat_img`` draft into one that points at a stored image. Runs no tasks;
 Pillow's decoding and encoding run in a worker thread, so a large image never
-blocks the event loop.
+blocks the event loop, and at most ``media.decodeConcurrency`` at once, so their
+memory is bounded: a decode holds the image once (4 bytes a pixel), twice while a
+JPEG is turned upright.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import ctypes
+import ctypes.util
 import io
+import logging
 import re
 import secrets
 import struct
+import sys
 import warnings
 
 import attrs
@@ -23,7 +29,7 @@ import trio
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import MediaConfig
-from .protocol import Draft, FrameError, utc_now
+from .protocol import Draft, FrameError, utc_after, utc_now
 from .store import MediaInfo, Repository, StoredMedia
 
 # What may be uploaded: Pillow's format name -> content type.
@@ -37,8 +43,16 @@ _KEPT_INFO = ("transparency", "background")
 # Markup that makes a file something else too when a browser or a server sniffs it.
 _MARKUP = re.compile(rb"<(?:script|html|body|svg|iframe|\?php)", re.IGNORECASE)
 _DATA_URL = re.compile(r"data:(image/[a-z0-9.+-]+)?(;[a-z0-9=.+-]+)*;base64,", re.IGNORECASE)
+log = logging.getLogger(__name__)
+
 _MEDIA_PATH = re.compile(r"(?:https?://[^/\s]+)?/media/([A-Za-z0-9_-]{16,64})\Z")
-_THREADS = trio.CapacityLimiter(2)
+# Image decodes running at once in this process (media.decodeConcurrency, set by
+# configure_decoding): each holds up to 8 bytes a pixel, so this bounds the peak.
+_DECODERS = trio.CapacityLimiter(1)
+# glibc keeps what a large decode freed in the worker thread's arena; trimming after
+# each decode gives it back, so a burst of uploads leaves no high-water mark.
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6") if sys.platform == "linux" \
+    else None
 
 
 class ImageError(Exception):
@@ -122,17 +136,21 @@ def validate_image(data: bytes, config: MediaConfig) -> ProcessedImage:
         image: Image.Image = Image.open(io.BytesIO(data))
         image.load()
         if fmt == "JPEG":
-            image = ImageOps.exif_transpose(image)  # before the EXIF goes
+            # Before the EXIF goes. In place: a second full-size copy would double the
+            # decode's peak for every JPEG, not only for those that need turning.
+            ImageOps.exif_transpose(image, in_place=True)
     except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
         raise ImageError("invalid_image", f"the image cannot be decoded: {exc}", 400) from None
     image.info = {k: v for k, v in image.info.items() if k in _KEPT_INFO}
     cleaned = _encode(image, fmt)
-    thumb = image.copy()
-    thumb.thumbnail((config.thumbnail_size, config.thumbnail_size))
+    width, height = image.size
+    # The full-size image is not needed once encoded: shrink it in place into the
+    # thumbnail rather than copying it first.
+    image.thumbnail((config.thumbnail_size, config.thumbnail_size))
     thumb_format = _THUMBNAIL_FORMAT[fmt]
-    return ProcessedImage(cleaned, FORMATS[fmt], image.width, image.height,
-                          _encode(thumb, thumb_format), FORMATS[thumb_format], thumb.width,
-                          thumb.height)
+    return ProcessedImage(cleaned, FORMATS[fmt], width, height,
+                          _encode(image, thumb_format), FORMATS[thumb_format], image.width,
+                          image.height)
 
 
 def _encode(image: Image.Image, fmt: str) -> bytes:
@@ -165,14 +183,30 @@ def media_id_of(content: str) -> str | None:
     return match.group(1) if match else None
 
 
+def configure_decoding(config: MediaConfig) -> None:
+    """Set how many image decodes may run at once. Per process, not per server: the
+    memory they take is the process's."""
+    _DECODERS.total_tokens = config.decode_concurrency
+
+
+def _decode(data: bytes, config: MediaConfig) -> ProcessedImage:
+    try:
+        return validate_image(data, config)
+    finally:
+        if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
+            _LIBC.malloc_trim(0)
+
+
 async def save_image(repository: Repository, config: MediaConfig, data: bytes, room_id: int,
-                     author_id: int) -> MediaInfo:
-    """Validate ``data`` (in a worker thread) and store it; :class:`ImageError` if refused."""
-    image = await trio.to_thread.run_sync(validate_image, data, config, limiter=_THREADS)
+                     author_id: int, *, sent: bool = True) -> MediaInfo:
+    """Validate ``data`` (in a worker thread, at most ``media.decodeConcurrency`` at once)
+    and store it; :class:`ImageError` if refused. An upload (not ``sent``) is deleted
+    unless a message names it within ``media.unsentUploadTtl``."""
+    image = await trio.to_thread.run_sync(_decode, data, config, limiter=_DECODERS)
     info = MediaInfo(secrets.token_urlsafe(16), room_id, author_id, image.content_type,
                      len(image.data), image.width, image.height, image.thumbnail_type,
                      image.thumbnail_width, image.thumbnail_height, utc_now())
-    await repository.save_media(StoredMedia(info, image.data, image.thumbnail))
+    await repository.save_media(StoredMedia(info, image.data, image.thumbnail, sent))
     return info
 
 
@@ -197,6 +231,32 @@ async def attach_image(repository: Repository, config: MediaConfig, draft: Draft
                                  "base64 URL or the url of an image uploaded to this room "
                                  "(POST /rooms/{room_id}/images)", cmid)
             info = found
+            await repository.media_sent(info.id)
     except ImageError as exc:
         raise FrameError(exc.code, exc.detail, cmid) from None
     return attrs.evolve(draft, content=info.url, image=info.to_wire())
+
+
+async def expire_unsent_uploads(repository: Repository, config: MediaConfig, *,
+                                task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                                ) -> None:
+    """Delete, every quarter of ``media.unsentUploadTtl`` (at most ten minutes apart),
+    the uploads that no message named within it. Never returns.
+
+    Failure boundary: one sweep. A store that fails or hangs (each call has the
+    store's deadline), or a bug, is logged with its traceback and the next sweep
+    tries again; chat and uploads go on meanwhile, and what was not deleted waits.
+    """
+    interval = min(config.unsent_upload_ttl / 4, 600.0)
+    task_status.started()
+    while True:
+        await trio.sleep(interval)
+        try:
+            dropped = await repository.drop_unsent_media(utc_after(-config.unsent_upload_ttl))
+        except Exception:
+            log.warning("could not delete unsent uploads; trying again in %gs", interval,
+                        exc_info=True)
+        else:
+            if dropped:
+                log.info("deleted %d uploads no message named within %gs", dropped,
+                         config.unsent_upload_ttl)

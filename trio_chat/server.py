@@ -29,8 +29,10 @@ from .broker import BrokerUnavailable, LocalBroker, RedisBroker
 from .config import Config
 from .framing import GOING_AWAY
 from .http import NodeInfo, Readiness, Services, Shutdown, load_demo_page, serve_http
+from .http.budget import ByteBudget, UploadAllowance
 from .hub import Hub
 from .lag import watch_loop_lag
+from .media import configure_decoding, expire_unsent_uploads
 from .metrics import Metrics, count_tasks
 from .store import Repository, Store, make_backend
 from .websocket import Limits, Writers
@@ -143,6 +145,7 @@ class Server:
         """The server and its parts; ``worker`` names it ("2/4") under ``--workers``."""
         s = config.server
         metrics = Metrics()
+        configure_decoding(config.media)
         stored = s.ack_after == "stored"
         backend = make_backend(config)
         repository = Repository(backend)
@@ -172,8 +175,13 @@ class Server:
         services = Services(config, metrics, hub, repository, store, broker, writers,
                             IpLimiter(config.limits.connections_per_ip), Shutdown(),
                             load_demo_page(),
-                            NodeInfo(broker.node if isinstance(broker, RedisBroker)
-                                     else "local", worker), readiness)
+                            node=NodeInfo(broker.node if isinstance(broker, RedisBroker)
+                                          else "local", worker), readiness=readiness,
+                            http_limiter=IpLimiter(config.limits.http_connections_per_ip),
+                            bodies=ByteBudget(config.limits.body_bytes_per_ip,
+                                              config.limits.body_bytes_total),
+                            uploads=UploadAllowance(config.limits.uploads_per_minute,
+                                                    config.limits.upload_bytes_per_hour))
         readiness.add_check(lambda: None if store.failing_since is None else (
             "store_failing", f"history store writes failing for {store.outage_seconds:.1f} s"))
         server = cls(config, metrics, store, broker, hub, writers, services)
@@ -184,6 +192,8 @@ class Server:
         metrics.add_gauge("presence_entries",
                           "Authors online in a room through a connection to this node.",
                           lambda: hub.presence.entries)
+        metrics.add_gauge("http_body_bytes", "Bytes of request bodies held (read, not yet "
+                          "answered).", lambda: services.bodies.held())
         metrics.add_gauge("trio_tasks", "Live trio tasks in this process.", count_tasks)
         metrics.add_gauge("store_lag_messages", "Accepted messages not yet written.",
                           lambda: store.lag)
@@ -241,6 +251,7 @@ class Server:
             await root.start(self.broker.run)
         await root.start(self.hub.run)
         await root.start(self.writers.run)
+        await root.start(expire_unsent_uploads, self.services.repository, self.config.media)
         listeners = (await open_shared_listeners(s.host, s.port) if self.reuse_port
                      else await trio.open_tcp_listeners(s.port, host=s.host))
         self.port = listeners[0].socket.getsockname()[1]

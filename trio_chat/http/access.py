@@ -8,6 +8,7 @@ Runs no task.
 
 from __future__ import annotations
 
+import hmac
 import re
 
 from ..auth import AuthError, Claims, authenticate, check_admin
@@ -25,6 +26,9 @@ async def authorize(services: Services, request: Request, access: str,
     """Raise :class:`HttpError` (401/403) unless the request may use a route of ``access``."""
     auth = services.config.auth
     tokens = auth.mode == "token"
+    if access == "metrics":
+        _check_metrics(services, request)
+        return
     if access == "public" or not (auth.admin_key or tokens):
         return  # development: no key and no identities, open as the seed was
     if access == "admin":
@@ -61,3 +65,21 @@ async def check_room_access(services: Services, room_id: int, claims: Claims) ->
         services.metrics.auth_failures += 1
         raise HttpError(error(403, "room_forbidden", f"room {room_id} is private and the "
                               "token does not grant it"))
+
+
+def _check_metrics(services: Services, request: Request) -> None:
+    """``/metrics`` with ``auth.metricsKey`` set needs it, or the admin key, as a bearer
+    token (what Prometheus sends with ``authorization: {credentials: ...}``)."""
+    auth = services.config.auth
+    if not auth.metrics_key:
+        return
+    scheme, _, presented = request.headers.get("authorization", "").strip().partition(" ")
+    presented = presented.strip() if scheme.lower() == "bearer" else ""
+    if not presented:
+        raise auth_error(services, AuthError(401, "metrics_key_required",
+                                             "/metrics needs auth.metricsKey as a bearer token"))
+    for key in (auth.metrics_key, auth.admin_key):
+        if key and hmac.compare_digest(presented.encode("utf-8", "surrogatepass"),
+                                       key.encode("utf-8", "surrogatepass")):
+            return
+    raise auth_error(services, AuthError(401, "metrics_key_invalid", "the metrics key is wrong"))

@@ -1,6 +1,10 @@
 """The media API: uploading an image to a room, and serving images and their
 thumbnails with caching headers (an image's id never names other bytes).
 
+An upload takes from its identity's allowance (``limits.uploadsPerMinute`` and
+``uploadBytesPerHour``; 429 over it) before it is decoded, and is deleted unless
+a chat_img message names it within ``media.unsentUploadTtl``.
+
 Runs no task; an upload is decoded in a worker thread (see :mod:`trio_chat.media`).
 """
 
@@ -8,7 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import re
+
+import trio
 
 from ..auth import AuthError, authenticate
 from ..media import ImageError, save_image
@@ -29,13 +36,26 @@ async def _upload_image(services: Services, request: Request, match: re.Match[st
     if config.server.room_policy == "strict":
         await existing_room(services, room_id)
     author_id = query_int(request, "author_id", low=INT64_MIN) or 0
+    # Whose allowance the upload takes from: the token's author, else the address (a
+    # query's author_id is anyone's to claim).
+    identity = "address " + (request.remote.rpartition(":")[0] or request.remote)
     if config.auth.mode == "token":
         with contextlib.suppress(AuthError):  # the admin key: the query says who
             author_id = authenticate(request.query, request.headers,
                                      config.auth.secret).author_id
+            identity = f"author {author_id}"
+    data = await uploaded_file(request)
+    refused = services.uploads.take(identity, len(data), trio.current_time())
+    if refused is not None:
+        kind, wait = refused
+        limits = config.limits
+        detail = (f"at most {limits.uploads_per_minute:g} uploads a minute" if kind == "rate"
+                  else f"at most {limits.upload_bytes_per_hour} bytes of uploads an hour")
+        raise HttpError(error(429, f"upload_{kind}_exceeded", detail,
+                              (("retry-after", str(math.ceil(wait))),)))
     try:
-        info = await save_image(services.repository, config.media, uploaded_file(request),
-                                room_id, author_id)
+        info = await save_image(services.repository, config.media, data, room_id, author_id,
+                                sent=False)
     except ImageError as exc:
         raise HttpError(error(exc.status, exc.code, exc.detail)) from None
     return json_response(201, info.to_wire(), (("location", info.url),))

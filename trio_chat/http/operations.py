@@ -92,7 +92,7 @@ ROUTES: list[Route] = [
     Route("GET", re.compile(r"/\Z"), _demo_page),
     Route("GET", re.compile(r"/healthz\Z"), _healthz),
     Route("GET", re.compile(r"/readyz\Z"), _readyz),
-    Route("GET", re.compile(r"/metrics\Z"), _metrics),
+    Route("GET", re.compile(r"/metrics\Z"), _metrics, "metrics"),
     Route("GET", re.compile(r"/openapi\.json\Z"), _openapi),
     *(Route("GET", re.compile(rf"/static/{re.escape(name)}\Z"), _static)
       for name in STATIC_FILES),

@@ -26,6 +26,7 @@ from ..hub import Hub
 from ..metrics import Metrics
 from ..store import Repository, Store
 from ..websocket import Writers
+from .budget import ByteBudget, UploadAllowance
 
 
 @attrs.define(eq=False)
@@ -131,8 +132,15 @@ class Services:
     # Closing a room's members on every node; forgetting a purged room.
     broker: Broker
     writers: Writers
+    # Every connection of an address (limits.connectionsPerIp).
     ip_limiter: IpLimiter
     shutdown: Shutdown
     demo_page: bytes
+    # An address's connections not upgraded (limits.httpConnectionsPerIp).
+    http_limiter: IpLimiter
+    # Request bodies held, per address and in all (limits.bodyBytesPerIp, bodyBytesTotal).
+    bodies: ByteBudget
+    # Uploads per identity (limits.uploadsPerMinute, uploadBytesPerHour).
+    uploads: UploadAllowance
     node: NodeInfo = attrs.field(factory=NodeInfo)
     readiness: Readiness = attrs.field(factory=Readiness)

@@ -1,9 +1,7 @@
 """The WebSocket upgrade: checking a ``GET /ws/{room_id}`` that asks to upgrade
-(parameters, handshake headers, Origin, identity, room policy, bans and the
-per-address limit) and writing the 101 that accepts it.
-
-An accepted upgrade holds one of its address's connections in the per-address
-limit; whoever serves the connection releases it. Runs no task.
+(method and version, parameters, handshake headers, Origin, identity, room
+policy and bans) and writing the 101 that accepts it. The per-address limits are
+the connection loop's: every TCP connection counts from its accept. Runs no task.
 """
 
 from __future__ import annotations
@@ -44,7 +42,19 @@ def is_upgrade(headers: dict[str, str]) -> bool:
     return "upgrade" in tokens and headers.get("upgrade", "").lower() == "websocket"
 
 
-def _check_handshake(headers: dict[str, str]) -> Response | None:
+# Headers whose second copy would make the handshake ambiguous (RFC 6455 4.2.1): which
+# key is answered, which version agreed to. Refused rather than picking one.
+_SINGLE = ("sec-websocket-key", "sec-websocket-version", "upgrade")
+
+
+def _check_handshake(request: Request) -> Response | None:
+    headers = request.headers
+    if request.method != "GET" or request.http_version < "1.1":
+        return error(400, "bad_handshake", "a WebSocket upgrade must be a GET over HTTP/1.1 "
+                     f"or later, not {request.method[:16]} over HTTP/{request.http_version}")
+    repeated = [name for name in _SINGLE if name in request.repeated]
+    if repeated:
+        return error(400, "bad_handshake", f"{repeated[0]} must appear once")
     if headers.get("sec-websocket-version") != "13":
         return error(426, "unsupported_websocket_version", "Sec-WebSocket-Version must be 13",
                      (("sec-websocket-version", "13"),))
@@ -57,24 +67,18 @@ def _check_handshake(headers: dict[str, str]) -> Response | None:
     return None
 
 
-async def check_upgrade(services: Services, request: Request, match: re.Match[str], ip: str
+async def check_upgrade(services: Services, request: Request, match: re.Match[str]
                         ) -> tuple[Response | None, Upgrade | None]:
-    """Check an upgrade request: the refusal, or the upgrade (holding one of ``ip``'s
-    connections)."""
+    """Check an upgrade request: the refusal, or the upgrade."""
     try:
         room_id = room_id_of(match)
         since = query_int(request, "since", low=0)
         author_id = query_int(request, "author_id", low=INT64_MIN)
-        response = _check_handshake(request.headers)
+        response = _check_handshake(request)
     except HttpError as exc:
         response = exc.response
     if response is None:
         response, author_id, verified = await _admit(services, request, room_id, author_id)
-    if response is None and not services.ip_limiter.acquire(ip):
-        services.metrics.ip_limit_refusals += 1
-        response = error(429, "too_many_connections",
-                         f"at most {services.config.limits.connections_per_ip} "
-                         f"connections from one address")
     if response is not None:
         services.metrics.handshake_failures += 1
         return response, None
@@ -89,7 +93,7 @@ async def _admit(services: Services, request: Request, room_id: int, author_id: 
     auth = services.config.auth
     try:
         check_origin(request.headers.get("origin"), request.headers.get("host"),
-                     auth.allowed_origins)
+                     auth.allowed_origins, trust_host_names=auth.mode != "token")
     except AuthError as exc:
         services.metrics.origin_refusals += 1
         return error(exc.status, exc.code, exc.detail), None, False

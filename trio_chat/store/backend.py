@@ -92,6 +92,9 @@ class StoredMedia:
     info: MediaInfo
     data: bytes = attrs.field(repr=False)
     thumbnail: bytes = attrs.field(repr=False)
+    # Whether a message carries it: an upload is not sent until a chat_img names it, and
+    # is deleted if none does in time; a data URL's image is sent with its message.
+    sent: bool = True
 
 
 class Backend(Protocol):
@@ -120,6 +123,10 @@ class Backend(Protocol):
     async def ban(self, ban: Ban) -> None: ...
     async def save_media(self, media: StoredMedia) -> None: ...
     async def media_info(self, media_id: str) -> MediaInfo | None: ...
+    async def media_sent(self, media_id: str) -> None:
+        """Mark an image as carried by a message: it is kept for good."""
+    async def drop_unsent_media(self, before: str) -> int:
+        """Delete images stored before ``before`` that no message carries; how many."""
     async def media_bytes(self, media_id: str, thumbnail: bool) -> tuple[str, bytes] | None:
         """The content type and bytes of an image (or of its thumbnail), if stored."""
     async def client_message(self, room_id: int, author_id: int, client_msg_id: str,
@@ -248,12 +255,21 @@ class SqlRooms:
     async def save_media(self, media: StoredMedia) -> None:
         i = media.info
         blob = self._blob_mark
-        await self._sql(f"INSERT INTO media ({MEDIA_COLUMNS}, data, thumbnail) "
-                        f"VALUES ({', '.join([self._mark] * 11)}, {blob}, {blob})",
+        await self._sql(f"INSERT INTO media ({MEDIA_COLUMNS}, sent, data, thumbnail) "
+                        f"VALUES ({', '.join([self._mark] * 12)}, {blob}, {blob})",
                         (i.id, i.room_id, i.author_id, i.content_type, i.size, i.width,
                          i.height, i.thumbnail_type, i.thumbnail_width, i.thumbnail_height,
-                         self._stamp_in(i.created_at), self._blob_in(media.data),
-                         self._blob_in(media.thumbnail)))
+                         self._stamp_in(i.created_at), int(media.sent),
+                         self._blob_in(media.data), self._blob_in(media.thumbnail)))
+
+    async def media_sent(self, media_id: str) -> None:
+        await self._sql(f"UPDATE media SET sent = 1 WHERE id = {self._mark} AND sent = 0",
+                        (media_id,))
+
+    async def drop_unsent_media(self, before: str) -> int:
+        _, deleted = await self._sql(f"DELETE FROM media WHERE sent = 0 AND created_at < "
+                                     f"{self._mark}", (self._stamp_in(before),))
+        return deleted
 
     async def media_info(self, media_id: str) -> MediaInfo | None:
         rows, _ = await self._sql(f"SELECT {MEDIA_COLUMNS} FROM media WHERE id = {self._mark}",

@@ -57,6 +57,14 @@ class Repository:
     async def media_info(self, media_id: str) -> MediaInfo | None:
         return await self._backend.media_info(media_id)
 
+    async def media_sent(self, media_id: str) -> None:
+        """Mark an uploaded image as carried by a message, so it is kept."""
+        await self._backend.media_sent(media_id)
+
+    async def drop_unsent_media(self, before: str) -> int:
+        """Delete uploads stored before ``before`` that no message carries."""
+        return await self._backend.drop_unsent_media(before)
+
     async def media_bytes(self, media_id: str, thumbnail: bool) -> tuple[str, bytes] | None:
         """The image's (or its thumbnail's) content type and bytes, if it exists."""
         return await self._backend.media_bytes(media_id, thumbnail)

@@ -154,6 +154,17 @@ MIGRATIONS: list[tuple[int, str, dict[str, list[str]]]] = [
             "CREATE INDEX messages_received_at ON messages (received_at)",
         ],
     }),
+    # Images stored before this migration count as sent: nothing says they were not.
+    (6, "whether an image was sent in a message (unsent uploads expire)", {
+        "sqlite": [
+            "ALTER TABLE media ADD COLUMN sent INTEGER NOT NULL DEFAULT 1",
+            "CREATE INDEX media_unsent ON media (sent, created_at)",
+        ],
+        "mysql": [
+            "ALTER TABLE media ADD COLUMN sent BOOLEAN NOT NULL DEFAULT TRUE, "
+            "ADD INDEX media_unsent (sent, created_at)",
+        ],
+    }),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
