@@ -25,8 +25,9 @@ from .conftest import (
     ws_url,
 )
 from .hostile import open_from
-from .rawws import KEY, http_call, http_get, read_http_response
+from .rawws import http_call, http_get, read_http_response
 from .test_images import image_bytes
+from .wire import KEY
 
 
 @pytest.fixture
