@@ -38,6 +38,7 @@ def start_server(name: str, workdir: Path, cpus: set[int] | None,
         path.write_text(json.dumps({
             "server": server_config or {},
             "limits": {"messagesPerSecond": 1_000_000, "messageBurst": 1_000_000,
+                       "identityMessagesPerSecond": 1_000_000, "identityMessageBurst": 1_000_000,
                        "connectionsPerIp": 1_000_000}}))
         config = str(path)
     server = fan.ServerProcess(name, workdir, cpus, config)

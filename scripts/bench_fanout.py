@@ -1550,6 +1550,7 @@ def _bench_config(args: argparse.Namespace) -> dict[str, Any]:
     if args.config:
         config = json.loads(Path(args.config).read_text())
     config["limits"] = {"messagesPerSecond": 1_000_000, "messageBurst": 1_000_000,
+                        "identityMessagesPerSecond": 1_000_000, "identityMessageBurst": 1_000_000,
                         "connectionsPerIp": 1_000_000, **config.get("limits", {})}
     if not args.via_redis:
         return config
