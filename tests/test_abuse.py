@@ -125,7 +125,6 @@ async def test_a_resume_that_never_reads_holds_at_most_its_queue(nursery, db_pat
             await wait_until(lambda: server.metrics.slow_consumer_disconnects == 1, 15)
             assert resuming.ws.close_code == 4001
     await wait_until(lambda: not server.hub.connections)
-    assert sum(c.ws.queued_bytes for c in server.hub.connections) == 0
 
 
 async def test_a_ping_flood_holds_one_pong(nursery, db_path) -> None:

@@ -80,6 +80,10 @@ class ChatConnection:
     _typed_at: float = attrs.field(init=False, default=-math.inf)
     _on_slow: Callable[[], None] = lambda: None
 
+    @property
+    def queued_bytes(self) -> int:
+        return self.ws.queued_bytes + self._held_bytes
+
     def send_frame(self, frame: bytes) -> None:
         if self._held is None:
             self.ws.send_frame(frame)

@@ -61,6 +61,10 @@ class RoomUnavailable(Exception):
 class Connection(Member, Protocol):
     def close(self, code: int, reason: str) -> None: ...
 
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes waiting to be sent to this connection, frames held back included."""
+
 
 @attrs.define(eq=False)
 class Presence:

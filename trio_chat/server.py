@@ -192,8 +192,8 @@ class Server:
                           "maxFrameBytes being read or handled (server.largeFrameBudget).",
                           lambda: writers.large.used)
         metrics.add_gauge("outbound_queued_bytes", "Bytes queued for WebSocket clients, "
-                          "history and pongs included.",
-                          lambda: sum(c.ws.queued_bytes for c in hub.connections))
+                          "history, pongs and held-back frames included.",
+                          lambda: sum(c.queued_bytes for c in hub.connections))
         metrics.add_gauge("store_buffer_bytes", "Bytes of accepted messages not yet "
                           "written (server.storeBufferBytes).", lambda: store.lag_bytes)
         metrics.add_gauge("connections_open", "Open WebSocket connections.",
