@@ -279,3 +279,25 @@ async def test_one_token_on_many_connections_shares_one_rate(nursery, db_path) -
         await round_trip(server, OTHER_ROOM, f"?token={make_token(12, SECRET)}", author_id=12)
     await wait_until(lambda: not server.hub.connections)
     assert len(server.hub.identity_rates) == 0
+
+
+async def test_without_tokens_one_address_shares_one_rate(nursery, db_path) -> None:
+    limits = LimitsConfig(messages_per_second=20, message_burst=40,
+                          identity_messages_per_second=5, identity_message_burst=10,
+                          flood_limit=1000)
+    server = await start_server(nursery, make_config(db_path, limits=limits))
+    async with contextlib.AsyncExitStack() as stack:
+        # Five authors, as they claim to be, all from 127.0.0.1.
+        sockets = [await stack.enter_async_context(
+            open_ws(ws_url(server, ROOM, f"?author_id={n}"))) for n in range(5)]
+        started = trio.current_time()
+        for i in range(10):
+            for ws in sockets:
+                await ws.send_message(json.dumps({"message_type": "chat_txt",
+                                                  "content": f"{i}"}))
+        metrics = server.metrics
+        await wait_until(lambda: metrics.messages_received + metrics.rate_limited == 50)
+        elapsed = trio.current_time() - started
+        assert metrics.messages_received <= 10 + 5 * elapsed + 1
+    await wait_until(lambda: not server.hub.connections)
+    assert len(server.hub.identity_rates) == 0

@@ -20,22 +20,15 @@ keeps up:
 Those tasks run in the nursery of :meth:`Writers.run`, under the server's root.
 
 The outbound queue is bounded in frames and bytes, and everything sent counts
-against it: messages, events, error frames, acks, history and pongs (bytes being
-written by a writer task count until the socket took them). Its policy for a
-slow consumer is *disconnect*: a member whose queue overflows, or whose socket
-does not take a write within ``writeWait``, is closed (code 4001 or dropped) and
-the room never waits for it. History is queued by :meth:`WebSocket.send_paced`,
-which waits for the queue to drain below a low-water mark, so a replay is
-streamed as the socket takes it. Only the server's own control frames (its
-pings, one close frame) are exempt. Of several pings whose pongs are not sent
-yet only the latest is answered (RFC 6455 5.5.3), so a client that pings and
-never reads holds one pong.
-
-Messages over ``max_message_bytes`` are refused at their header (1009), except
-a text message whose first bytes show a ``chat_img`` while the server-wide
-:class:`~trio_chat.framing.LargeFrames` budget has room (see
-:mod:`trio_chat.framing`); what a connection reserved is released once its
-message is handled, and when it ends.
+(messages, events, acks, errors, history, pongs, and bytes a writer task is
+still sending); only the server's pings and its close frame are exempt. Its
+policy for a slow consumer is *disconnect*: a member whose queue overflows, or
+whose socket does not take a write within ``writeWait``, is closed (code 4001
+or dropped) and the room never waits for it. History goes through
+:meth:`WebSocket.send_paced`, at the pace the socket takes it. Of several
+pongs not yet sent only the latest is kept (RFC 6455 5.5.3). Large messages
+are :class:`~trio_chat.framing.FrameReader`'s and its budget's business; the
+reservation is given back once a message is handled and when the connection ends.
 """
 
 from __future__ import annotations
@@ -224,7 +217,8 @@ class WebSocket:
         self._queued_bytes += len(frame)
         limits = self._writers.limits
         if len(queue) > limits.queue_frames or self._queued_bytes > limits.queue_bytes:
-            self._overflow()
+            self._on_slow()
+            self.close(SLOW_CONSUMER, "slow consumer: outbound queue full")
         else:
             self._flush_soon()
 
@@ -242,7 +236,8 @@ class WebSocket:
         self._queued_bytes += len(frame)
         limits = self._writers.limits
         if len(queue) > limits.queue_frames or self._queued_bytes > limits.queue_bytes:
-            self._overflow()
+            self._on_slow()
+            self.close(SLOW_CONSUMER, "slow consumer: outbound queue full")
         else:
             self._flush_soon()
 
@@ -263,10 +258,6 @@ class WebSocket:
             if self._closing:
                 return
             self.send_frame(frame)
-
-    def _overflow(self) -> None:
-        self._on_slow()
-        self.close(SLOW_CONSUMER, "slow consumer: outbound queue full")
 
     def _send(self, data: bytes) -> None:
         """Queue the server's own control frames (its pings, the close frame): exempt
@@ -293,7 +284,8 @@ class WebSocket:
         self._queued_bytes += len(pong) - len(self._pong)
         self._pong = pong
         if self._queued_bytes > self._writers.limits.queue_bytes:
-            self._overflow()
+            self._on_slow()
+            self.close(SLOW_CONSUMER, "slow consumer: outbound queue full")
         else:
             self._flush_soon()
 
