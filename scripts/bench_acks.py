@@ -65,6 +65,7 @@ def config_for(store: str, ack_after: str, workdir: Path, database: str) -> dict
         "server": {"port": 0, "ackAfter": ack_after},
         "sqlite": {"path": str(workdir / f"{store}-{ack_after}.db")},
         "limits": {"messagesPerSecond": 1_000_000, "messageBurst": 1_000_000,
+                   "identityMessagesPerSecond": 1_000_000, "identityMessageBurst": 1_000_000,
                    "floodLimit": 1_000_000}}
     if store in ("mariadb", "redis+mariadb"):
         config["db"] = {"host": MYSQL["host"], "port": MYSQL["port"], "id": MYSQL["user"],

@@ -51,7 +51,9 @@ MYSQL = {
 
 
 # Tests of other things send as fast as they can; the rate limit has tests of its own.
-UNLIMITED = LimitsConfig(messages_per_second=1_000_000, message_burst=1_000_000)
+UNLIMITED = LimitsConfig(messages_per_second=1_000_000, message_burst=1_000_000,
+                         identity_messages_per_second=1_000_000,
+                         identity_message_burst=1_000_000)
 
 
 def make_config(db_path: Path, *, db: DbConfig | None = None, limits: LimitsConfig = UNLIMITED,

@@ -44,7 +44,9 @@ def _config_file(tmp_path: Path, db: DbConfig | None = None, channel: str | None
     # can reach; what is tested here is what a durable ack promises, so wait longer.
     config: dict[str, Any] = {"server": {"port": 0, "storeWait": 30, **server},
                               "limits": {"messagesPerSecond": 1_000_000,
-                                         "messageBurst": 1_000_000}}
+                                         "messageBurst": 1_000_000,
+                                         "identityMessagesPerSecond": 1_000_000,
+                                         "identityMessageBurst": 1_000_000}}
     if db is not None:
         config["db"] = {"host": db.host, "port": db.port, "id": db.id,
                         "password": db.password, "database": db.database}

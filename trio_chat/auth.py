@@ -2,8 +2,9 @@
 
 Owns the decisions, not the I/O: whether a request's token (HS256 JWT) is
 valid and whom it names, whether a management request carries the admin key,
-whether a browser's ``Origin`` may open a WebSocket, whether a connection is
-over its message rate, and whether an address has too many connections. It
+whether a browser's ``Origin`` may open a WebSocket, whether a connection or
+an identity (all connections of one author or address) is over its message
+rate, and whether an address has too many connections. It
 runs no tasks and does no I/O; time is an argument (``now``: the wall clock for
 tokens, a monotonic one for rates), so everything here is tested without
 sockets or sleeps.
@@ -272,6 +273,39 @@ class TokenBucket:
             return True
         self._strikes += 1
         return False
+
+
+@attrs.define
+class IdentityRates:
+    """One :class:`TokenBucket` per identity, shared by all of its connections.
+
+    An identity is held while it has connections (:meth:`acquire` and
+    :meth:`release` count them), so the table is as large as the set of
+    connected identities; a bucket forgotten with its last connection starts
+    full again, which a client gains nothing from since its per-connection
+    bucket starts full too.
+    """
+
+    rate: float = attrs.field(validator=attrs.validators.gt(0))
+    burst: int = attrs.field(validator=attrs.validators.ge(1))
+    _buckets: dict[str, tuple[TokenBucket, int]] = attrs.field(init=False, factory=dict)
+
+    def acquire(self, identity: str) -> TokenBucket:
+        """The bucket of ``identity``, counting one more connection of it."""
+        bucket, count = self._buckets.get(identity) or (TokenBucket(self.rate, self.burst), 0)
+        self._buckets[identity] = (bucket, count + 1)
+        return bucket
+
+    def release(self, identity: str) -> None:
+        """Uncount a connection that :meth:`acquire` counted."""
+        bucket, count = self._buckets[identity]
+        if count == 1:
+            del self._buckets[identity]
+        else:
+            self._buckets[identity] = (bucket, count - 1)
+
+    def __len__(self) -> int:
+        return len(self._buckets)
 
 
 @attrs.define

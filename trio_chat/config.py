@@ -66,6 +66,12 @@ class ServerConfig:
     max_frame_bytes: int = _opt("maxFrameBytes", 64 * 1024, int, low=256, high=16 * 1024 * 1024)
     history_on_join: int = _opt("historyOnJoin", 50, int, low=0, high=10_000)
     replay_limit: int = _opt("replayLimit", 1000, int, low=0, high=1_000_000)
+    # The recent messages a live room keeps for joiners, in bytes (besides historyOnJoin).
+    history_bytes: int = _opt("historyBytes", 1024 * 1024, int, low=0, high=1024 * 1024 * 1024)
+    # Messages over maxFrameBytes (chat_img data URLs) every connection together may be
+    # reading or handling at once, in bytes.
+    large_frame_budget: int = _opt("largeFrameBudget", 32 * 1024 * 1024, int, low=0,
+                                   high=64 * 1024 * 1024 * 1024)
     send_queue_messages: int = _opt("sendQueueMessages", 1024, int, low=1, high=1_000_000)
     send_queue_bytes: int = _opt("sendQueueBytes", 4 * 1024 * 1024, int, low=1024,
                                  high=1024 * 1024 * 1024)
@@ -84,6 +90,9 @@ class ServerConfig:
     # Seconds between a shutdown signal and closing anything, while /readyz answers 503.
     drain_delay: float = _opt("drainDelay", 0.0, float, low=0.0, high=3600)
     store_buffer: int = _opt("storeBuffer", 100_000, int, low=1, high=10_000_000)
+    # The buffer's bound in bytes of message content, besides storeBuffer's count.
+    store_buffer_bytes: int = _opt("storeBufferBytes", 64 * 1024 * 1024, int,
+                                   low=64 * 1024, high=64 * 1024 * 1024 * 1024)
     store_batch: int = _opt("storeBatch", 1000, int, low=1, high=100_000)
     presence_ttl: float = _opt("presenceTtl", 30.0, float, low=0.1, high=86400)
     room_policy: str = _opt("roomPolicy", "auto", str,
@@ -91,6 +100,12 @@ class ServerConfig:
     # How long a client_msg_id is remembered: a resend within it is acked, not stored.
     idempotency_window: float = _opt("idempotencyWindow", 600.0, float, low=1,
                                      high=7 * 86400)
+    # The client_msg_ids one node remembers (with their messages), in bytes; older
+    # ones within the window are looked up in the history store.
+    idempotency_memory_bytes: int = _opt("idempotencyMemoryBytes", 32 * 1024 * 1024, int,
+                                         low=64 * 1024, high=64 * 1024 * 1024 * 1024)
+    # With Redis: how long a room's recent list outlives the room's last message.
+    recent_ttl: float = _opt("recentTtl", 86400.0, float, low=60, high=7 * 86400)
     # When a sender's ack goes out (and, on one node, when members see the message):
     # once the message is durable, or as soon as it is numbered.
     ack_after: str = _opt("ackAfter", "stored", str,
@@ -164,7 +179,7 @@ class AuthConfig:
 
 @attrs.frozen
 class LimitsConfig:
-    """Abuse limits, per connection and per client address."""
+    """Abuse limits, per connection, per identity and per client address."""
 
     messages_per_second: float = _opt("messagesPerSecond", 20.0, float, low=0.01,
                                       high=1_000_000)
@@ -189,6 +204,11 @@ class LimitsConfig:
                                   high=1 << 40)
     body_bytes_total: int = _opt("bodyBytesTotal", 256 * 1024 * 1024, int,
                                  low=1024 * 1024, high=1 << 40)
+    # Shared by every connection of one token's author (of one address without tokens).
+    identity_messages_per_second: float = _opt("identityMessagesPerSecond", 50.0, float,
+                                               low=0.01, high=1_000_000)
+    identity_message_burst: int = _opt("identityMessageBurst", 100, int, low=1,
+                                       high=1_000_000)
     # A connection's typing events closer together than this are dropped.
     typing_interval: float = _opt("typingInterval", 2.0, float, low=0, high=3600)
 

@@ -5,6 +5,12 @@ frame into a published message or an error frame, and leaves the room when
 the connection ends. The task that calls :func:`serve_connection` is its only
 task, the reader; writing and the heartbeat are
 :class:`~trio_chat.websocket.Writers`'.
+
+Frames are rate limited per connection and per identity (every connection of
+one token's author, or of one address when tokens are off). History is queued
+at the pace the socket takes it; live frames arriving meanwhile are held back
+and count against the same queue bound: a member over it is closed as a slow
+consumer (4001) and resumes later.
 """
 
 from __future__ import annotations
@@ -12,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import time
+from collections.abc import Callable
 from functools import partial
 
 import attrs
@@ -20,7 +28,14 @@ import trio
 from .auth import TokenBucket
 from .broker import BrokerUnavailable
 from .config import LimitsConfig
-from .framing import BANNED, MESSAGE_TOO_BIG, POLICY_VIOLATION, TRY_AGAIN_LATER, text_frame
+from .framing import (
+    BANNED,
+    MESSAGE_TOO_BIG,
+    POLICY_VIOLATION,
+    SLOW_CONSUMER,
+    TRY_AGAIN_LATER,
+    text_frame,
+)
 from .hub import Hub
 from .metrics import Metrics
 from .outbound import encode_ack, encode_error
@@ -57,32 +72,54 @@ class ChatConnection:
     frame_limit: int = 64 * 1024
     ws: WebSocket = attrs.field(init=False)
     room: Room | None = attrs.field(init=False, default=None)
-    # Live frames kept back while a resume reads history from the store.
+    # Shared by every connection of this one's identity (see IdentityRates).
+    identity_bucket: TokenBucket | None = None
+    # Live frames kept back while history is sent, and their bytes.
     _held: list[bytes] | None = attrs.field(init=False, default=None)
+    _held_bytes: int = attrs.field(init=False, default=0)
     _typed_at: float = attrs.field(init=False, default=-math.inf)
+    _on_slow: Callable[[], None] = lambda: None
+
+    @property
+    def queued_bytes(self) -> int:
+        return self.ws.queued_bytes + self._held_bytes
 
     def send_frame(self, frame: bytes) -> None:
         if self._held is None:
             self.ws.send_frame(frame)
         else:
-            self._held.append(frame)
+            self._hold_frame(frame)
 
     def queue_frame(self, frame: bytes) -> None:
         if self._held is None:
             self.ws.queue_frame(frame)
         else:
-            self._held.append(frame)
+            self._hold_frame(frame)
 
-    def send_history(self, frames: list[bytes]) -> None:
-        if frames:
-            self.ws.send_exempt(b"".join(frames))
+    def _hold_frame(self, frame: bytes) -> None:
+        held = self._held
+        assert held is not None
+        if self.ws.closing:
+            return
+        held.append(frame)
+        self._held_bytes += len(frame)
+        limits = self.ws.limits
+        if len(held) > limits.queue_frames or not self.ws.fits(self._held_bytes):
+            # History and what arrived meanwhile do not fit: resuming later costs less.
+            held.clear()
+            self._held_bytes = 0
+            self._on_slow()
+            self.ws.close(SLOW_CONSUMER, "slow consumer: outbound queue full during history")
+
+    async def send_history(self, frames: list[bytes]) -> None:
+        await self.ws.send_paced(frames, self.ws.limits.queue_bytes // 4)
 
     def hold(self) -> None:
         self._held = []
 
-    def release(self, history: list[bytes]) -> None:
+    def release(self) -> None:
         held, self._held = self._held or [], None
-        self.send_history(history)
+        self._held_bytes = 0
         for frame in held:
             self.ws.send_frame(frame)
 
@@ -104,10 +141,18 @@ class ChatConnection:
             self.ws.close(BANNED, ban.reason or "banned")
         return ban is not None
 
+    def _over_rate(self) -> TokenBucket | None:
+        """The bucket (this connection's or its identity's) that refuses a frame now."""
+        now = trio.current_time()
+        for bucket in (self.bucket, self.identity_bucket):
+            if bucket is not None and not bucket.take(now):
+                return bucket
+        return None
+
     async def on_message(self, message: str | bytes) -> None:
-        if self.bucket is not None and not self.bucket.take(trio.current_time()):
+        if (bucket := self._over_rate()) is not None:
             self._metrics.rate_limited += 1
-            if self.bucket.strikes >= self.flood_limit:
+            if bucket.strikes >= self.flood_limit:
                 self._metrics.flood_disconnects += 1
                 log.info("%s: flooding room %d, disconnecting", self.remote, self.room_id)
                 self.ws.close(POLICY_VIOLATION, "flooding: too many messages")
@@ -198,11 +243,13 @@ async def serve_connection(stream: trio.abc.Stream, *, hub: Hub, metrics: Metric
                            writers: Writers, room_id: int, remote: str, since: int | None = None,
                            author_id: int | None = None, verified: bool = False,
                            rate: LimitsConfig | None = None, trailing_data: bytes = b"",
-                           frame_limit: int | None = None) -> None:
+                           frame_limit: int | None = None, expires: float | None = None
+                           ) -> None:
     """Run one upgraded connection to its end. The caller closes ``stream``.
 
     ``frame_limit`` holds every frame but a chat_img to that many bytes (default:
-    the transport's limit).
+    the transport's limit). ``expires`` (seconds since the epoch: the token's
+    ``exp``) closes the connection with 4006 then.
     """
     connection = ChatConnection(room_id, remote, hub, metrics, author_id, verified,
                                 frame_limit=frame_limit or writers.limits.max_message_bytes)
@@ -210,6 +257,12 @@ async def serve_connection(stream: trio.abc.Stream, *, hub: Hub, metrics: Metric
         connection.bucket = TokenBucket(rate.messages_per_second, rate.message_burst)
         connection.flood_limit = rate.flood_limit
         connection.typing_interval = rate.typing_interval
+    # A token's subject is one identity wherever it connects from; without tokens an
+    # author id is only a claim, so the address is.
+    identity = f"author:{author_id}" if verified else f"ip:{remote.rpartition(':')[0]}"
+    rates = hub.identity_rates
+    if rates is not None and rate is not None:
+        connection.identity_bucket = rates.acquire(identity)
 
     def on_slow() -> None:
         metrics.slow_consumer_disconnects += 1
@@ -218,7 +271,10 @@ async def serve_connection(stream: trio.abc.Stream, *, hub: Hub, metrics: Metric
     def on_failure() -> None:
         metrics.frame_failures += 1
 
+    connection._on_slow = on_slow
     ws = connection.ws = WebSocket(stream, writers, on_slow, trailing_data, on_failure)
+    if expires is not None:
+        ws.expires_at = trio.current_time() + (expires - time.time())
     metrics.connections_total += 1
     # The connection's number in this process, for following it through the log.
     number = metrics.connections_total
@@ -252,3 +308,5 @@ async def serve_connection(stream: trio.abc.Stream, *, hub: Hub, metrics: Metric
                   extra={"event": "ws_close", "connection": number, "room": room_id,
                          "remote": remote, "close_code": code,
                          "duration": round(duration, 6)})
+        if connection.identity_bucket is not None and rates is not None:
+            rates.release(identity)

@@ -2,8 +2,10 @@
 
 Owns the wire layout of WebSocket frames on the server's side: the close codes
 and opcodes, :class:`FrameReader` (client frames in: unmasking, fragmentation,
-control frames, UTF-8, close codes, the size limit checked on the header), and
-the builders of server frames (text, close, ping, pong). Server frames are
+control frames, UTF-8, close codes, the size limit checked on the header),
+:class:`LargeFrames` (the server-wide budget for messages over that limit, which
+only a ``chat_img`` carrying a data URL may use), and the builders of server
+frames (text, close, ping, pong). Server frames are
 unmasked, so a broadcast is framed once and the same bytes go to every member.
 Runs no tasks and does no IO; the transport is :mod:`trio_chat.websocket`.
 """
@@ -24,6 +26,8 @@ INTERNAL_ERROR = 1011
 TRY_AGAIN_LATER = 1013
 SLOW_CONSUMER = 4001
 HEARTBEAT_TIMEOUT = 4002
+# The token the connection was opened with has expired (its exp claim).
+TOKEN_EXPIRED = 4006
 # Closed by an operator through the rooms API.
 ROOM_DELETED = 4003
 KICKED = 4004
@@ -38,6 +42,8 @@ _PEER_CLOSE_CODES = frozenset((1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1
                                1013, 1014, *range(3000, 5000)))
 
 PING_FRAME = b"\x89\x00"
+# A message over the frame limit is looked at this far to see whether it is a chat_img.
+LARGE_PREFIX = 256
 
 
 def text_frame(text: str) -> bytes:
@@ -88,6 +94,33 @@ def unmask(payload: bytes | bytearray, mask: bytes | bytearray) -> bytes:
         n, "little")
 
 
+class LargeFrames:
+    """The bytes of messages over the frame limit that every connection together may
+    be reading or handling at once (``server.largeFrameBudget``).
+
+    Only a text message whose first bytes show a ``chat_img`` (an image sent as a
+    data URL) may be that large, and only while the budget has room; a reader
+    reserves a message's announced length as its frame headers arrive and gives
+    it back once the message is handled, or when its connection ends.
+    """
+
+    __slots__ = ("limit", "used")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, n: int) -> bool:
+        """Reserve ``n`` bytes: False (and nothing reserved) if they do not fit."""
+        if self.used + n > self.limit:
+            return False
+        self.used += n
+        return True
+
+    def give(self, n: int) -> None:
+        self.used -= n
+
+
 class FrameReader:
     """Client-to-server frames in, messages and control frames out.
 
@@ -98,18 +131,32 @@ class FrameReader:
     to answer with, after which the reader takes no more data. No extension is
     negotiated, so reserved bits are errors; client frames must be masked.
     A message over ``max_message`` bytes fails (1009) as soon as the header
-    announcing it arrives, so nothing that large is buffered.
+    announcing it arrives, so nothing that large is buffered; except a text
+    message of at most ``large_message`` bytes whose first ``LARGE_PREFIX``
+    bytes show a ``chat_img``, while ``large`` has room for it. What such
+    messages reserved is given back by :meth:`release_done` once the caller
+    has handled them, and by :meth:`release_all` when the connection ends.
     """
 
-    __slots__ = ("_buf", "_failed", "_part_bytes", "_part_op", "_parts", "max_message")
+    __slots__ = ("_buf", "_done", "_failed", "_large", "_large_held", "_part_bytes",
+                 "_part_op", "_parts", "large_message", "max_message")
 
-    def __init__(self, max_message: int) -> None:
+    def __init__(self, max_message: int, large_message: int = 0,
+                 large: LargeFrames | None = None) -> None:
         self.max_message = max_message
+        self.large_message = large_message
+        self._large = large or LargeFrames(0)
         self._buf: bytes | bytearray = b""
-        self._parts: list[bytes] = []
+        # A fragmented message so far: one buffer, not a list, so a message of tiny
+        # fragments costs its bytes and no more.
+        self._parts = bytearray()
         self._part_op = 0
         self._part_bytes = 0
         self._failed = False
+        # Reserved in the large budget by the message being read; by those read and
+        # not yet released.
+        self._large_held = 0
+        self._done = 0
 
     def feed(self, data: bytes | bytearray) -> list[tuple[int, Any]]:
         """The events completed by ``data``; a partial frame waits for the next call."""
@@ -143,6 +190,9 @@ class FrameReader:
                     if length >> 63:
                         raise _Fail(PROTOCOL_ERROR, "frame length over 2**63")
                 self._check_header(opcode, fin, length)
+                if opcode < CLOSE and self._part_bytes + length > self.max_message and \
+                        not self._admit_large(opcode, length, buf, head, end):
+                    break
                 if end - head < length:
                     break
                 payload = unmask(buf[head:head + length], buf[head - 4:head])
@@ -153,16 +203,19 @@ class FrameReader:
                         self._failed = True
                         break
                 elif fin and opcode:
+                    self._message_done()
                     events.append(_message(opcode, payload))
                 elif opcode:
-                    self._part_op, self._parts, self._part_bytes = opcode, [payload], length
+                    self._part_op, self._parts, self._part_bytes = \
+                        opcode, bytearray(payload), length
                 else:
-                    self._parts.append(payload)
+                    self._parts += payload
                     self._part_bytes += length
                     if fin:
                         op, parts = self._part_op, self._parts
-                        self._part_op, self._parts, self._part_bytes = 0, [], 0
-                        events.append(_message(op, b"".join(parts)))
+                        self._part_op, self._parts, self._part_bytes = 0, bytearray(), 0
+                        self._message_done()
+                        events.append(_message(op, parts))
         except _Fail as exc:
             events.append((FAIL, (exc.code, exc.reason)))
         if events and events[-1][0] == FAIL:
@@ -192,8 +245,46 @@ class FrameReader:
             raise _Fail(PROTOCOL_ERROR, "continuation frame with no message to continue")
         if opcode != CONTINUATION and self._part_op:
             raise _Fail(PROTOCOL_ERROR, "new message before the last one was finished")
-        if self._part_bytes + length > self.max_message:
+
+    def _admit_large(self, opcode: int, length: int, buf: bytes | bytearray, head: int,
+                     end: int) -> bool:
+        """Admit a data frame taking its message over ``max_message``: True to read
+        on, False to wait for more of its first bytes; :class:`_Fail` (1009) to refuse.
+
+        Called again for the same header until the whole frame is in, so it
+        reserves only what it has not reserved yet."""
+        total = self._part_bytes + length
+        if (self._part_op or opcode) != TEXT or total > self.large_message:
             raise _Fail(MESSAGE_TOO_BIG, f"message over {self.max_message} bytes")
+        if not self._large_held:
+            need = min(length, max(0, LARGE_PREFIX - self._part_bytes))
+            if end - head < need:
+                return False
+            prefix = bytes(self._parts[:LARGE_PREFIX]) + unmask(buf[head:head + need],
+                                                                 buf[head - 4:head])
+            if b"chat_img" not in prefix and b"data:image/" not in prefix:
+                raise _Fail(MESSAGE_TOO_BIG, f"message over {self.max_message} bytes")
+        if total > self._large_held:
+            if not self._large.take(total - self._large_held):
+                raise _Fail(MESSAGE_TOO_BIG, "too many large messages in flight; send the "
+                                             "image again later, or upload it")
+            self._large_held = total
+        return True
+
+    def _message_done(self) -> None:
+        self._done += self._large_held
+        self._large_held = 0
+
+    def release_done(self) -> None:
+        """Give back what messages already returned by :meth:`feed` reserved."""
+        if self._done:
+            self._large.give(self._done)
+            self._done = 0
+
+    def release_all(self) -> None:
+        """Give back everything reserved (the connection is over)."""
+        self._message_done()
+        self.release_done()
 
 
 class _Fail(Exception):
@@ -201,9 +292,9 @@ class _Fail(Exception):
         self.code, self.reason = code, reason
 
 
-def _message(opcode: int, payload: bytes) -> tuple[int, Any]:
+def _message(opcode: int, payload: bytes | bytearray) -> tuple[int, Any]:
     if opcode == BINARY:
-        return BINARY, payload
+        return BINARY, bytes(payload)
     try:
         return TEXT, payload.decode("utf-8")
     except UnicodeDecodeError:

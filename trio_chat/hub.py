@@ -32,6 +32,7 @@ from typing import Protocol
 import attrs
 import trio
 
+from .auth import IdentityRates
 from .broker import Broker, BrokerUnavailable
 from .config import MediaConfig
 from .framing import INTERNAL_ERROR
@@ -59,6 +60,10 @@ class RoomUnavailable(Exception):
 
 class Connection(Member, Protocol):
     def close(self, code: int, reason: str) -> None: ...
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes waiting to be sent to this connection, frames held back included."""
 
 
 @attrs.define(eq=False)
@@ -197,6 +202,11 @@ class Hub:
     # server.ackAfter is "stored": a message is acked (and, where the broker is not
     # durable on publish, delivered) once it is durable.
     ack_after_stored: bool = True
+    # The recent messages a live room keeps, in bytes; messages a replay reads at a time.
+    history_bytes: int = 1024 * 1024
+    replay_page: int = 16
+    # Message rates per identity, shared by its connections (None: not limited).
+    identity_rates: IdentityRates | None = None
     connections: set[Connection] = attrs.field(init=False, factory=set)
     presence: Presence = attrs.field(init=False)
     # Rooms this node made sure exist (auto policy), and when: a room that empties and
@@ -250,7 +260,7 @@ class Hub:
     async def _start_room(self, room_id: int) -> Room:
         assert self._nursery is not None, "Hub.run is not running"
         room = Room(room_id, self._broker, self._metrics, self._history_size,
-                    self._replay_limit)
+                    self._replay_limit, self.history_bytes, self.replay_page)
         self.rooms[room_id] = room
         try:
             if self.room_policy == "auto":
@@ -434,13 +444,13 @@ class _Announcer:
     def queue_frame(self, frame: bytes) -> None:
         pass
 
-    def send_history(self, frames: list[bytes]) -> None:
+    async def send_history(self, frames: list[bytes]) -> None:
         pass
 
     def hold(self) -> None:
         pass
 
-    def release(self, history: list[bytes]) -> None:
+    def release(self) -> None:
         pass
 
     def close(self, code: int, reason: str) -> None:

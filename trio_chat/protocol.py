@@ -103,6 +103,13 @@ class Message:
     # A chat_edit/chat_delete made through the operators' API rather than by the author.
     moderated: bool = False
 
+    @property
+    def held_bytes(self) -> int:
+        """About what this message costs in memory: its content (up to 4 bytes a
+        character in a str that is not ASCII) and the record with its other fields."""
+        content = self.content
+        return 1024 + (len(content) if content.isascii() else 4 * len(content))
+
     def to_wire(self) -> dict[str, Any]:
         wire = {
             "id": self.id,

@@ -1,7 +1,10 @@
 """A chat room (the seed's Room, LINE's ChatRoomActor): members, recent history, fan-out.
 
 Owns one room's live state while it has members, and the history a member
-gets on joining or resuming. Its one task,
+gets on joining or resuming: the recent messages are bounded in count
+(``server.historyOnJoin``) and in bytes (``server.historyBytes``), and history
+is handed to a member in pages it takes at its socket's pace, never built whole
+(see :meth:`Room.join`). Its one task,
 :meth:`Room.run`, is the room's lifetime: it subscribes to the broker, loads
 the recent history, reports ready, and waits until the last member leaves;
 cancelling it unsubscribes; if it fails, the hub ends this room alone (see
@@ -46,14 +49,14 @@ class Member(Protocol):
 
     def close(self, code: int, reason: str) -> None: ...
 
-    def send_history(self, frames: list[bytes]) -> None:
-        """Queue already-sent messages, before anything live; exempt from the queue limits."""
+    async def send_history(self, frames: list[bytes]) -> None:
+        """Queue already-sent messages, at the pace the member's socket takes them."""
 
     def hold(self) -> None:
-        """Keep live frames back until :meth:`release` (while history is read)."""
+        """Keep live frames back until :meth:`release` (while history is sent)."""
 
-    def release(self, history: list[bytes]) -> None:
-        """Send ``history``, then the frames held back since :meth:`hold`."""
+    def release(self) -> None:
+        """Send the frames held back since :meth:`hold`."""
 
 
 @attrs.define(eq=False)
@@ -63,11 +66,16 @@ class Room:
     _metrics: Metrics
     _history_size: int
     _replay_limit: int
+    # The recent messages' frames hold at most this many bytes together.
+    _history_bytes: int = 1024 * 1024
+    # Messages read from the store at a time when replaying.
+    _replay_page: int = 16
     members: set[Member] = attrs.field(init=False, factory=set)
     last_id: int = attrs.field(init=False, default=0)
     # The recent messages, as they are now (edits applied) and framed, sent to each
     # member on joining.
     _recent: deque[tuple[Message, bytes]] = attrs.field(init=False)
+    _recent_bytes: int = attrs.field(init=False, default=0)
     _early: list[Message] | None = attrs.field(init=False, factory=list)
     # Set once the room is started, or once its start failed (then ``failed`` says why).
     ready: trio.Event = attrs.field(init=False, factory=trio.Event)
@@ -102,16 +110,24 @@ class Room:
         frame = message_frame(message)
         if message.target_id is not None:
             self._change(message)
-        self._recent.append((message, frame))
+        recent = self._recent
+        if recent.maxlen:
+            if len(recent) == recent.maxlen:
+                self._recent_bytes -= len(recent[0][1])
+            recent.append((message, frame))
+            self._recent_bytes += len(frame)
+        while self._recent_bytes > self._history_bytes and recent:
+            self._recent_bytes -= len(recent.popleft()[1])
         self.last_id = message.id
         return frame
 
     def _change(self, change: Message) -> None:
         """A joiner sees an edited or deleted message as it is now (and then the change)."""
-        for i, (message, _) in enumerate(self._recent):
+        for i, (message, frame) in enumerate(self._recent):
             if message.id == change.target_id:
                 changed = apply_change(message, change)
-                self._recent[i] = (changed, message_frame(changed))
+                self._recent[i] = (changed, changed_frame := message_frame(changed))
+                self._recent_bytes += len(changed_frame) - len(frame)
                 return
 
     def deliver(self, message: Message) -> None:
@@ -159,35 +175,49 @@ class Room:
 
         Without ``since`` the history is the recent messages. With it, it is
         every message after ``since`` (a client resuming): from memory when the
-        recent messages reach back that far, else from the store while live
-        frames are held back. If ``since`` is further back than the replay
-        limit, or ahead of the room, or the store cannot be read, a
-        ``history_reset`` event comes first and then the recent messages, so the
-        client knows to reload (its history page answers 503 until the store is back).
+        recent messages reach back that far, else from the store, a page of
+        ``replay_page`` messages at a time, each read once the member's queue
+        has drained. If ``since`` is further back than the replay limit, or
+        ahead of the room, or the store cannot be read, a ``history_reset``
+        event comes first and then the recent messages, so the client knows to
+        reload (its history page answers 503 until the store is back). Live
+        frames are held back meanwhile, within the member's queue bound.
         """
         last = self.last_id
-        recent = self._recent
-        if since is not None and (since > last or last - since > self._replay_limit):
-            member.send_history([self._reset(since, f"cannot resume after message {since}; "
-                                                    f"the room is at {last} and at most "
-                                                    f"{self._replay_limit} messages are "
-                                                    "replayed")])
-            since = None
-        if since is None or since >= last or (recent and recent[0][0].id <= since + 1):
-            member.send_history([frame for message, frame in recent
-                                 if since is None or message.id > since])
-            self.members.add(member)
-            return
+        # Taken with the hold, before any await: live frames from here on are held.
+        recent = list(self._recent)
         member.hold()
         self.members.add(member)
         try:
-            messages = await self._broker.history(self.id, after=since, before=last + 1)
-        except StoreUnavailable as exc:
-            # The member stays, with what memory holds and a word that it is not all.
-            member.release([self._reset(since, f"cannot resume after message {since}: {exc}"),
-                            *(frame for _, frame in recent)])
-            return
-        member.release([message_frame(m) for m in messages])
+            if since is not None and (since > last or last - since > self._replay_limit):
+                await member.send_history([self._reset(
+                    since, f"cannot resume after message {since}; the room is at {last} and "
+                           f"at most {self._replay_limit} messages are replayed")])
+                since = None
+            if since is None or since >= last or (recent and recent[0][0].id <= since + 1):
+                await member.send_history([frame for message, frame in recent
+                                           if since is None or message.id > since])
+                return
+            await self._replay(member, since, last, recent)
+        finally:
+            member.release()
+
+    async def _replay(self, member: Member, after: int, last: int,
+                      recent: list[tuple[Message, bytes]]) -> None:
+        """Send every message from after ``after`` up to ``last`` from the store, a page
+        at a time; if the store fails, a ``history_reset`` and the recent messages."""
+        while after < last:
+            before = min(last + 1, after + self._replay_page + 1)
+            try:
+                messages = await self._broker.history(self.id, after=after, before=before)
+            except StoreUnavailable as exc:
+                # The member stays, with what memory holds and a word that it is not all.
+                await member.send_history([
+                    self._reset(after, f"cannot resume after message {after}: {exc}"),
+                    *(frame for message, frame in recent if message.id > after)])
+                return
+            await member.send_history([message_frame(m) for m in messages])
+            after = before - 1
 
     def _reset(self, since: int, detail: str) -> bytes:
         return text_frame(encode_event("history_reset", room_id=self.id, since=since,

@@ -23,11 +23,11 @@ import socket
 import attrs
 import trio
 
-from .auth import IpLimiter
+from .auth import IdentityRates, IpLimiter
 from .bridge import open_bridge
 from .broker import BrokerUnavailable, LocalBroker, RedisBroker
 from .config import Config
-from .framing import GOING_AWAY
+from .framing import GOING_AWAY, LargeFrames
 from .http import NodeInfo, Readiness, Services, Shutdown, load_demo_page, serve_http
 from .http.budget import ByteBudget, UploadAllowance
 from .hub import Hub
@@ -150,27 +150,38 @@ class Server:
         backend = make_backend(config)
         repository = Repository(backend)
         store = Store(backend, metrics, buffer_limit=s.store_buffer,
+                      buffer_bytes=s.store_buffer_bytes,
                       batch_size=s.store_batch, wait=s.store_wait,
                       refuse_when_failing=s.store_outage == "refuse")
         broker: LocalBroker | RedisBroker
         if config.redis is not None:
             broker = RedisBroker(config.redis, store, recent_size=max(100, s.history_on_join),
                                  idempotency_window=s.idempotency_window, log=stored,
-                                 orphaned_after=s.orphaned_after, metrics=metrics)
+                                 orphaned_after=s.orphaned_after, metrics=metrics,
+                                 recent_ttl=s.recent_ttl)
             if stored:
                 store.after_write = broker.written
         else:
-            broker = LocalBroker(store, s.idempotency_window)
+            broker = LocalBroker(store, s.idempotency_window,
+                                 sent_bytes_limit=s.idempotency_memory_bytes)
+        limits_config = config.limits
         hub = Hub(store, repository, broker, metrics, s.history_on_join, s.replay_limit,
-                  s.presence_ttl, s.room_policy, config.media, ack_after_stored=stored)
+                  s.presence_ttl, s.room_policy, config.media, ack_after_stored=stored,
+                  history_bytes=s.history_bytes,
+                  # A page of the longest messages is a quarter of a connection's queue.
+                  replay_page=max(1, s.send_queue_bytes // (4 * s.max_frame_bytes)),
+                  identity_rates=IdentityRates(limits_config.identity_messages_per_second,
+                                               limits_config.identity_message_burst))
         # A chat_img frame may carry its image as a data URL: base64 plus the frame around
-        # it. The connection holds every other frame to maxFrameBytes.
+        # it, within the server-wide large-frame budget. Every other message is refused at
+        # its header over maxFrameBytes.
         image_frame = (config.media.max_image_bytes + 2) // 3 * 4 + 4096
-        limits = Limits(max_message_bytes=max(s.max_frame_bytes, image_frame),
+        limits = Limits(max_message_bytes=s.max_frame_bytes,
+                        large_message_bytes=max(s.max_frame_bytes, image_frame),
                         queue_frames=s.send_queue_messages, queue_bytes=s.send_queue_bytes,
                         write_wait=s.write_wait, ping_period=s.ping_period,
                         pong_wait=s.pong_wait, close_timeout=s.close_timeout)
-        writers = Writers(limits)
+        writers = Writers(limits, LargeFrames(s.large_frame_budget))
         readiness = Readiness()
         services = Services(config, metrics, hub, repository, store, broker, writers,
                             IpLimiter(config.limits.connections_per_ip), Shutdown(),
@@ -185,6 +196,14 @@ class Server:
         readiness.add_check(lambda: None if store.failing_since is None else (
             "store_failing", f"history store writes failing for {store.outage_seconds:.1f} s"))
         server = cls(config, metrics, store, broker, hub, writers, services)
+        metrics.add_gauge("large_frame_bytes", "Bytes of chat_img messages over "
+                          "maxFrameBytes being read or handled (server.largeFrameBudget).",
+                          lambda: writers.large.used)
+        metrics.add_gauge("outbound_queued_bytes", "Bytes queued for WebSocket clients, "
+                          "history, pongs and held-back frames included.",
+                          lambda: sum(c.queued_bytes for c in hub.connections))
+        metrics.add_gauge("store_buffer_bytes", "Bytes of accepted messages not yet "
+                          "written (server.storeBufferBytes).", lambda: store.lag_bytes)
         metrics.add_gauge("connections_open", "Open WebSocket connections.",
                           lambda: len(hub.connections))
         metrics.add_gauge("rooms_live", "Rooms with members on this node.",

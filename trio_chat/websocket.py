@@ -19,10 +19,16 @@ keeps up:
 
 Those tasks run in the nursery of :meth:`Writers.run`, under the server's root.
 
-The outbound queue is bounded in frames and bytes. Its policy for a slow
-consumer is *disconnect*: a member whose queue overflows, or whose socket does
-not take a write within ``writeWait``, is closed (code 4001 or dropped) and the
-room never waits for it.
+The outbound queue is bounded in frames and bytes, and everything sent counts
+(messages, events, acks, errors, history, pongs, and bytes a writer task is
+still sending); only the server's pings and its close frame are exempt. Its
+policy for a slow consumer is *disconnect*: a member whose queue overflows, or
+whose socket does not take a write within ``writeWait``, is closed (code 4001
+or dropped) and the room never waits for it. History goes through
+:meth:`WebSocket.send_paced`, at the pace the socket takes it. Of several
+pongs not yet sent only the latest is kept (RFC 6455 5.5.3). Large messages
+are :class:`~trio_chat.framing.FrameReader`'s and its budget's business; the
+reservation is given back once a message is handled and when the connection ends.
 """
 
 from __future__ import annotations
@@ -46,7 +52,9 @@ from .framing import (
     PONG,
     SLOW_CONSUMER,
     TEXT,
+    TOKEN_EXPIRED,
     FrameReader,
+    LargeFrames,
     close_frame,
     pong_frame,
 )
@@ -61,6 +69,8 @@ class Limits:
     """Every connection's bounds and timers, from the server's configuration."""
 
     max_message_bytes: int
+    # A chat_img data URL may make a message this large (within the large-frame budget).
+    large_message_bytes: int
     queue_frames: int
     queue_bytes: int
     write_wait: float
@@ -75,6 +85,8 @@ class Writers:
     a writer for each connection whose socket is full, in one nursery."""
 
     limits: Limits
+    # Server-wide: the bytes of messages over max_message_bytes being read or handled.
+    large: LargeFrames = attrs.field(factory=lambda: LargeFrames(0))
     _sockets: set[WebSocket] = attrs.field(init=False, factory=set)
     _dirty: list[WebSocket] = attrs.field(init=False, factory=list)
     # The flusher while it waits for something to flush.
@@ -88,14 +100,19 @@ class Writers:
             self._nursery = nursery
             nursery.start_soon(self._flusher)
             task_status.started()
-            limits = self.limits
             # One timer for all connections; each is pinged at its own time, within a tick.
-            tick = min(1.0, limits.ping_period / 10, limits.pong_wait / 10)
+            tick = self.tick
             while True:
                 await trio.sleep(tick)
                 now = trio.current_time()
                 for ws in self._sockets:
                     ws._beat(now)
+
+    @property
+    def tick(self) -> float:
+        """How often the heartbeat looks at every connection."""
+        limits = self.limits
+        return min(1.0, limits.ping_period / 10, limits.pong_wait / 10)
 
     def add(self, ws: WebSocket) -> None:
         self._sockets.add(ws)
@@ -141,11 +158,18 @@ class WebSocket:
     _trailing: bytes = b""
     # Called when handling a frame failed unexpectedly (the connection closes with 1011).
     _on_failure: Callable[[], None] = lambda: None
+    # Closed at this time of trio's clock (a token's expiry), by the heartbeat.
+    expires_at: float = math.inf
     _reader: FrameReader = attrs.field(init=False)
     # Frames not yet written. Non-empty only while the connection is waiting for the
     # flusher (_dirty) or has a writer (_writing).
     _queue: list[bytes] = attrs.field(init=False, factory=list)
+    # Bytes queued, the pending pong and what a writer task is sending.
     _queued_bytes: int = attrs.field(init=False, default=0)
+    # The answer to the latest ping, while it waits behind the queue.
+    _pong: bytes = attrs.field(init=False, default=b"")
+    # Woken when the queue drains to send_paced's low-water mark (or the connection ends).
+    _drained: trio.Event | None = attrs.field(init=False, default=None)
     _dirty: bool = attrs.field(init=False, default=False)
     _writing: bool = attrs.field(init=False, default=False)
     _writer_scope: trio.CancelScope | None = attrs.field(init=False, default=None)
@@ -162,13 +186,24 @@ class WebSocket:
     peer_close_code: int | None = attrs.field(init=False, default=None)
 
     def __attrs_post_init__(self) -> None:
-        self._reader = FrameReader(self._writers.limits.max_message_bytes)
+        limits = self._writers.limits
+        self._reader = FrameReader(limits.max_message_bytes, limits.large_message_bytes,
+                                   self._writers.large)
         if isinstance(self._stream, trio.SocketStream):
             self._fd = self._stream.socket.fileno()
 
     @property
     def closing(self) -> bool:
         return self._closing
+
+    @property
+    def limits(self) -> Limits:
+        return self._writers.limits
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes sent to this connection that its socket has not taken yet."""
+        return self._queued_bytes
 
     def send_frame(self, frame: bytes) -> None:
         """Write or queue pre-framed bytes; never blocks. Overflow closes the connection."""
@@ -206,17 +241,53 @@ class WebSocket:
         else:
             self._flush_soon()
 
-    def send_exempt(self, data: bytes) -> None:
-        """Send frames exempt from the slow-consumer limit: control frames, and
-        history (bounded by the replay limit instead)."""
-        if not self._closing:
-            self._send(data)
+    def fits(self, extra: int) -> bool:
+        """Whether ``extra`` more bytes (frames held back elsewhere) fit in the queue."""
+        return self._queued_bytes + extra <= self._writers.limits.queue_bytes
+
+    async def send_paced(self, frames: list[bytes], low_water: int) -> None:
+        """Queue ``frames`` (history) in order, each once the queue is down to
+        ``low_water`` bytes: a replay goes out as fast as the socket takes it and
+        holds about ``low_water`` bytes plus a frame. Returns early if the
+        connection closes; the writer's ``writeWait`` drops a client that stops
+        reading."""
+        for frame in frames:
+            while self._queued_bytes > low_water and not self._closing:
+                self._drained = trio.Event()
+                await self._drained.wait()
+            if self._closing:
+                return
+            self.send_frame(frame)
 
     def _send(self, data: bytes) -> None:
+        """Queue the server's own control frames (its pings, the close frame): exempt
+        from the limits, as they are a few bytes per ping period and one close."""
         if not self._queue and not (data := self._write_now(data)):
             return
         self._queue.append(data)
+        self._queued_bytes += len(data)
         self._flush_soon()
+
+    def _answer_ping(self, payload: bytes) -> None:
+        """Pong now if nothing waits, else replace the pong still waiting: one is kept."""
+        if self._closing:
+            return
+        pong = pong_frame(payload)
+        if not self._queue and not self._pong:
+            rest = self._write_now(pong)
+            if not rest:
+                return
+            if len(rest) < len(pong):
+                # Half written, the rest is part of the stream now: it goes first.
+                self._send(rest)
+                return
+        self._queued_bytes += len(pong) - len(self._pong)
+        self._pong = pong
+        if self._queued_bytes > self._writers.limits.queue_bytes:
+            self._on_slow()
+            self.close(SLOW_CONSUMER, "slow consumer: outbound queue full")
+        else:
+            self._flush_soon()
 
     def close(self, code: int, reason: str = "") -> None:
         """Start the close handshake: send a close frame after what is queued.
@@ -230,7 +301,11 @@ class WebSocket:
             return
         self._closing = True
         self.close_code, self.close_reason = code, reason
+        # Nothing may follow the close frame: a pong still waiting is not needed any more.
+        self._queued_bytes -= len(self._pong)
+        self._pong = b""
         self._send(close_frame(code, reason))
+        self._wake_drained()
         # The peer has close_timeout to answer; a dead peer must not hold the reader.
         self._read_scope.deadline = min(
             self._read_scope.deadline, trio.current_time() + self._writers.limits.close_timeout)
@@ -255,16 +330,28 @@ class WebSocket:
             self._dirty = True
             self._writers.flush_soon(self)
 
+    def _take(self) -> bytes:
+        """Everything waiting, as one write: the queue (ending on a frame boundary), then
+        the pong."""
+        queue = self._queue
+        data = queue[0] if len(queue) == 1 else b"".join(queue)
+        queue.clear()
+        if self._pong:
+            data, self._pong = data + self._pong, b""
+        return data
+
+    def _wake_drained(self) -> None:
+        if self._drained is not None:
+            self._drained.set()
+            self._drained = None
+
     def _flush(self) -> None:
         """The flusher's turn: write everything queued, or hand it to a writer task."""
         self._dirty = False
-        queue = self._queue
-        if self._writing or not queue:
+        if self._writing or not (self._queue or self._pong):
             return
-        data = queue[0] if len(queue) == 1 else b"".join(queue)
-        queue.clear()
-        if data := self._write_now(data):
-            queue.append(data)
+        if data := self._write_now(self._take()):
+            self._queue.append(data)
             self._queued_bytes = len(data)
             self._writing = True
             self._writer_scope = trio.CancelScope()
@@ -272,17 +359,15 @@ class WebSocket:
             self._writers.start_writer(self)
         else:
             self._queued_bytes = 0
+        self._wake_drained()
 
     async def _write_blocked(self) -> None:
         """Send the queue while the socket is full, then end; drops a slow consumer."""
         assert self._writer_scope is not None and self._writer_done is not None
-        queue = self._queue
         try:
             with self._writer_scope:
-                while queue:
-                    data = queue[0] if len(queue) == 1 else b"".join(queue)
-                    queue.clear()
-                    self._queued_bytes = 0
+                while self._queue or self._pong:
+                    data = self._take()
                     with trio.move_on_after(self._writers.limits.write_wait) as timer:
                         await self._stream.send_all(data)
                     if timer.cancelled_caught:
@@ -295,6 +380,8 @@ class WebSocket:
                                  self._writers.limits.write_wait)
                         self._read_scope.cancel()
                         return
+                    self._queued_bytes -= len(data)
+                    self._wake_drained()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self._read_scope.cancel()
         except Exception:
@@ -304,15 +391,20 @@ class WebSocket:
         finally:
             self._writing = False
             self._writer_done.set()
+            self._wake_drained()
 
     def _beat(self, now: float) -> None:
-        """The heartbeat's turn: close on a missed pong, else ping when due."""
+        """The heartbeat's turn: close on a missed pong or an expired token, else ping
+        when due."""
         if self._closing:
             return
         limits = self._writers.limits
         if now >= self._pong_deadline:
             log.info("no pong within %gs, closing", limits.pong_wait)
             self.close(HEARTBEAT_TIMEOUT, "heartbeat timeout")
+        elif now + self._writers.tick >= self.expires_at:
+            # A tick early rather than late: the connection never outlives its token.
+            self.close(TOKEN_EXPIRED, "token expired")
         elif now >= self._next_ping:
             self._next_ping = now + limits.ping_period
             if self._pong_deadline == math.inf:
@@ -339,6 +431,10 @@ class WebSocket:
             self._fd = -1
             self._closing = True
             self._queue.clear()
+            self._pong = b""
+            self._queued_bytes = 0
+            self._wake_drained()
+            self._reader.release_all()
             if self._writer_scope is not None and self._writer_done is not None:
                 # Cancelled, the writer ends at its next checkpoint; the deadline is
                 # only a guard.
@@ -367,8 +463,11 @@ class WebSocket:
                         log.exception("error handling a message; closing with 1011")
                         self._on_failure()
                         self.close(INTERNAL_ERROR, "internal server error")
+                    finally:
+                        # Handled: a large message's share of the budget is free again.
+                        reader.release_done()
                 elif kind == PING:
-                    self.send_exempt(pong_frame(value))
+                    self._answer_ping(value)
                 elif kind == PONG:
                     self._pong_deadline = math.inf
                 elif kind == CLOSE:
@@ -379,9 +478,11 @@ class WebSocket:
                     self.close(code, reason)
                     return
                 else:
-                    # A protocol error such as invalid UTF-8 (1007): send that code.
+                    # A protocol error such as invalid UTF-8 (1007), or a message too big
+                    # (1009, seen at its header): send that code, then read on and drop
+                    # what comes until the peer hangs up or close_timeout, so the peer
+                    # still sending the rest reads our close rather than a reset.
                     self.close(*value)
-                    return
             try:
                 data = await self._stream.receive_some(RECEIVE_BYTES)
             except (trio.BrokenResourceError, trio.ClosedResourceError):

@@ -235,7 +235,9 @@ def start_server(name: str, workdir: Path, cpus: set[int] | None,
         path.write_text(json.dumps({
             "server": server_config or {},
             "limits": {"messagesPerSecond": 1_000_000, "messageBurst": 1_000_000,
-                       "connectionsPerIp": 1_000_000}}))
+                       "identityMessagesPerSecond": 1_000_000,
+                       "identityMessageBurst": 1_000_000, "connectionsPerIp": 1_000_000,
+                       "httpConnectionsPerIp": 1_000_000}}))
         config = str(path)
     server = ServerProcess(name, workdir, cpus, config)
     if name != "trio-chat":
@@ -271,7 +273,9 @@ def fanout_config(args: argparse.Namespace) -> dict[str, Any]:
     if args.config:
         config = json.loads(Path(args.config).read_text())
     config["limits"] = {"messagesPerSecond": 1_000_000, "messageBurst": 1_000_000,
-                        "connectionsPerIp": 1_000_000, **config.get("limits", {})}
+                        "identityMessagesPerSecond": 1_000_000,
+                        "identityMessageBurst": 1_000_000, "connectionsPerIp": 1_000_000,
+                        "httpConnectionsPerIp": 1_000_000, **config.get("limits", {})}
     if not args.via_redis:
         return config
     config["redis"] = {**config.get("redis", {}), "host": args.redis_host,

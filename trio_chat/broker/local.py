@@ -52,9 +52,11 @@ class LocalBroker:
     _sent: dict[tuple[int, int, str], Message] = attrs.field(init=False, factory=dict)
     _sent_order: deque[tuple[float, tuple[int, int, str]]] = attrs.field(init=False,
                                                                          factory=deque)
-    # At most this many ids are held in memory; older ones within the window are
-    # looked up in the store.
+    # At most this many ids, and messages of this many bytes (Message.held_bytes), are
+    # held in memory; older ones within the window are looked up in the store.
     sent_limit: int = 100_000
+    sent_bytes_limit: int = 32 * 1024 * 1024
+    _sent_bytes: int = attrs.field(init=False, default=0)
     # Set once the ids sent within the window before this process started are in
     # memory (run() reads them from the store); until then the store is asked.
     loaded: trio.Event = attrs.field(init=False, factory=trio.Event)
@@ -89,6 +91,7 @@ class LocalBroker:
         # Older than anything remembered since the start: they go first in expiry order.
         for expires, key, message in sorted(loaded, key=lambda item: item[0], reverse=True):
             self._sent[key] = message
+            self._sent_bytes += message.held_bytes
             self._sent_order.appendleft((expires, key))
         if len(sent) >= self.sent_limit:
             self._evicted_until = time.monotonic() + self.idempotency_window
@@ -100,7 +103,7 @@ class LocalBroker:
     async def sent_before(self, draft: Draft) -> Message | None:
         now = time.monotonic()
         while self._sent_order and self._sent_order[0][0] <= now:
-            self._sent.pop(self._sent_order.popleft()[1], None)
+            self._drop_sent(self._sent_order.popleft()[1])
         assert draft.author_id is not None and draft.client_msg_id is not None
         key = (draft.room_id, draft.author_id, draft.client_msg_id)
         sent = self._sent.get(key)
@@ -113,21 +116,34 @@ class LocalBroker:
     def _remember_sent(self, message: Message) -> None:
         assert message.client_msg_id is not None
         key = (message.room_id, message.author_id, message.client_msg_id)
+        self._drop_sent(key)
         self._sent[key] = message
+        self._sent_bytes += message.held_bytes
         self._sent_order.append((time.monotonic() + self.idempotency_window, key))
         self._trim_sent()
 
+    def _drop_sent(self, key: tuple[int, int, str]) -> None:
+        message = self._sent.pop(key, None)
+        if message is not None:
+            self._sent_bytes -= message.held_bytes
+
     def _trim_sent(self) -> None:
-        while len(self._sent_order) > self.sent_limit:
+        while self._sent_order and (len(self._sent_order) > self.sent_limit or
+                                    self._sent_bytes > self.sent_bytes_limit):
             expires, dropped = self._sent_order.popleft()
-            self._sent.pop(dropped, None)
+            self._drop_sent(dropped)
             self._evicted_until = max(self._evicted_until, expires)
+
+    @property
+    def sent_bytes(self) -> int:
+        """What the remembered client_msg_ids' messages hold, about."""
+        return self._sent_bytes
 
     def forget_sent(self, message: Message) -> None:
         if message.client_msg_id is not None:
             key = (message.room_id, message.author_id, message.client_msg_id)
             if self._sent.get(key) is message:
-                del self._sent[key]
+                self._drop_sent(key)
 
     async def subscribe(self, room_id: int, subscriber: Subscriber) -> None:
         room = self._rooms.get(room_id)

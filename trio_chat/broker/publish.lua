@@ -8,7 +8,8 @@
 -- recent list's length, the keys' idle expiry in seconds, the idempotency window in
 -- seconds, for an edit or delete the id of the message it changes and that
 -- message's JSON after the change (else two empty strings), and "1" to log the
--- message (else "").
+-- message (else ""), and the recent list's idle expiry in seconds (shorter than the
+-- counter's: the list holds whole messages, for any room id anyone published to).
 -- Returns {1, id, log entry id or ""} for a new message, {0, JSON of the message
 -- sent before} for a client_msg_id seen within the window (nothing is published then).
 if KEYS[4] then
@@ -37,7 +38,7 @@ end
 redis.call('RPUSH', KEYS[2], payload)
 redis.call('LTRIM', KEYS[2], -tonumber(ARGV[4]), -1)
 redis.call('EXPIRE', KEYS[1], ARGV[5])
-redis.call('EXPIRE', KEYS[2], ARGV[5])
+redis.call('EXPIRE', KEYS[2], ARGV[10])
 local entry = ''
 if ARGV[9] == '1' then
     entry = redis.call('XADD', KEYS[3], '*', 'm', payload)

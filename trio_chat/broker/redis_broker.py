@@ -49,6 +49,8 @@ def _json(obj: dict[str, Any]) -> str:
 @attrs.define(eq=False)
 class RedisBroker(RedisSubscription):
     recent_size: int = 100
+    # Seconds a room's recent list outlives its last message (server.recentTtl).
+    recent_ttl: float = 86400.0
     # Keep each message in its room's Redis log until this node (or, if it dies,
     # another) has written it to the history store: it is durable once published.
     log: bool = False
@@ -172,7 +174,7 @@ class RedisBroker(RedisSubscription):
                     args=[self._publish_channel(draft.room_id), floor, body,
                           self.recent_size, KEY_TTL, max(1, round(self.idempotency_window)),
                           "" if target is None else target.id, changed,
-                          "1" if self.log else ""])
+                          "1" if self.log else "", max(1, round(self.recent_ttl))])
         except UNAVAILABLE as exc:
             self._fail(exc)
             raise BrokerUnavailable(f"Redis is unreachable: {exc!r}; the message may have "

@@ -225,7 +225,8 @@ async def serve_http(services: Services, stream: trio.abc.Stream, remote: str) -
                                remote=remote, since=upgrade.since,
                                author_id=upgrade.author_id, verified=upgrade.verified,
                                rate=config.limits, trailing_data=upgrade.trailing,
-                               frame_limit=config.server.max_frame_bytes)
+                               frame_limit=config.server.max_frame_bytes,
+                               expires=upgrade.expires)
     finally:
         services.ip_limiter.release(ip)
 

@@ -35,6 +35,8 @@ class Upgrade:
     author_id: int | None
     verified: bool
     trailing: bytes
+    # The token's exp (seconds since the epoch): the connection is closed then.
+    expires: float | None = None
 
 
 def is_upgrade(headers: dict[str, str]) -> bool:
@@ -78,37 +80,39 @@ async def check_upgrade(services: Services, request: Request, match: re.Match[st
     except HttpError as exc:
         response = exc.response
     if response is None:
-        response, author_id, verified = await _admit(services, request, room_id, author_id)
+        response, author_id, verified, expires = await _admit(services, request, room_id,
+                                                              author_id)
     if response is not None:
         services.metrics.handshake_failures += 1
         return response, None
-    return None, Upgrade(room_id, since, author_id, verified, b"")
+    return None, Upgrade(room_id, since, author_id, verified, b"", expires)
 
 
 async def _admit(services: Services, request: Request, room_id: int, author_id: int | None
-                 ) -> tuple[Response | None, int | None, bool]:
+                 ) -> tuple[Response | None, int | None, bool, float | None]:
     """Origin, identity, room policy and bans, before the upgrade: an error response or
-    None, the author (a token's subject wins over ``?author_id``) and whether it was
-    verified (then every frame must carry it)."""
+    None, the author (a token's subject wins over ``?author_id``), whether it was
+    verified (then every frame must carry it) and when its token expires."""
     auth = services.config.auth
     try:
         check_origin(request.headers.get("origin"), request.headers.get("host"),
                      auth.allowed_origins, trust_host_names=auth.mode != "token")
     except AuthError as exc:
         services.metrics.origin_refusals += 1
-        return error(exc.status, exc.code, exc.detail), None, False
+        return error(exc.status, exc.code, exc.detail), None, False, None
     verified = auth.mode == "token"
+    expires = None
     try:
         if verified:
             try:
                 claims = authenticate(request.query, request.headers, auth.secret)
             except AuthError as exc:
                 raise auth_error(services, exc) from None
-            author_id = claims.author_id
+            author_id, expires = claims.author_id, claims.expires
             await check_room_access(services, room_id, claims)
         if services.config.server.room_policy == "strict" and \
                 await services.repository.room(room_id) is None:
-            return error(404, "room_not_found", f"no room {room_id}"), None, False
+            return error(404, "room_not_found", f"no room {room_id}"), None, False, None
         if author_id is not None:
             ban = await services.hub.ban_of(room_id, author_id)
             if ban is not None:
@@ -116,14 +120,14 @@ async def _admit(services: Services, request: Request, room_id: int, author_id: 
                                            "detail": f"author {author_id} is banned from "
                                                      f"room {room_id}" +
                                                      (f": {ban.reason}" if ban.reason else "")}
-                                     ), None, False
+                                     ), None, False, None
     except HttpError as exc:
-        return exc.response, None, False
+        return exc.response, None, False, None
     except Exception as exc:
         log.warning("cannot check room %d for a join: %r", room_id, exc)
         return error(503, "store_unavailable", "room data is unavailable, try again later",
-                     (("retry-after", "1"),)), None, False
-    return None, author_id, verified
+                     (("retry-after", "1"),)), None, False, None
+    return None, author_id, verified, expires
 
 
 async def accept_upgrade(stream: trio.abc.Stream, request: Request) -> None:

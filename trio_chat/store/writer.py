@@ -52,6 +52,8 @@ Settle = Callable[[Outcome], None]
 @attrs.define(eq=False, slots=True)
 class _Entry:
     message: Message
+    # message.held_bytes, counted in Store.lag_bytes while the entry is buffered.
+    size: int = 0
     # Called once, in acceptance order, when the message's fate is known.
     settle: Settle | None = None
     deadline: float = 0.0
@@ -81,6 +83,8 @@ class Store:
     _backend: Backend
     _metrics: Metrics
     buffer_limit: int = 100_000
+    # The buffer's bound in bytes (Message.held_bytes), besides buffer_limit's count.
+    buffer_bytes: int = 64 * 1024 * 1024
     batch_size: int = 1000
     # Seconds a settle callback waits for the commit (server.storeWait).
     wait: float = 2.0
@@ -98,6 +102,7 @@ class Store:
     _drained: trio.Event = attrs.field(init=False, factory=trio.Event)
     _batch_written: trio.Event = attrs.field(init=False, factory=trio.Event)
     failing_since: float | None = attrs.field(init=False, default=None)
+    _lag_bytes: int = attrs.field(init=False, default=0)
 
     @property
     def backend(self) -> Backend:
@@ -110,6 +115,11 @@ class Store:
         return len(self._pending) + len(self._inflight)
 
     @property
+    def lag_bytes(self) -> int:
+        """What the messages not yet in the backend hold in memory, about."""
+        return self._lag_bytes
+
+    @property
     def outage_seconds(self) -> float:
         """How long writes have been failing (0 while they succeed)."""
         if self.failing_since is None:
@@ -119,7 +129,8 @@ class Store:
     def check_capacity(self) -> None:
         """Raise :class:`StoreUnavailable` if the buffer is full, or while writes fail
         and the outage policy refuses; call before publishing."""
-        if self.lag >= self.buffer_limit or (self.refuse_when_failing and self._settle_now):
+        if self.lag >= self.buffer_limit or self._lag_bytes >= self.buffer_bytes or \
+                (self.refuse_when_failing and self._settle_now):
             self._metrics.store_refusals += 1
             raise StoreUnavailable("message history is unavailable; message not accepted")
 
@@ -131,7 +142,8 @@ class Store:
         publishing, so the buffer can exceed its limit only by the publishes in
         flight at that moment.
         """
-        entry = _Entry(message, appended=time.monotonic())
+        entry = _Entry(message, message.held_bytes, appended=time.monotonic())
+        self._lag_bytes += entry.size
         self._pending.append(entry)
         self._wakeup.set()
         if settle is None:
@@ -223,6 +235,7 @@ class Store:
                 if self.failing_since is None:
                     self.failing_since = trio.current_time()
                     log.warning("store write failed, retrying with backoff: %s", exc)
+                self._lag_bytes -= sum(e.size for e in self._inflight if e.done)
                 self._inflight = [e for e in self._inflight if not e.done]
                 await trio.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 5.0)
@@ -236,6 +249,7 @@ class Store:
                 self._settle_now = False
             delay = 0.05
             written, self._inflight = self._inflight, []
+            self._lag_bytes -= sum(e.size for e in written)
             self._batch_written.set()
             self._batch_written = trio.Event()
             if self.after_write is not None:
@@ -359,6 +373,7 @@ class Store:
         """Delete the room with its messages, including those still waiting to be written."""
         dropped = [e for e in self._pending if e.message.room_id == room_id]
         self._pending = deque(e for e in self._pending if e.message.room_id != room_id)
+        self._lag_bytes -= sum(e.size for e in dropped)
         for entry in dropped:
             self._settle(entry, Outcome.STORED)  # stored, then deleted with the room
         # A batch being written may hold some: let it land first, then delete them.

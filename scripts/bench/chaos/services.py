@@ -241,7 +241,9 @@ def write_config(path: Path, workdir: Path, db_port: int, database: str, redis_p
                   "listeningChannelName": channel, "publishChannelName": channel},
         # The clients are the run's load, not abuse.
         "limits": {"messagesPerSecond": 1_000_000, "messageBurst": 1_000_000,
-                   "floodLimit": 1_000_000, "connectionsPerIp": 1_000_000},
+                   "identityMessagesPerSecond": 1_000_000, "identityMessageBurst": 1_000_000,
+                   "floodLimit": 1_000_000, "connectionsPerIp": 1_000_000,
+                   "httpConnectionsPerIp": 1_000_000},
         "logger": {"level": "info"}}, indent=2))
 
 
