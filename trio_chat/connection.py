@@ -50,7 +50,8 @@ from .protocol import (
 )
 from .room import Room
 from .store import Outcome, StoreUnavailable
-from .websocket import WebSocket, Writers
+from .websocket import WebSocket
+from .writers import Writers
 
 log = logging.getLogger(__name__)
 
@@ -272,7 +273,8 @@ async def serve_connection(stream: trio.abc.Stream, *, hub: Hub, metrics: Metric
         metrics.frame_failures += 1
 
     connection._on_slow = on_slow
-    ws = connection.ws = WebSocket(stream, writers, on_slow, trailing_data, on_failure)
+    ws = connection.ws = WebSocket(stream, writers, on_slow, trailing_data, on_failure,
+                                   ip=remote.rpartition(":")[0] or remote)
     if expires is not None:
         ws.expires_at = trio.current_time() + (expires - time.time())
     metrics.connections_total += 1

@@ -26,17 +26,18 @@ import trio
 from .auth import IdentityRates, IpLimiter
 from .bridge import open_bridge
 from .broker import BrokerUnavailable, LocalBroker, RedisBroker
+from .budget import ByteBudget
 from .config import Config
 from .framing import GOING_AWAY, LargeFrames
 from .http import NodeInfo, Readiness, Services, Shutdown, load_demo_page, serve_http
-from .http.budget import ByteBudget, UploadAllowance
+from .http.budget import UploadAllowance
 from .hub import Hub
 from .lag import watch_loop_lag
 from .media import configure_decoding, expire_unsent_uploads
 from .metrics import Metrics, count_tasks
 from .store import Repository, Store, make_backend
-from .websocket import Limits, Writers
 from .workers import SharedMetrics
+from .writers import Limits, Writers
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +182,9 @@ class Server:
                         queue_frames=s.send_queue_messages, queue_bytes=s.send_queue_bytes,
                         write_wait=s.write_wait, ping_period=s.ping_period,
                         pong_wait=s.pong_wait, close_timeout=s.close_timeout)
-        writers = Writers(limits, LargeFrames(s.large_frame_budget))
+        writers = Writers(limits, LargeFrames(s.large_frame_budget),
+                          ByteBudget(config.limits.outbound_bytes_per_ip,
+                                     config.limits.outbound_bytes_total))
         readiness = Readiness()
         services = Services(config, metrics, hub, repository, store, broker, writers,
                             IpLimiter(config.limits.connections_per_ip), Shutdown(),

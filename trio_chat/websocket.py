@@ -1,5 +1,10 @@
 """Server-side WebSocket transport after the upgrade: writing, heartbeat, close.
 
+Longer than the house's 400 lines on purpose: sending, the writer task, the
+close handshake and the reader share one connection's state (its queue, its
+reservation in the outbound budget, whether it is closing), and that state is
+easiest to check when every change to it is in one class.
+
 Owns the IO of every connection; the frames themselves (the reader, the frame
 builders, the close codes) are :mod:`trio_chat.framing`'s, sans-IO. A
 connection has one task, its reader (the task that calls
@@ -10,14 +15,15 @@ keeps up:
   it (one ``os.write``) when nothing is queued for that member and the socket
   takes it;
 - :meth:`WebSocket.queue_frame` (a large room's fan-out) queues it, and the
-  flusher task of :class:`Writers` writes each member's queue with one
+  flusher task of :class:`~trio_chat.writers.Writers` writes each member's queue with one
   ``os.write`` once the fan-out is done, so messages to a member share a write;
 - what a socket does not take is sent by a writer task started for that
   connection while its socket is full; it drops the member after ``writeWait``;
-- the heartbeat of :class:`Writers` pings every connection once per
+- the heartbeat of :class:`~trio_chat.writers.Writers` pings every connection once per
   ``pingPeriod`` and closes those whose pong does not come within ``pongWait``.
 
-Those tasks run in the nursery of :meth:`Writers.run`, under the server's root.
+Those tasks run in the nursery of :meth:`~trio_chat.writers.Writers.run`, under
+the server's root.
 
 The outbound queue is bounded in frames and bytes, and everything sent counts
 (messages, events, acks, errors, history, pongs, and bytes a writer task is
@@ -54,98 +60,17 @@ from .framing import (
     TEXT,
     TOKEN_EXPIRED,
     FrameReader,
-    LargeFrames,
     close_frame,
     pong_frame,
 )
+from .writers import Limits, Writers
 
 log = logging.getLogger(__name__)
 
 RECEIVE_BYTES = 64 * 1024
-
-
-@attrs.frozen
-class Limits:
-    """Every connection's bounds and timers, from the server's configuration."""
-
-    max_message_bytes: int
-    # A chat_img data URL may make a message this large (within the large-frame budget).
-    large_message_bytes: int
-    queue_frames: int
-    queue_bytes: int
-    write_wait: float
-    ping_period: float
-    pong_wait: float
-    close_timeout: float
-
-
-@attrs.define(eq=False)
-class Writers:
-    """The tasks that write for every connection: the flusher, the heartbeat, and
-    a writer for each connection whose socket is full, in one nursery."""
-
-    limits: Limits
-    # Server-wide: the bytes of messages over max_message_bytes being read or handled.
-    large: LargeFrames = attrs.field(factory=lambda: LargeFrames(0))
-    _sockets: set[WebSocket] = attrs.field(init=False, factory=set)
-    _dirty: list[WebSocket] = attrs.field(init=False, factory=list)
-    # The flusher while it waits for something to flush.
-    _parked: trio.lowlevel.Task | None = attrs.field(init=False, default=None)
-    _nursery: trio.Nursery | None = attrs.field(init=False, default=None)
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-                  ) -> None:
-        """Run the flusher and, in this task, the heartbeat, until cancelled."""
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            nursery.start_soon(self._flusher)
-            task_status.started()
-            # One timer for all connections; each is pinged at its own time, within a tick.
-            tick = self.tick
-            while True:
-                await trio.sleep(tick)
-                now = trio.current_time()
-                for ws in self._sockets:
-                    ws._beat(now)
-
-    @property
-    def tick(self) -> float:
-        """How often the heartbeat looks at every connection."""
-        limits = self.limits
-        return min(1.0, limits.ping_period / 10, limits.pong_wait / 10)
-
-    def add(self, ws: WebSocket) -> None:
-        self._sockets.add(ws)
-
-    def discard(self, ws: WebSocket) -> None:
-        self._sockets.discard(ws)
-
-    def flush_soon(self, ws: WebSocket) -> None:
-        self._dirty.append(ws)
-        task, self._parked = self._parked, None
-        if task is not None:
-            trio.lowlevel.reschedule(task)
-
-    def start_writer(self, ws: WebSocket) -> None:
-        assert self._nursery is not None, "Writers.run is not running"
-        self._nursery.start_soon(ws._write_blocked)
-
-    async def _flusher(self) -> None:
-        while True:
-            if not self._dirty:
-                self._parked = trio.lowlevel.current_task()
-
-                def abort(_: object) -> trio.lowlevel.Abort:
-                    self._parked = None
-                    return trio.lowlevel.Abort.SUCCEEDED
-
-                await trio.lowlevel.wait_task_rescheduled(abort)
-                continue
-            dirty, self._dirty = self._dirty, []
-            for ws in dirty:
-                ws._flush()
-            # Let the tasks that queued run before the next round.
-            await trio.lowlevel.checkpoint()
+# The outbound budget is taken in steps of at least this many bytes: a queue of a
+# few frames (a large room's flush) fits in one and never touches the budget again.
+RESERVE_STEP = 4 * 1024
 
 
 @attrs.define(eq=False)
@@ -160,12 +85,18 @@ class WebSocket:
     _on_failure: Callable[[], None] = lambda: None
     # Closed at this time of trio's clock (a token's expiry), by the heartbeat.
     expires_at: float = math.inf
+    # The client's address: its connections' queues share one outbound budget.
+    ip: str = ""
     _reader: FrameReader = attrs.field(init=False)
     # Frames not yet written. Non-empty only while the connection is waiting for the
     # flusher (_dirty) or has a writer (_writing).
     _queue: list[bytes] = attrs.field(init=False, factory=list)
     # Bytes queued, the pending pong and what a writer task is sending.
     _queued_bytes: int = attrs.field(init=False, default=0)
+    # Held for this queue in the address's and the server's outbound budget: grown in
+    # steps as the queue grows, kept at one step once it drains, so a connection that
+    # keeps up costs the budget nothing per frame.
+    _reserved: int = attrs.field(init=False, default=0)
     # The answer to the latest ping, while it waits behind the queue.
     _pong: bytes = attrs.field(init=False, default=b"")
     # Woken when the queue drains to send_paced's low-water mark (or the connection ends).
@@ -219,6 +150,9 @@ class WebSocket:
         if len(queue) > limits.queue_frames or self._queued_bytes > limits.queue_bytes:
             self._on_slow()
             self.close(SLOW_CONSUMER, "slow consumer: outbound queue full")
+        elif self._queued_bytes > self._reserved and not self._reserve():
+            self._on_slow()
+            self.close(SLOW_CONSUMER, "slow consumer: the address's outbound budget is full")
         else:
             self._flush_soon()
 
@@ -238,6 +172,9 @@ class WebSocket:
         if len(queue) > limits.queue_frames or self._queued_bytes > limits.queue_bytes:
             self._on_slow()
             self.close(SLOW_CONSUMER, "slow consumer: outbound queue full")
+        elif self._queued_bytes > self._reserved and not self._reserve():
+            self._on_slow()
+            self.close(SLOW_CONSUMER, "slow consumer: the address's outbound budget is full")
         else:
             self._flush_soon()
 
@@ -286,6 +223,9 @@ class WebSocket:
         if self._queued_bytes > self._writers.limits.queue_bytes:
             self._on_slow()
             self.close(SLOW_CONSUMER, "slow consumer: outbound queue full")
+        elif self._queued_bytes > self._reserved and not self._reserve():
+            self._on_slow()
+            self.close(SLOW_CONSUMER, "slow consumer: the address's outbound budget is full")
         else:
             self._flush_soon()
 
@@ -309,6 +249,21 @@ class WebSocket:
         # The peer has close_timeout to answer; a dead peer must not hold the reader.
         self._read_scope.deadline = min(
             self._read_scope.deadline, trio.current_time() + self._writers.limits.close_timeout)
+
+    def _reserve(self) -> bool:
+        """Grow the reservation to cover the queue, a step at least; False if the
+        address's or the server's outbound budget has no room (nothing is taken)."""
+        more = max(RESERVE_STEP, self._queued_bytes - self._reserved)
+        if self._writers.outbound.reserve(self.ip, more) is not None:
+            return False
+        self._reserved += more
+        return True
+
+    def _drained_to_zero(self) -> None:
+        """The queue is empty: give back all of the reservation but one step."""
+        if self._reserved > RESERVE_STEP:
+            self._writers.outbound.release(self.ip, self._reserved - RESERVE_STEP)
+            self._reserved = RESERVE_STEP
 
     def _write_now(self, data: bytes) -> bytes:
         """Write what the socket takes at once, from the caller's task; returns the rest.
@@ -359,6 +314,8 @@ class WebSocket:
             self._writers.start_writer(self)
         else:
             self._queued_bytes = 0
+            if self._reserved > RESERVE_STEP:
+                self._drained_to_zero()
         self._wake_drained()
 
     async def _write_blocked(self) -> None:
@@ -381,6 +338,8 @@ class WebSocket:
                         self._read_scope.cancel()
                         return
                     self._queued_bytes -= len(data)
+                    if not self._queued_bytes and self._reserved > RESERVE_STEP:
+                        self._drained_to_zero()
                     self._wake_drained()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self._read_scope.cancel()
@@ -433,6 +392,9 @@ class WebSocket:
             self._queue.clear()
             self._pong = b""
             self._queued_bytes = 0
+            if self._reserved:
+                writers.outbound.release(self.ip, self._reserved)
+                self._reserved = 0
             self._wake_drained()
             self._reader.release_all()
             if self._writer_scope is not None and self._writer_done is not None:

@@ -34,11 +34,11 @@ import attrs
 import h11
 import trio
 
+from ..budget import ByteBudget
 from ..config import UPLOAD_ENVELOPE, LimitsConfig
 from ..connection import serve_connection
 from ..store import StoreUnavailable
 from .base import MAX_BODY_BYTES, Request, Response, error
-from .budget import ByteBudget
 from .media import IMAGES_PATH
 from .router import route
 from .services import Services

@@ -21,12 +21,13 @@ import trio
 
 from ..auth import IpLimiter
 from ..broker import Broker
+from ..budget import ByteBudget
 from ..config import Config
 from ..hub import Hub
 from ..metrics import Metrics
 from ..store import Repository, Store
-from ..websocket import Writers
-from .budget import ByteBudget, UploadAllowance
+from ..writers import Writers
+from .budget import UploadAllowance
 
 
 @attrs.define(eq=False)
