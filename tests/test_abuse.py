@@ -18,6 +18,7 @@ import socket
 import time
 from collections.abc import Iterator
 
+import attrs
 import trio
 from trio_websocket import ConnectionClosed
 
@@ -26,6 +27,7 @@ from trio_chat.config import AuthConfig, LimitsConfig
 from trio_chat.server import Server
 
 from .conftest import (
+    UNLIMITED,
     chat_frame,
     make_config,
     open_ws,
@@ -34,8 +36,10 @@ from .conftest import (
     wait_until,
     ws_url,
 )
-from .rawws import RawClient, client_frame, handshake_request
+from .hostile import open_from
+from .rawws import RawClient
 from .test_images import noisy_png
+from .wire import client_frame, handshake_request
 
 ROOM = 31
 OTHER_ROOM = 32
@@ -271,3 +275,38 @@ async def test_without_tokens_one_address_shares_one_rate(nursery, db_path) -> N
         assert metrics.messages_received <= 10 + 5 * elapsed + 1
     await wait_until(lambda: not server.hub.connections)
     assert len(server.hub.identity_rates) == 0
+
+
+async def test_one_address_holds_at_most_its_outbound_budget(nursery, db_path) -> None:
+    """Many connections from one address that never read: together they hold at most
+    limits.outboundBytesPerIp, the connection that would pass it is closed as a slow
+    consumer, a client from another address is served, and the budget returns."""
+    budget = 1024 * 1024
+    limits = attrs.evolve(UNLIMITED, outbound_bytes_per_ip=budget)
+    server = await start_server(nursery, make_config(
+        db_path, limits=limits, send_queue_bytes=4 * 1024 * 1024, write_wait=60.0))
+    outbound = server.writers.outbound
+    peak = 0
+    with contextlib.ExitStack() as stack:
+        stuck = [stack.enter_context(stuck_socket(server.port, f"/ws/{ROOM}"))
+                 for _ in range(8)]
+        await wait_until(lambda: ROOM in server.hub.rooms and
+                         len(server.hub.rooms[ROOM].members) == len(stuck))
+        async with open_ws(ws_url(server, ROOM)) as sender:
+            # 8 connections of 4 MiB of queue each would be 32 MiB without the budget.
+            for i in range(400):
+                await sender.send_message(chat_frame(f"{i}:".ljust(8000, "x"), room_id=ROOM))
+                await recv(sender)
+                peak = max(peak, outbound.held("127.0.0.1"))
+                if server.metrics.slow_consumer_disconnects >= 1:
+                    break
+            assert server.metrics.slow_consumer_disconnects >= 1
+            assert peak <= budget
+            # Another address is not held back by this one's budget.
+            stream = await open_from("127.0.0.2", server.port)
+            async with stream:
+                await stream.send_all(handshake_request(f"/ws/{OTHER_ROOM}"))
+                with trio.fail_after(10):
+                    assert b" 101 " in await stream.receive_some(4096)
+    await wait_until(lambda: not server.hub.connections)
+    assert outbound.held() == 0
