@@ -237,7 +237,8 @@ def start_server(name: str, workdir: Path, cpus: set[int] | None,
             "limits": {"messagesPerSecond": 1_000_000, "messageBurst": 1_000_000,
                        "identityMessagesPerSecond": 1_000_000,
                        "identityMessageBurst": 1_000_000, "connectionsPerIp": 1_000_000,
-                       "httpConnectionsPerIp": 1_000_000}}))
+                       "httpConnectionsPerIp": 1_000_000,
+                       "outboundBytesPerIp": 1 << 40, "outboundBytesTotal": 1 << 40}}))
         config = str(path)
     server = ServerProcess(name, workdir, cpus, config)
     if name != "trio-chat":
@@ -275,7 +276,9 @@ def fanout_config(args: argparse.Namespace) -> dict[str, Any]:
     config["limits"] = {"messagesPerSecond": 1_000_000, "messageBurst": 1_000_000,
                         "identityMessagesPerSecond": 1_000_000,
                         "identityMessageBurst": 1_000_000, "connectionsPerIp": 1_000_000,
-                        "httpConnectionsPerIp": 1_000_000, **config.get("limits", {})}
+                        "httpConnectionsPerIp": 1_000_000,
+                        "outboundBytesPerIp": 1 << 40, "outboundBytesTotal": 1 << 40,
+                        **config.get("limits", {})}
     if not args.via_redis:
         return config
     config["redis"] = {**config.get("redis", {}), "host": args.redis_host,

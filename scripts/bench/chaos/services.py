@@ -243,7 +243,8 @@ def write_config(path: Path, workdir: Path, db_port: int, database: str, redis_p
         "limits": {"messagesPerSecond": 1_000_000, "messageBurst": 1_000_000,
                    "identityMessagesPerSecond": 1_000_000, "identityMessageBurst": 1_000_000,
                    "floodLimit": 1_000_000, "connectionsPerIp": 1_000_000,
-                   "httpConnectionsPerIp": 1_000_000},
+                   "httpConnectionsPerIp": 1_000_000,
+                   "outboundBytesPerIp": 1 << 40, "outboundBytesTotal": 1 << 40},
         "logger": {"level": "info"}}, indent=2))
 
 
