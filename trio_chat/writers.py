@@ -13,7 +13,7 @@ connection draws on: large inbound messages and outbound queues per address.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import attrs
 import trio
@@ -21,8 +21,17 @@ import trio
 from .budget import ByteBudget
 from .framing import LargeFrames
 
-if TYPE_CHECKING:
-    from .websocket import WebSocket
+
+class WebSocket(Protocol):
+    """What the writers need of a connection's transport
+    (:class:`trio_chat.websocket.WebSocket`), named here so this module does not
+    import the one that imports it."""
+
+    def _beat(self, now: float) -> None: ...
+
+    def _flush(self) -> None: ...
+
+    async def _write_blocked(self) -> None: ...
 
 
 @attrs.frozen
