@@ -148,11 +148,9 @@ class WebSocket:
         self._queued_bytes += len(frame)
         limits = self._writers.limits
         if len(queue) > limits.queue_frames or self._queued_bytes > limits.queue_bytes:
-            self._on_slow()
-            self.close(SLOW_CONSUMER, "slow consumer: outbound queue full")
+            self._close_slow("slow consumer: outbound queue full")
         elif self._queued_bytes > self._reserved and not self._reserve():
-            self._on_slow()
-            self.close(SLOW_CONSUMER, "slow consumer: the address's outbound budget is full")
+            self._close_slow("slow consumer: the address's outbound budget is full")
         else:
             self._flush_soon()
 
@@ -170,13 +168,15 @@ class WebSocket:
         self._queued_bytes += len(frame)
         limits = self._writers.limits
         if len(queue) > limits.queue_frames or self._queued_bytes > limits.queue_bytes:
-            self._on_slow()
-            self.close(SLOW_CONSUMER, "slow consumer: outbound queue full")
+            self._close_slow("slow consumer: outbound queue full")
         elif self._queued_bytes > self._reserved and not self._reserve():
-            self._on_slow()
-            self.close(SLOW_CONSUMER, "slow consumer: the address's outbound budget is full")
+            self._close_slow("slow consumer: the address's outbound budget is full")
         else:
             self._flush_soon()
+
+    def _close_slow(self, reason: str) -> None:
+        self._on_slow()
+        self.close(SLOW_CONSUMER, reason)
 
     def fits(self, extra: int) -> bool:
         """Whether ``extra`` more bytes (frames held back elsewhere) fit in the queue."""
@@ -221,11 +221,9 @@ class WebSocket:
         self._queued_bytes += len(pong) - len(self._pong)
         self._pong = pong
         if self._queued_bytes > self._writers.limits.queue_bytes:
-            self._on_slow()
-            self.close(SLOW_CONSUMER, "slow consumer: outbound queue full")
+            self._close_slow("slow consumer: outbound queue full")
         elif self._queued_bytes > self._reserved and not self._reserve():
-            self._on_slow()
-            self.close(SLOW_CONSUMER, "slow consumer: the address's outbound budget is full")
+            self._close_slow("slow consumer: the address's outbound budget is full")
         else:
             self._flush_soon()
 
