@@ -4,6 +4,7 @@ checking that other clients are served while an attack runs."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
@@ -18,14 +19,19 @@ from .rawws import http_get
 # The issue's bound is 100 ms; the test machine's two cores are shared with other test
 # runs, so a check waits longer before it calls the server starved.
 SERVED_WITHIN = 1.0
-LAG_BOUND = 0.25
+# The longest the event loop's thread may compute without yielding (CPU time): the
+# issue's 100 ms. Its wall-clock lag also counts time the machine gave to others, so
+# only scripts/bench_abuse.py, on a quiet machine, holds that to 100 ms.
+LAG_BOUND = 0.1
 
 
 @attrs.define
 class Lag:
-    """How late the event loop woke a task that asked to sleep 10 ms."""
+    """How late the event loop woke a task that asked to sleep 10 ms: in wall-clock
+    time, and in CPU time of the loop's thread (a stall on the loop itself)."""
 
     worst: float = 0.0
+    worst_cpu: float = 0.0
     samples: int = 0
 
 
@@ -36,9 +42,10 @@ async def lag_monitor() -> AsyncIterator[Lag]:
 
     async def watch() -> None:
         while True:
-            asked = trio.current_time()
+            asked, cpu = trio.current_time(), time.thread_time()
             await trio.sleep(0.01)
             lag.worst = max(lag.worst, trio.current_time() - asked - 0.01)
+            lag.worst_cpu = max(lag.worst_cpu, time.thread_time() - cpu)
             lag.samples += 1
 
     async with trio.open_nursery() as nursery:

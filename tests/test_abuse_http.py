@@ -91,7 +91,7 @@ async def test_a_form_of_150000_empty_parts_never_stalls_the_server(server) -> N
 
     lag = await served_meanwhile(server, attack)
     assert answers == [(413, "too_many_parts")] * 3
-    assert lag.worst < LAG_BOUND, lag
+    assert lag.worst_cpu < LAG_BOUND, lag
 
 
 async def test_a_large_json_object_is_refused_before_it_is_parsed(server) -> None:
@@ -108,7 +108,7 @@ async def test_a_large_json_object_is_refused_before_it_is_parsed(server) -> Non
             assert (status, json.loads(answer)["error"]) == (413, "body_too_large")
 
     lag = await served_meanwhile(server, attack)
-    assert lag.worst < LAG_BOUND, lag
+    assert lag.worst_cpu < LAG_BOUND, lag
 
 
 def big_png(side: int) -> bytes:
@@ -151,7 +151,7 @@ async def test_image_decodes_are_bounded_and_their_memory_returns(server) -> Non
     one_decode = 5000 * 5000 * 4
     assert peak - baseline < 1.6 * one_decode, (peak - baseline) >> 20
     assert process.memory_info().rss - baseline < 48 * 1024 * 1024
-    assert lag.worst < LAG_BOUND, lag
+    assert lag.worst_cpu < LAG_BOUND, lag
 
 
 async def test_half_open_requests_from_one_address_never_starve_another(nursery,
