@@ -282,9 +282,16 @@ function field(label, name, props = {}) {
   return el("label", {}, label, el("input", { name, type: "text", ...props }));
 }
 
+// The answer of a dialog closed whose close event has not arrived yet.
+let answerPending = null;
+
 // Shows the dialog; resolves with its fields' values, or null if cancelled.
 function confirmAction(title, text, okLabel, fields = []) {
   const dialog = $("confirm");
+  // The close event comes a moment after the dialog closes: a dialog reopened before
+  // then is answered first, from its own button and fields, so a cancelled action is
+  // never done by the next one's confirmation.
+  answerPending?.();
   $("confirm-title").textContent = title;
   $("confirm-text").textContent = text;
   $("confirm-fields").replaceChildren(...fields);
@@ -293,10 +300,10 @@ function confirmAction(title, text, okLabel, fields = []) {
   dialog.showModal();
   return new Promise((resolve) => {
     const onClose = () => {
-      // The close event comes a moment later: the previous dialog's may arrive after
-      // this one opened, and is not this one's answer.
+      // A previous dialog's late close event, while this one is open: not its answer.
       if (dialog.open) return;
       dialog.removeEventListener("close", onClose);
+      answerPending = null;
       if (dialog.returnValue !== "ok") { resolve(null); return; }
       const values = {};
       for (const input of $("confirm-fields").querySelectorAll("input")) {
@@ -304,6 +311,7 @@ function confirmAction(title, text, okLabel, fields = []) {
       }
       resolve(values);
     };
+    answerPending = onClose;
     dialog.addEventListener("close", onClose);
   });
 }
