@@ -3,7 +3,8 @@
 Sans-IO: no task, no I/O. The HTTP side holds request bodies and answers in one
 (``limits.bodyBytesPerIp``, ``bodyBytesTotal``); the WebSocket transport holds
 its outbound queues in another (``limits.outboundBytesPerIp``,
-``outboundBytesTotal``).
+``outboundBytesTotal``), and what its readers hold in a third
+(``limits.inboundBytesPerIp``, ``inboundBytesTotal``).
 """
 
 from __future__ import annotations
