@@ -27,6 +27,7 @@ from trio_chat.framing import (
     PING_FRAME,
     PONG,
     TEXT,
+    UNMASK_CHUNK,
     FrameReader,
     LargeFrames,
     close_frame,
@@ -287,3 +288,15 @@ def test_a_large_message_counts_three_times_from_its_header() -> None:
     assert events[0][0] == TEXT
     reader.release_done()
     assert budget.held() == large.used == 0
+
+
+def test_payloads_over_the_unmask_chunk_are_unmasked_whole() -> None:
+    rng = random.Random(5)
+    for size in (UNMASK_CHUNK - 1, UNMASK_CHUNK, UNMASK_CHUNK + 1, 3 * UNMASK_CHUNK + 7):
+        payload = rng.randbytes(size)
+        assert feed_all(FrameReader(10**6), client_frame(payload, opcode=0x2), 9000) == [
+            (BINARY, payload)]
+        # The first fragment's buffer becomes the message's.
+        fragments = client_frame(payload, opcode=0x2, fin=False) + \
+            client_frame(b"end", opcode=0)
+        assert FrameReader(10**6).feed(fragments) == [(BINARY, payload + b"end")]

@@ -54,6 +54,8 @@ INBOUND_STEP = 4 * 1024
 # budget: while it waits for a decoder the server holds its text, the content parsed
 # out of it and the decoded image bytes (2.75 times its size, measured).
 LARGE_WEIGHT = 3
+# Payloads over this are unmasked a chunk at a time (a multiple of the mask's 4 bytes).
+UNMASK_CHUNK = 64 * 1024
 
 
 def text_frame(text: str) -> bytes:
@@ -102,6 +104,23 @@ def unmask(payload: bytes | bytearray, mask: bytes | bytearray) -> bytes:
     key = (bytes(mask) * (n // 4 + 1))[:n]
     return (int.from_bytes(payload, "little") ^ int.from_bytes(key, "little")).to_bytes(
         n, "little")
+
+
+def _unmask_large(buf: bytes | bytearray, start: int, n: int, mask: bytes | bytearray
+                  ) -> bytearray:
+    """:func:`unmask` of ``buf[start:start + n]``, a chunk at a time into one buffer:
+    the whole payload at once would hold seven copies of it (the slice, the key, three
+    integers, the result); this holds the result and a chunk's worth."""
+    out = bytearray(n)
+    key = bytes(mask) * (UNMASK_CHUNK // 4)
+    whole = int.from_bytes(key, "little")
+    with memoryview(buf) as view:
+        for at in range(0, n, UNMASK_CHUNK):
+            size = min(UNMASK_CHUNK, n - at)
+            k = whole if size == UNMASK_CHUNK else int.from_bytes(key[:size], "little")
+            out[at:at + size] = (int.from_bytes(view[start + at:start + at + size], "little")
+                                 ^ k).to_bytes(size, "little")
+    return out
 
 
 class LargeFrames:
@@ -219,7 +238,10 @@ class FrameReader:
                     break
                 if end - head < length:
                     break
-                payload = unmask(buf[head:head + length], buf[head - 4:head])
+                payload: bytes | bytearray = \
+                    unmask(buf[head:head + length], buf[head - 4:head]) \
+                    if length <= UNMASK_CHUNK else \
+                    _unmask_large(buf, head, length, buf[head - 4:head])
                 pos = head + length
                 if opcode >= CLOSE:
                     events.append(_control(opcode, payload))
@@ -230,8 +252,9 @@ class FrameReader:
                     self._message_done(length)
                     events.append(_message(opcode, payload))
                 elif opcode:
-                    self._part_op, self._parts, self._part_bytes = \
-                        opcode, bytearray(payload), length
+                    self._part_op, self._part_bytes = opcode, length
+                    self._parts = payload if isinstance(payload, bytearray) \
+                        else bytearray(payload)
                 else:
                     self._parts += payload
                     self._part_bytes += length
@@ -380,9 +403,9 @@ def _message(opcode: int, payload: bytes | bytearray) -> tuple[int, Any]:
         return FAIL, (INVALID_PAYLOAD, "invalid UTF-8 in a text message")
 
 
-def _control(opcode: int, payload: bytes) -> tuple[int, Any]:
+def _control(opcode: int, payload: bytes | bytearray) -> tuple[int, Any]:
     if opcode != CLOSE:
-        return opcode, payload
+        return opcode, bytes(payload)
     if not payload:
         return CLOSE, (NO_STATUS, "")
     if len(payload) == 1:
