@@ -47,8 +47,8 @@ _PEER_CLOSE_CODES = frozenset((1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1
 PING_FRAME = b"\x89\x00"
 # A message over the frame limit is looked at this far to see whether it is a chat_img.
 LARGE_PREFIX = 256
-# The inbound budget is taken in steps of at least this many bytes, so a client whose
-# reads often end inside a frame does not touch it on every read.
+# The inbound budget is taken in steps of at least this many bytes, so a frame that
+# arrives over several reads does not touch it on each of them.
 INBOUND_STEP = 4 * 1024
 # A large message (a chat_img data URL) counts this many times its size in the inbound
 # budget: while it waits for a decoder the server holds its text, the content parsed
