@@ -40,9 +40,8 @@ class Request:
     http_version: str = "1.1"
     # Lower-case names of the headers that came more than once (``headers`` keeps the last).
     repeated: frozenset[str] = frozenset()
-    # Holds ``size`` more bytes in the address's body budget until the handler has
-    # answered (a copy a handler makes of the body): None, or an :class:`HttpError`'s
-    # answer refusing it.
+    # Holds ``size`` more bytes in the address's body budget until the handler returns
+    # (for a copy the handler makes of the body): None, or the answer refusing it.
     hold: Callable[[int], Response | None] = lambda size: None
 
 

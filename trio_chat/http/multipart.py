@@ -76,7 +76,7 @@ def file_part(body: bytes, content_type: str) -> bytes:
 async def uploaded_file(request: Request) -> bytes:
     """The uploaded file: the body itself, or the one file part of a multipart form
     (read in a worker thread). Its copy counts at the body's size in the address's
-    body budget until the request is answered; 429 or 503 when that has no room."""
+    body budget until the handler returns; 429 or 503 when that has no room."""
     kind = request.headers.get("content-type", "")
     if not kind.lower().startswith("multipart/form-data"):
         return request.body
