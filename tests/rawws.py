@@ -74,9 +74,17 @@ class RawClient:
         self.answer_pings = True
 
     @classmethod
-    async def connect(cls, port: int, path: str) -> RawClient:
-        """An upgraded client; prefer :func:`open_raw`, which also closes it."""
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async def connect(cls, port: int, path: str, source: str = "127.0.0.1") -> RawClient:
+        """An upgraded client from the loopback address ``source``; prefer
+        :func:`open_raw`, which also closes it."""
+        sock = trio.socket.socket()
+        try:
+            await sock.bind((source, 0))
+            await sock.connect(("127.0.0.1", port))
+        except BaseException:
+            sock.close()
+            raise
+        stream = trio.SocketStream(sock)
         try:
             await stream.send_all(handshake_request(path))
             data = b""

@@ -17,12 +17,14 @@ import math
 import socket
 import time
 from collections.abc import Iterator
+from functools import partial
 
 import attrs
 import trio
 from trio_websocket import ConnectionClosed
 
 from trio_chat.auth import make_token
+from trio_chat.budget import ByteBudget
 from trio_chat.config import AuthConfig, LimitsConfig
 from trio_chat.server import Server
 
@@ -310,3 +312,91 @@ async def test_one_address_holds_at_most_its_outbound_budget(nursery, db_path) -
                     assert b" 101 " in await stream.receive_some(4096)
     await wait_until(lambda: not server.hub.connections)
     assert outbound.held() == 0
+
+
+async def hold_partial_frames(server: Server, clients: list[RawClient], count: int,
+                              part: bytes) -> None:
+    """``count`` more connections from 127.0.0.1, each sending ``part`` of a frame and no
+    more, once the server has read it (or refused it) before the next."""
+    inbound = server.writers.inbound
+    for _ in range(count):
+        clients.append(await RawClient.connect(server.port, f"/ws/{ROOM}"))
+        target, refusals = inbound.held("127.0.0.1") + len(part), inbound.refusals
+        await clients[-1].send_raw(part)
+        await wait_until(partial(_read_or_refused, inbound, target, refusals))
+        if inbound.refusals > refusals:
+            return
+
+
+def _read_or_refused(inbound: ByteBudget, target: int, refusals: int) -> bool:
+    return inbound.held("127.0.0.1") >= target or inbound.refusals > refusals
+
+
+async def test_one_address_holds_at_most_its_inbound_budget(nursery, db_path) -> None:
+    """Connections from one address each holding an unfinished frame: together they
+    hold at most limits.inboundBytesPerIp, the one that would pass it is closed with
+    1013, a client from another address is served meanwhile, and the budget returns
+    to zero once they are gone."""
+    budget = 256 * 1024
+    server = await start_server(nursery, make_config(
+        db_path, limits=attrs.evolve(UNLIMITED, inbound_bytes_per_ip=budget)))
+    inbound = server.writers.inbound
+    # 40,000 bytes of a 60 KB frame: six or seven such fit in the budget, not ten.
+    part = client_frame(chat_frame("x" * 60_000, room_id=ROOM).encode())[:40_000]
+    clients: list[RawClient] = []
+    try:
+        await hold_partial_frames(server, clients, 10, part)
+        assert inbound.refusals == 1 and len(clients) in (6, 7)
+        assert len(clients[:-1]) * len(part) <= inbound.held("127.0.0.1") <= budget
+        with trio.fail_after(10):
+            assert await clients[-1].wait_closed() == 1013
+        other = await RawClient.connect(server.port, f"/ws/{OTHER_ROOM}", source="127.0.0.2")
+        clients.append(other)
+        with trio.fail_after(5):
+            await other.send_text(chat_frame("from elsewhere", room_id=OTHER_ROOM))
+            while (await other.receive_json()).get("content") != "from elsewhere":
+                pass
+        # The others of the address still hold their frames.
+        assert inbound.held("127.0.0.1") >= len(clients[:-2]) * len(part)
+    finally:
+        for client in clients:
+            await client.aclose()
+    await wait_until(lambda: not server.hub.connections)
+    assert inbound.held() == 0
+    assert server.metrics.inbound_budget_disconnects == 1
+
+
+async def test_a_data_url_is_refused_while_its_addresss_inbound_budget_is_full(
+        nursery, db_path) -> None:
+    budget = 128 * 1024
+    server = await start_server(nursery, make_config(
+        db_path, max_frame_bytes=16 * 1024,
+        limits=attrs.evolve(UNLIMITED, inbound_bytes_per_ip=budget)))
+    inbound = server.writers.inbound
+    url = "data:image/png;base64," + base64.b64encode(noisy_png(80)).decode()
+    image, elsewhere = (client_frame(chat_frame(url, room_id=room, message_type="chat_img")
+                                     .encode()) for room in (ROOM, OTHER_ROOM))
+    # Alone it fits, three times over; with 60 KB of frames held it does not.
+    assert 3 * len(image) + 4096 < budget < 3 * len(image) + 60_000
+    clients: list[RawClient] = []
+    try:
+        await hold_partial_frames(server, clients, 4, client_frame(b"y" * 16_000)[:15_000])
+        assert inbound.refusals == 0
+        sender = await RawClient.connect(server.port, f"/ws/{ROOM}")
+        clients.append(sender)
+        await sender.send_raw(image)
+        with trio.fail_after(10):
+            assert await sender.wait_closed() == 1013
+        # The same image from another address is taken.
+        other = await RawClient.connect(server.port, f"/ws/{OTHER_ROOM}", source="127.0.0.2")
+        clients.append(other)
+        with trio.fail_after(10):
+            await other.send_raw(elsewhere)
+            while (message := await other.receive_json()).get("message_type") != "chat_img":
+                pass
+        assert message["image"]["size"] > 0
+    finally:
+        for client in clients:
+            await client.aclose()
+    await wait_until(lambda: not server.hub.connections)
+    assert inbound.held() == 0 and server.writers.large.used == 0

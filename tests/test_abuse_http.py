@@ -283,3 +283,24 @@ async def test_a_handler_that_hangs_is_answered_503_at_its_deadline(nursery, db_
     status, headers, body = await http_get(server.port, "/media/AAAAAAAAAAAAAAAAAAAAAA")
     assert (status, json.loads(body)["error"]) == (503, "handler_timeout")
     assert headers["connection"] == "close" and trio.current_time() - started < 5
+
+
+async def test_a_multipart_uploads_copy_counts_in_the_addresss_body_budget(
+        nursery, db_path) -> None:
+    budget = 1024 * 1024
+    server = await start_server(nursery, make_config(
+        db_path, limits=attrs.evolve(UNLIMITED, body_bytes_per_ip=budget)))
+    png = noisy_png(480)
+    file = b'Content-Disposition: form-data; name="f"; filename="a.png"\r\n\r\n' + png
+    body = form(file)
+    # The body fits in the budget; the body and the file copied out of it do not.
+    assert len(body) < budget < 2 * len(body)
+    status, answer = await http_call(server.port, "POST", "/rooms/1/images?author_id=5",
+                                     raw=body, headers={
+                                         "Content-Type": "multipart/form-data; boundary=B"})
+    assert (status, answer["error"]) == (429, "too_many_bytes"), answer
+    # The same file as the body itself needs no copy.
+    status, answer = await http_call(server.port, "POST", "/rooms/1/images?author_id=5",
+                                     raw=png)
+    assert status == 201, answer
+    assert server.services.bodies.held() == 0

@@ -81,6 +81,14 @@ def test_unknown_keys_warn_not_fail() -> None:
     ({"server": {"pingPeriod": 70}}, "c.json: server.pingPeriod: expected less than "
                                      "server.pongWait (60), got 70"),
     ({"server": {"writeWait": -1}}, "c.json: server.writeWait: expected a number from 0.001"),
+    ({"limits": {"bodyBytesPerIp": 8 * 1024 * 1024}}, "c.json: limits.bodyBytesPerIp: "
+     "expected at least twice media.maxImageBytes + 65536 (10616832) so an upload and its "
+     "multipart copy fit, got 8388608"),
+    ({"limits": {"inboundBytesPerIp": 100_000}}, "c.json: limits.inboundBytesPerIp: "
+     "expected at least twice server.maxFrameBytes + 65536 (196608), got 100000"),
+    ({"limits": {"inboundBytesTotal": 16 * 1024 * 1024}}, "c.json: limits.inboundBytesTotal: "
+     "expected at least 3 times the data URL of media.maxImageBytes (20983812) so a chat_img "
+     "data URL fits, got 16777216"),
 ])
 def test_bad_values_name_file_key_and_expectation(data: object, message: str) -> None:
     with pytest.raises(ConfigError) as info:

@@ -16,15 +16,20 @@ from wsproto.events import (
     TextMessage,
 )
 
+from trio_chat.budget import ByteBudget
 from trio_chat.framing import (
     BINARY,
     CLOSE,
     FAIL,
+    INBOUND_STEP,
+    LARGE_WEIGHT,
     PING,
     PING_FRAME,
     PONG,
     TEXT,
+    UNMASK_CHUNK,
     FrameReader,
+    LargeFrames,
     close_frame,
     close_payload,
     pong_frame,
@@ -222,3 +227,76 @@ def test_a_frame_split_inside_its_extended_length_waits_for_the_rest() -> None:
     assert reader.feed(frame[5:13]) == []
     assert reader.feed(frame[13:]) == [(BINARY, b"z" * 70_000)]
     assert reader.feed(client_frame(b"next")) == [(TEXT, "next")]
+
+
+def test_a_partial_frame_and_fragments_count_in_the_inbound_budget_until_handled() -> None:
+    budget = ByteBudget(64 * 1024, 1 << 20)
+    reader = FrameReader(16 * 1024, inbound=budget, key="a")
+    # Whole frames in one read never touch the budget.
+    assert reader.feed(client_frame(b"hi")) == [(TEXT, "hi")]
+    reader.release_done()
+    assert budget.held() == 0
+    # A partial frame takes a step; its fragments and the rest take what they need.
+    frame = client_frame(b"x" * 10_000, fin=False)
+    assert reader.feed(frame[:100]) == []
+    assert reader.reserved == budget.held("a") == INBOUND_STEP
+    assert reader.feed(frame[100:]) == []
+    assert budget.held("a") == 10_000
+    last = client_frame(b"y" * 5000, opcode=0)
+    events = reader.feed(last)
+    assert events == [(TEXT, "x" * 10_000 + "y" * 5000)]
+    # Held while the message is handled, then given back at once.
+    assert budget.held("a") >= 15_000
+    reader.release_done()
+    assert budget.held() == reader.reserved == 0
+
+
+def test_a_reader_over_its_addresss_inbound_budget_fails_with_1013() -> None:
+    budget = ByteBudget(24 * 1024, 1 << 20)
+    first, second = (FrameReader(16 * 1024, inbound=budget, key="a") for _ in range(2))
+    other = FrameReader(16 * 1024, inbound=budget, key="b")
+    frame = client_frame(b"x" * 15_000)
+    assert first.feed(frame[:-1]) == []
+    held = budget.held("a")
+    # The second connection of the address would pass the bound: it fails, and holds
+    # nothing more; another address is not affected.
+    assert second.feed(frame[:-1]) == [(FAIL, (1013, "the inbound budget of this address "
+                                               "or server is full; try again later"))]
+    assert second.feed(frame) == [] and budget.held("a") == held
+    assert other.feed(frame[:-1]) == [] and budget.held("b") > 0
+    assert first.feed(frame[-1:]) == [(TEXT, "x" * 15_000)]
+    first.release_done()
+    for reader in (first, second, other):
+        reader.release_all()
+    assert budget.held() == 0
+
+
+def test_a_large_message_counts_three_times_from_its_header() -> None:
+    budget = ByteBudget(3 * 20_000 + 8192, 1 << 20)
+    large = LargeFrames(1 << 20)
+    prefix = b'{"message_type": "chat_img", "content": "data:image/png;base64,'
+    frame = client_frame(prefix + b"A" * 20_000)
+    reader = FrameReader(1024, 100_000, large, inbound=budget, key="a")
+    assert reader.feed(frame[:300]) == []
+    payload = len(frame) - 8  # a 16-bit length and the mask
+    assert budget.held("a") == LARGE_WEIGHT * payload and large.used == payload
+    # A second one from the address does not fit: refused at its header, nothing kept.
+    again = FrameReader(1024, 100_000, large, inbound=budget, key="a")
+    assert again.feed(frame[:300])[-1][1][0] == 1013
+    assert large.used == payload and budget.held("a") == LARGE_WEIGHT * payload
+    events = reader.feed(frame[300:])
+    assert events[0][0] == TEXT
+    reader.release_done()
+    assert budget.held() == large.used == 0
+
+
+def test_payloads_over_the_unmask_chunk_are_unmasked_whole() -> None:
+    rng = random.Random(5)
+    for size in (UNMASK_CHUNK - 1, UNMASK_CHUNK, UNMASK_CHUNK + 1, 3 * UNMASK_CHUNK + 7):
+        payload = rng.randbytes(size)
+        assert feed_all(FrameReader(10**6), client_frame(payload, opcode=0x2), 9000) == [
+            (BINARY, payload)]
+        # The first fragment's buffer becomes the message's.
+        fragments = client_frame(payload, opcode=0x2, fin=False) + \
+            client_frame(b"end", opcode=0)
+        assert FrameReader(10**6).feed(fragments) == [(BINARY, payload + b"end")]

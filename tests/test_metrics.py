@@ -104,7 +104,7 @@ async def test_metrics_follow_prometheus_conventions(server) -> None:
     reasons = {s.labels["reason"] for s in families["triochat_refusals"].samples}
     assert reasons == {"auth", "origin", "ip_limit", "rate_limited", "bad_frame", "store_full"}
     assert {s.labels["reason"] for s in families["triochat_disconnects"].samples} == {
-        "slow_consumer", "flood", "frame_too_big"}
+        "slow_consumer", "flood", "frame_too_big", "inbound_budget"}
     # Two messages, two members each: four deliveries, each observed once.
     latency = families["triochat_delivery_latency_seconds"]
     assert latency.type == "histogram"

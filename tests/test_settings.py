@@ -102,6 +102,12 @@ def test_check_config_masks_secrets_and_fails_like_serve(tmp_path: Path) -> None
     assert shown["auth"]["secret"] == "" and shown["redis"]["host"] == "r"
     assert shown["logger"] == {"level": "warn", "format": "text"}
     assert "in-the-file" not in result.stdout and "pw" not in json.dumps(shown["redis"])
+    # And what the configuration lets one address, and the server, make the node hold.
+    assert "memory: one address at most 61.0 MiB (limits.inboundBytesPerIp 24.0 + " \
+        "limits.outboundBytesPerIp 24.0 + limits.bodyBytesPerIp 12.0 + request heads 1.0)" \
+        in result.stderr
+    assert "memory: the server at most 1937.2 MiB (limits.inboundBytesTotal 256.0" \
+        in result.stderr
     # The same one-line error, and exit status, as serve.
     env = clean_env(TRIO_CHAT_SERVER_PORT="70000")
     checked, served = cli("check-config", str(path), env=env), cli("serve", str(path), env=env)

@@ -3,7 +3,8 @@
 Sans-IO: no task, no I/O. The HTTP side holds request bodies and answers in one
 (``limits.bodyBytesPerIp``, ``bodyBytesTotal``); the WebSocket transport holds
 its outbound queues in another (``limits.outboundBytesPerIp``,
-``outboundBytesTotal``).
+``outboundBytesTotal``), and what its readers hold in a third
+(``limits.inboundBytesPerIp``, ``inboundBytesTotal``).
 """
 
 from __future__ import annotations
@@ -20,14 +21,18 @@ class ByteBudget:
     total: int = attrs.field(validator=attrs.validators.ge(1))
     _held: dict[str, int] = attrs.field(init=False, factory=dict)
     _sum: int = attrs.field(init=False, default=0)
+    # Reservations refused so far.
+    refusals: int = attrs.field(init=False, default=0)
 
     def reserve(self, key: str, size: int) -> str | None:
         """Hold ``size`` more bytes for ``key``: None, or (nothing held) ``"key"`` when
         the key's budget, ``"total"`` when the server's, would be exceeded."""
         held = self._held.get(key, 0)
         if held + size > self.per_key:
+            self.refusals += 1
             return "key"
         if self._sum + size > self.total:
+            self.refusals += 1
             return "total"
         self._held[key] = held + size
         self._sum += size

@@ -1,8 +1,9 @@
 """The operator's commands ``check-config`` and ``token``, and their arguments.
 
 Owns showing the effective configuration (the file, the environment and the
-options over the defaults) with secrets masked, and minting user tokens signed
-with the configured secret. Runs no tasks.
+options over the defaults) with secrets masked and the memory bounds it sets
+(README, "Memory budget"), and minting user tokens signed with the configured
+secret. Runs no tasks.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import attrs
 
 from .auth import make_token
 from .config import _SECTIONS, Config, env_name
+from .http.serve import MAX_HEAD_BYTES
 
 # What a secret that is set looks like in check-config's output.
 MASK = "********"
@@ -101,7 +103,33 @@ def check_config(config: Config, env: bool) -> int:
                       f"{field.metadata['key']}")
         return 0
     print(json.dumps(effective(config), indent=2))
+    for line in memory_bounds(config):
+        print(f"trio-chat: {line}", file=sys.stderr)
     return 0
+
+
+def memory_bounds(config: Config) -> list[str]:
+    """What one address, and the whole server, can make a node hold under ``config``:
+    the sums of the budgets, each named by its key, in MiB."""
+    limits, server, media = config.limits, config.server, config.media
+
+    def total(parts: list[tuple[str, int]]) -> str:
+        added = " + ".join(f"{name} {size / 2**20:.1f}" for name, size in parts)
+        return f"{sum(size for _, size in parts) / 2**20:.1f} MiB ({added})"
+
+    address = [("limits.inboundBytesPerIp", limits.inbound_bytes_per_ip),
+               ("limits.outboundBytesPerIp", limits.outbound_bytes_per_ip),
+               ("limits.bodyBytesPerIp", limits.body_bytes_per_ip),
+               ("request heads", limits.http_connections_per_ip * MAX_HEAD_BYTES)]
+    node = [("limits.inboundBytesTotal", limits.inbound_bytes_total),
+            ("limits.outboundBytesTotal", limits.outbound_bytes_total),
+            ("limits.bodyBytesTotal", limits.body_bytes_total),
+            ("server.storeBufferBytes", server.store_buffer_bytes),
+            ("server.idempotencyMemoryBytes", server.idempotency_memory_bytes),
+            ("image decoding", 8 * media.max_pixels * media.decode_concurrency)]
+    return [f"memory: one address at most {total(address)}",
+            f"memory: the server at most {total(node)}, plus server.historyBytes "
+            f"({server.history_bytes / 2**20:.1f} MiB) per live room"]
 
 
 def print_token(config: Config, args: argparse.Namespace) -> int:

@@ -35,6 +35,8 @@ from typing import Any
 
 import attrs
 
+from .framing import LARGE_WEIGHT
+
 LOG_LEVELS = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
@@ -202,13 +204,20 @@ class LimitsConfig:
                                      high=1_000_000)
     upload_bytes_per_hour: int = _opt("uploadBytesPerHour", 100 * 1024 * 1024, int,
                                       low=1024, high=1 << 40)
-    # Request bodies held at once (read, not yet answered), per address and in all.
-    body_bytes_per_ip: int = _opt("bodyBytesPerIp", 16 * 1024 * 1024, int, low=1024 * 1024,
+    # Request bodies, their multipart copies and answers held at once, per address and
+    # in all.
+    body_bytes_per_ip: int = _opt("bodyBytesPerIp", 12 * 1024 * 1024, int, low=1024 * 1024,
                                   high=1 << 40)
     body_bytes_total: int = _opt("bodyBytesTotal", 256 * 1024 * 1024, int,
                                  low=1024 * 1024, high=1 << 40)
+    # What WebSocket readers hold (partial frames, fragments, messages being handled, data
+    # URLs at three times their size), per address and in all.
+    inbound_bytes_per_ip: int = _opt("inboundBytesPerIp", 24 * 1024 * 1024, int,
+                                     low=64 * 1024, high=1 << 40)
+    inbound_bytes_total: int = _opt("inboundBytesTotal", 256 * 1024 * 1024, int,
+                                    low=64 * 1024, high=1 << 40)
     # Outbound queues (frames the sockets have not taken), per address and in all.
-    outbound_bytes_per_ip: int = _opt("outboundBytesPerIp", 64 * 1024 * 1024, int,
+    outbound_bytes_per_ip: int = _opt("outboundBytesPerIp", 24 * 1024 * 1024, int,
                                       low=1024 * 1024, high=1 << 40)
     outbound_bytes_total: int = _opt("outboundBytesTotal", 1024 * 1024 * 1024, int,
                                      low=1024 * 1024, high=1 << 40)
@@ -416,13 +425,34 @@ def parse_config(data: Any, source: str = "<config>",
         raise ConfigError(f"{source}: limits.uploadBytesPerHour: expected at least "
                           f"media.maxImageBytes ({config.media.max_image_bytes}), got "
                           f"{config.limits.upload_bytes_per_hour}")
-    upload = config.media.max_image_bytes + UPLOAD_ENVELOPE
+    # A multipart upload's file part is copied out of its body, in the same budget.
+    upload = 2 * (config.media.max_image_bytes + UPLOAD_ENVELOPE)
     for key, value in (("bodyBytesPerIp", config.limits.body_bytes_per_ip),
                        ("bodyBytesTotal", config.limits.body_bytes_total)):
         if value < upload:
-            raise ConfigError(f"{source}: limits.{key}: expected at least media.maxImageBytes "
-                              f"+ {UPLOAD_ENVELOPE} ({upload}) so an upload fits, got {value}")
+            raise ConfigError(f"{source}: limits.{key}: expected at least twice "
+                              f"media.maxImageBytes + {UPLOAD_ENVELOPE} ({upload}) so an "
+                              f"upload and its multipart copy fit, got {value}")
+    # Two messages of the largest size (one being handled, the next being read) and a step.
+    frames = 2 * config.server.max_frame_bytes + 64 * 1024
+    for key, value in (("inboundBytesPerIp", config.limits.inbound_bytes_per_ip),
+                       ("inboundBytesTotal", config.limits.inbound_bytes_total)):
+        if value < frames:
+            raise ConfigError(f"{source}: limits.{key}: expected at least twice "
+                              f"server.maxFrameBytes + 65536 ({frames}), got {value}")
+        image = LARGE_WEIGHT * data_url_frame_bytes(config.media)
+        if config.server.large_frame_budget and value < image:
+            raise ConfigError(f"{source}: limits.{key}: expected at least {LARGE_WEIGHT} times "
+                              f"the data URL of media.maxImageBytes ({image}) so a chat_img "
+                              f"data URL fits, got {value} (or set server.largeFrameBudget "
+                              "to 0 to refuse data URLs over server.maxFrameBytes)")
     return config
+
+
+def data_url_frame_bytes(media: MediaConfig) -> int:
+    """The largest frame a chat_img carrying its image as a data URL may need: the
+    image in base64, with room for the rest of the frame."""
+    return (media.max_image_bytes + 2) // 3 * 4 + 4096
 
 
 def _auth_secrets(auth: AuthConfig, source: str, environ: Mapping[str, str]) -> AuthConfig:

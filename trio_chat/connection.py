@@ -301,6 +301,9 @@ async def serve_connection(stream: trio.abc.Stream, *, hub: Hub, metrics: Metric
             hub.leave(room, connection)
         if ws.close_code == MESSAGE_TOO_BIG:
             metrics.oversized_frames += 1
+        elif ws.close_code == TRY_AGAIN_LATER:
+            # Once joined, only the reader closes with 1013: its inbound budget is full.
+            metrics.inbound_budget_disconnects += 1
     finally:
         hub.connections.discard(connection)
         code = ws.close_code if ws.close_code is not None else ws.peer_close_code

@@ -4,15 +4,18 @@ Owns the wire layout of WebSocket frames on the server's side: the close codes
 and opcodes, :class:`FrameReader` (client frames in: unmasking, fragmentation,
 control frames, UTF-8, close codes, the size limit checked on the header),
 :class:`LargeFrames` (the server-wide budget for messages over that limit, which
-only a ``chat_img`` carrying a data URL may use), and the builders of server
-frames (text, close, ping, pong). Server frames are
-unmasked, so a broadcast is framed once and the same bytes go to every member.
-Runs no tasks and does no IO; the transport is :mod:`trio_chat.websocket`.
+only a ``chat_img`` carrying a data URL may use), the reader's share of its
+address's inbound budget, and the builders of server frames (text, close, ping,
+pong). Server frames are unmasked, so a broadcast is framed once and the same
+bytes go to every member. Runs no tasks and does no IO; the transport is
+:mod:`trio_chat.websocket`.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from .budget import ByteBudget
 
 # Close codes; the README's table lists them for client authors.
 NORMAL = 1000
@@ -44,6 +47,15 @@ _PEER_CLOSE_CODES = frozenset((1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1
 PING_FRAME = b"\x89\x00"
 # A message over the frame limit is looked at this far to see whether it is a chat_img.
 LARGE_PREFIX = 256
+# The inbound budget is taken in steps of at least this many bytes, so a frame that
+# arrives over several reads does not touch it on each of them.
+INBOUND_STEP = 4 * 1024
+# A large message (a chat_img data URL) counts this many times its size in the inbound
+# budget: while it waits for a decoder the server holds its text, the content parsed
+# out of it and the decoded image bytes (2.75 times its size, measured).
+LARGE_WEIGHT = 3
+# Payloads over this are unmasked a chunk at a time (a multiple of the mask's 4 bytes).
+UNMASK_CHUNK = 64 * 1024
 
 
 def text_frame(text: str) -> bytes:
@@ -94,6 +106,23 @@ def unmask(payload: bytes | bytearray, mask: bytes | bytearray) -> bytes:
         n, "little")
 
 
+def _unmask_large(buf: bytes | bytearray, start: int, n: int, mask: bytes | bytearray
+                  ) -> bytearray:
+    """:func:`unmask` of ``buf[start:start + n]``, a chunk at a time into one buffer:
+    the whole payload at once would hold seven copies of it (the slice, the key, three
+    integers, the result); this holds the result and a chunk's worth."""
+    out = bytearray(n)
+    key = bytes(mask) * (UNMASK_CHUNK // 4)
+    whole = int.from_bytes(key, "little")
+    with memoryview(buf) as view:
+        for at in range(0, n, UNMASK_CHUNK):
+            size = min(UNMASK_CHUNK, n - at)
+            k = whole if size == UNMASK_CHUNK else int.from_bytes(key[:size], "little")
+            out[at:at + size] = (int.from_bytes(view[start + at:start + at + size], "little")
+                                 ^ k).to_bytes(size, "little")
+    return out
+
+
 class LargeFrames:
     """The bytes of messages over the frame limit that every connection together may
     be reading or handling at once (``server.largeFrameBudget``).
@@ -136,16 +165,30 @@ class FrameReader:
     bytes show a ``chat_img``, while ``large`` has room for it. What such
     messages reserved is given back by :meth:`release_done` once the caller
     has handled them, and by :meth:`release_all` when the connection ends.
+
+    With an ``inbound`` budget, what the reader holds between calls counts in it
+    under ``key`` (the client's address): a partial frame, the fragments of a
+    message, the messages :meth:`feed` returned until :meth:`release_done`, and a
+    large message at :data:`LARGE_WEIGHT` times its announced size from its first
+    header. It is taken in :data:`INBOUND_STEP` steps; when the budget has no room
+    the reader fails with 1013 (try again later), a large message at its header.
     """
 
-    __slots__ = ("_buf", "_done", "_failed", "_large", "_large_held", "_part_bytes",
-                 "_part_op", "_parts", "large_message", "max_message")
+    __slots__ = ("_buf", "_done", "_failed", "_inbound", "_key", "_large", "_large_held",
+                 "_part_bytes", "_part_op", "_parts", "_reserved", "_returned",
+                 "large_message", "max_message")
 
     def __init__(self, max_message: int, large_message: int = 0,
-                 large: LargeFrames | None = None) -> None:
+                 large: LargeFrames | None = None, inbound: ByteBudget | None = None,
+                 key: str = "") -> None:
         self.max_message = max_message
         self.large_message = large_message
         self._large = large or LargeFrames(0)
+        self._inbound = inbound
+        self._key = key
+        # Held in the inbound budget; what feed returned and is not handled yet.
+        self._reserved = 0
+        self._returned = 0
         self._buf: bytes | bytearray = b""
         # A fragmented message so far: one buffer, not a list, so a message of tiny
         # fragments costs its bytes and no more.
@@ -195,7 +238,10 @@ class FrameReader:
                     break
                 if end - head < length:
                     break
-                payload = unmask(buf[head:head + length], buf[head - 4:head])
+                payload: bytes | bytearray = \
+                    unmask(buf[head:head + length], buf[head - 4:head]) \
+                    if length <= UNMASK_CHUNK else \
+                    _unmask_large(buf, head, length, buf[head - 4:head])
                 pos = head + length
                 if opcode >= CLOSE:
                     events.append(_control(opcode, payload))
@@ -203,23 +249,23 @@ class FrameReader:
                         self._failed = True
                         break
                 elif fin and opcode:
-                    self._message_done()
+                    self._message_done(length)
                     events.append(_message(opcode, payload))
                 elif opcode:
-                    self._part_op, self._parts, self._part_bytes = \
-                        opcode, bytearray(payload), length
+                    self._part_op, self._part_bytes = opcode, length
+                    self._parts = payload if isinstance(payload, bytearray) \
+                        else bytearray(payload)
                 else:
                     self._parts += payload
                     self._part_bytes += length
                     if fin:
                         op, parts = self._part_op, self._parts
-                        self._part_op, self._parts, self._part_bytes = 0, bytearray(), 0
-                        self._message_done()
+                        size, self._part_bytes = self._part_bytes, 0
+                        self._part_op, self._parts = 0, bytearray()
+                        self._message_done(size)
                         events.append(_message(op, parts))
         except _Fail as exc:
             events.append((FAIL, (exc.code, exc.reason)))
-        if events and events[-1][0] == FAIL:
-            self._failed = True
         if self._failed or pos == end:
             self._buf = b""
         elif buf is data:
@@ -228,6 +274,10 @@ class FrameReader:
             assert isinstance(buf, bytearray)
             del buf[:pos]
             self._buf = buf
+        if not (events and events[-1][0] == FAIL) and not self._cover(self._need()):
+            events.append((FAIL, (TRY_AGAIN_LATER, _BUDGET_FULL)))
+        if events and events[-1][0] == FAIL:
+            self._fail()
         return events
 
     def _check_header(self, opcode: int, fin: int, length: int) -> None:
@@ -265,26 +315,78 @@ class FrameReader:
             if b"chat_img" not in prefix and b"data:image/" not in prefix:
                 raise _Fail(MESSAGE_TOO_BIG, f"message over {self.max_message} bytes")
         if total > self._large_held:
+            if not self._cover(LARGE_WEIGHT * total + self._returned):
+                raise _Fail(TRY_AGAIN_LATER, _BUDGET_FULL)
             if not self._large.take(total - self._large_held):
                 raise _Fail(MESSAGE_TOO_BIG, "too many large messages in flight; send the "
                                              "image again later, or upload it")
             self._large_held = total
         return True
 
-    def _message_done(self) -> None:
+    def _message_done(self, size: int) -> None:
+        """A message of ``size`` bytes is complete: it is held until handled."""
+        self._returned += LARGE_WEIGHT * self._large_held or size
         self._done += self._large_held
         self._large_held = 0
 
+    def _need(self) -> int:
+        """What the inbound budget must cover now. A large message's weighted size
+        covers its bytes in the buffers."""
+        return max(len(self._buf) + len(self._parts), LARGE_WEIGHT * self._large_held) + \
+            self._returned
+
+    def _cover(self, need: int) -> bool:
+        """Grow the reservation to ``need`` bytes, a step at least; False if the
+        address's or the server's budget has no room (nothing is taken)."""
+        if need <= self._reserved or self._inbound is None:
+            return True
+        more = max(INBOUND_STEP, need - self._reserved)
+        if self._inbound.reserve(self._key, more) is not None:
+            return False
+        self._reserved += more
+        return True
+
+    def _shrink(self) -> None:
+        """Give back what is reserved beyond the need: all of it once nothing is held,
+        else only when a step or more is spare."""
+        need = self._need()
+        if self._inbound is not None and (
+                need == 0 < self._reserved or self._reserved - need >= INBOUND_STEP):
+            self._inbound.release(self._key, self._reserved - need)
+            self._reserved = need
+
+    def _fail(self) -> None:
+        """The reader takes no more data: what it buffered and the message it was
+        reading are dropped, and their share of the budgets given back."""
+        self._failed = True
+        self._buf, self._parts, self._part_op, self._part_bytes = b"", bytearray(), 0, 0
+        if self._large_held:
+            self._large.give(self._large_held)
+            self._large_held = 0
+        self._shrink()
+
+    @property
+    def reserved(self) -> int:
+        """Bytes this reader holds in its address's inbound budget."""
+        return self._reserved
+
     def release_done(self) -> None:
-        """Give back what messages already returned by :meth:`feed` reserved."""
+        """The messages :meth:`feed` returned are handled: give back what they held."""
         if self._done:
             self._large.give(self._done)
             self._done = 0
+        self._returned = 0
+        self._shrink()
 
     def release_all(self) -> None:
         """Give back everything reserved (the connection is over)."""
-        self._message_done()
+        self._buf, self._parts = b"", bytearray()
+        self._done += self._large_held
+        self._large_held = 0
         self.release_done()
+
+
+_BUDGET_FULL = "the inbound budget of this address or server is full; try again later"
 
 
 class _Fail(Exception):
@@ -301,9 +403,9 @@ def _message(opcode: int, payload: bytes | bytearray) -> tuple[int, Any]:
         return FAIL, (INVALID_PAYLOAD, "invalid UTF-8 in a text message")
 
 
-def _control(opcode: int, payload: bytes) -> tuple[int, Any]:
+def _control(opcode: int, payload: bytes | bytearray) -> tuple[int, Any]:
     if opcode != CLOSE:
-        return opcode, payload
+        return opcode, bytes(payload)
     if not payload:
         return CLOSE, (NO_STATUS, "")
     if len(payload) == 1:

@@ -143,6 +143,7 @@ class Metrics:
     slow_consumer_disconnects: int = 0
     bad_frames: int = 0
     oversized_frames: int = 0
+    inbound_budget_disconnects: int = 0
     handshake_failures: int = 0
     http_requests: int = 0
     store_refusals: int = 0
@@ -269,9 +270,11 @@ _COUNTERS: Sequence[tuple[str, str, list[tuple[str, str]]]] = (
               rate_limited="rate_limited", bad_frame="bad_frames",
               store_full="store_refusals")),
     ("disconnects_total", "Connections the server closed for the client's behaviour, by "
-     "reason: slow_consumer (4001), flood (1008), frame_too_big (1009).",
+     "reason: slow_consumer (4001), flood (1008), frame_too_big (1009), inbound_budget "
+     "(1013: the address's or the server's inbound budget full).",
      _reasons(slow_consumer="slow_consumer_disconnects", flood="flood_disconnects",
-              frame_too_big="oversized_frames")),
+              frame_too_big="oversized_frames",
+              inbound_budget="inbound_budget_disconnects")),
     ("handshake_failures_total", "Connections that ended before or during the upgrade.",
      [("handshake_failures", "")]),
     ("http_requests_total", "Plain HTTP requests served.", [("http_requests", "")]),

@@ -27,7 +27,7 @@ from .auth import IdentityRates, IpLimiter
 from .bridge import open_bridge
 from .broker import BrokerUnavailable, LocalBroker, RedisBroker
 from .budget import ByteBudget
-from .config import Config
+from .config import Config, data_url_frame_bytes
 from .framing import GOING_AWAY, LargeFrames
 from .http import NodeInfo, Readiness, Services, Shutdown, load_demo_page, serve_http
 from .http.budget import UploadAllowance
@@ -176,7 +176,7 @@ class Server:
         # A chat_img frame may carry its image as a data URL: base64 plus the frame around
         # it, within the server-wide large-frame budget. Every other message is refused at
         # its header over maxFrameBytes.
-        image_frame = (config.media.max_image_bytes + 2) // 3 * 4 + 4096
+        image_frame = data_url_frame_bytes(config.media)
         limits = Limits(max_message_bytes=s.max_frame_bytes,
                         large_message_bytes=max(s.max_frame_bytes, image_frame),
                         queue_frames=s.send_queue_messages, queue_bytes=s.send_queue_bytes,
@@ -184,7 +184,9 @@ class Server:
                         pong_wait=s.pong_wait, close_timeout=s.close_timeout)
         writers = Writers(limits, LargeFrames(s.large_frame_budget),
                           ByteBudget(config.limits.outbound_bytes_per_ip,
-                                     config.limits.outbound_bytes_total))
+                                     config.limits.outbound_bytes_total),
+                          ByteBudget(config.limits.inbound_bytes_per_ip,
+                                     config.limits.inbound_bytes_total))
         readiness = Readiness()
         services = Services(config, metrics, hub, repository, store, broker, writers,
                             IpLimiter(config.limits.connections_per_ip), Shutdown(),
@@ -205,6 +207,10 @@ class Server:
         metrics.add_gauge("outbound_queued_bytes", "Bytes queued for WebSocket clients, "
                           "history, pongs and held-back frames included.",
                           lambda: sum(c.queued_bytes for c in hub.connections))
+        metrics.add_gauge("inbound_bytes", "Bytes WebSocket readers hold: partial frames, "
+                          "fragments, messages being handled, data URLs three times "
+                          "(limits.inboundBytesPerIp, inboundBytesTotal).",
+                          lambda: writers.inbound.held())
         metrics.add_gauge("store_buffer_bytes", "Bytes of accepted messages not yet "
                           "written (server.storeBufferBytes).", lambda: store.lag_bytes)
         metrics.add_gauge("connections_open", "Open WebSocket connections.",

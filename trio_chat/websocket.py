@@ -32,9 +32,10 @@ policy for a slow consumer is *disconnect*: a member whose queue overflows, or
 whose socket does not take a write within ``writeWait``, is closed (code 4001
 or dropped) and the room never waits for it. History goes through
 :meth:`WebSocket.send_paced`, at the pace the socket takes it. Of several
-pongs not yet sent only the latest is kept (RFC 6455 5.5.3). Large messages
-are :class:`~trio_chat.framing.FrameReader`'s and its budget's business; the
-reservation is given back once a message is handled and when the connection ends.
+pongs not yet sent only the latest is kept (RFC 6455 5.5.3). What is read is
+:class:`~trio_chat.framing.FrameReader`'s, and so are its shares of the
+large-message and inbound budgets; they are given back once the messages of a
+read are handled and when the connection ends.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ import logging
 import math
 import os
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import attrs
 import trio
@@ -85,7 +87,7 @@ class WebSocket:
     _on_failure: Callable[[], None] = lambda: None
     # Closed at this time of trio's clock (a token's expiry), by the heartbeat.
     expires_at: float = math.inf
-    # The client's address: its connections' queues share one outbound budget.
+    # The client's address: its connections share one outbound and one inbound budget.
     ip: str = ""
     _reader: FrameReader = attrs.field(init=False)
     # Frames not yet written. Non-empty only while the connection is waiting for the
@@ -119,7 +121,7 @@ class WebSocket:
     def __attrs_post_init__(self) -> None:
         limits = self._writers.limits
         self._reader = FrameReader(limits.max_message_bytes, limits.large_message_bytes,
-                                   self._writers.large)
+                                   self._writers.large, self._writers.inbound, self.ip)
         if isinstance(self._stream, trio.SocketStream):
             self._fd = self._stream.socket.fileno()
 
@@ -412,40 +414,52 @@ class WebSocket:
         self._trailing = b""
         reader = self._reader
         while True:
-            for kind, value in reader.feed(data) if data else ():
-                if kind in (TEXT, BINARY):
-                    if self._closing:
-                        continue
-                    try:
-                        await on_message(value)
-                    except Exception:
-                        # A bug in handling one frame ends this connection, politely.
-                        log.exception("error handling a message; closing with 1011")
-                        self._on_failure()
-                        self.close(INTERNAL_ERROR, "internal server error")
-                    finally:
-                        # Handled: a large message's share of the budget is free again.
-                        reader.release_done()
-                elif kind == PING:
-                    self._answer_ping(value)
-                elif kind == PONG:
-                    self._pong_deadline = math.inf
-                elif kind == CLOSE:
-                    code, reason = value
-                    if self.peer_close_code is None:
-                        self.peer_close_code = code
-                    # The peer's close: echo its code.
-                    self.close(code, reason)
+            if data:
+                # Only the reader keeps the bytes while they are handled: they count in
+                # the address's inbound budget until release_done.
+                events, data = reader.feed(data), b""
+                ended = await self._dispatch(events, on_message)
+                events.clear()
+                reader.release_done()
+                if ended:
                     return
-                else:
-                    # A protocol error such as invalid UTF-8 (1007), or a message too big
-                    # (1009, seen at its header): send that code, then read on and drop
-                    # what comes until the peer hangs up or close_timeout, so the peer
-                    # still sending the rest reads our close rather than a reset.
-                    self.close(*value)
             try:
                 data = await self._stream.receive_some(RECEIVE_BYTES)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return
             if not data:
                 return
+
+    async def _dispatch(self, events: list[tuple[int, Any]],
+                        on_message: Callable[[str | bytes], Awaitable[None]]) -> bool:
+        """Act on what one read completed; True once the peer's close frame came."""
+        for kind, value in events:
+            if kind in (TEXT, BINARY):
+                if self._closing:
+                    continue
+                try:
+                    await on_message(value)
+                except Exception:
+                    # A bug in handling one frame ends this connection, politely.
+                    log.exception("error handling a message; closing with 1011")
+                    self._on_failure()
+                    self.close(INTERNAL_ERROR, "internal server error")
+            elif kind == PING:
+                self._answer_ping(value)
+            elif kind == PONG:
+                self._pong_deadline = math.inf
+            elif kind == CLOSE:
+                code, reason = value
+                if self.peer_close_code is None:
+                    self.peer_close_code = code
+                # The peer's close: echo its code.
+                self.close(code, reason)
+                return True
+            else:
+                # A protocol error such as invalid UTF-8 (1007), a message too big
+                # (1009, seen at its header) or the inbound budget full (1013): send
+                # that code, then read on and drop what comes until the peer hangs up
+                # or close_timeout, so the peer still sending the rest reads our close
+                # rather than a reset.
+                self.close(*value)
+        return False

@@ -8,7 +8,8 @@ connection once per ``pingPeriod``, closes those whose pong is late or whose
 token expired) and one writer task per connection whose socket is full
 (:meth:`trio_chat.websocket.WebSocket._write_blocked`, which contains that
 connection's write failures). It also holds the server-wide budgets a
-connection draws on: large inbound messages and outbound queues per address.
+connection draws on: large inbound messages, and what is read and queued per
+address.
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ class Writers:
     large: LargeFrames = attrs.field(factory=lambda: LargeFrames(0))
     # Per address and server-wide: the bytes of outbound queues (see WebSocket._reserve).
     outbound: ByteBudget = attrs.field(factory=lambda: ByteBudget(1 << 40, 1 << 40))
+    # Per address and server-wide: the bytes readers hold (see framing.FrameReader).
+    inbound: ByteBudget = attrs.field(factory=lambda: ByteBudget(1 << 40, 1 << 40))
     _sockets: set[WebSocket] = attrs.field(init=False, factory=set)
     _dirty: list[WebSocket] = attrs.field(init=False, factory=list)
     # The flusher while it waits for something to flush.

@@ -238,7 +238,8 @@ def start_server(name: str, workdir: Path, cpus: set[int] | None,
                        "identityMessagesPerSecond": 1_000_000,
                        "identityMessageBurst": 1_000_000, "connectionsPerIp": 1_000_000,
                        "httpConnectionsPerIp": 1_000_000,
-                       "outboundBytesPerIp": 1 << 40, "outboundBytesTotal": 1 << 40}}))
+                       "outboundBytesPerIp": 1 << 40, "outboundBytesTotal": 1 << 40,
+                       "inboundBytesPerIp": 1 << 40, "inboundBytesTotal": 1 << 40}}))
         config = str(path)
     server = ServerProcess(name, workdir, cpus, config)
     if name != "trio-chat":
@@ -278,6 +279,7 @@ def fanout_config(args: argparse.Namespace) -> dict[str, Any]:
                         "identityMessageBurst": 1_000_000, "connectionsPerIp": 1_000_000,
                         "httpConnectionsPerIp": 1_000_000,
                         "outboundBytesPerIp": 1 << 40, "outboundBytesTotal": 1 << 40,
+                        "inboundBytesPerIp": 1 << 40, "inboundBytesTotal": 1 << 40,
                         **config.get("limits", {})}
     if not args.via_redis:
         return config

@@ -40,6 +40,9 @@ class Request:
     http_version: str = "1.1"
     # Lower-case names of the headers that came more than once (``headers`` keeps the last).
     repeated: frozenset[str] = frozenset()
+    # Holds ``size`` more bytes in the address's body budget until the handler returns
+    # (for a copy the handler makes of the body): None, or the answer refusing it.
+    hold: Callable[[int], Response | None] = lambda size: None
 
 
 @attrs.frozen

@@ -7,7 +7,8 @@ head over :data:`MAX_PART_HEAD_BYTES`: a body of 150,000 empty parts costs the
 same as one of sixteen, a few milliseconds at most for the largest body. The
 caps are what bound it (searching and copying hold the GIL);
 :func:`uploaded_file` still runs it in a worker thread, so the event loop takes
-its other turns in between. Runs no task.
+its other turns in between; the copy of the file counts in the address's body
+budget. Runs no task.
 """
 
 from __future__ import annotations
@@ -74,8 +75,12 @@ def file_part(body: bytes, content_type: str) -> bytes:
 
 async def uploaded_file(request: Request) -> bytes:
     """The uploaded file: the body itself, or the one file part of a multipart form
-    (read in a worker thread)."""
+    (read in a worker thread). Its copy counts at the body's size in the address's
+    body budget until the handler returns; 429 or 503 when that has no room."""
     kind = request.headers.get("content-type", "")
     if not kind.lower().startswith("multipart/form-data"):
         return request.body
+    refused = request.hold(len(request.body))
+    if refused is not None:
+        raise HttpError(refused)
     return await trio.to_thread.run_sync(file_part, request.body, kind)

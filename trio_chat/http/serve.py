@@ -113,11 +113,14 @@ async def _send_stream(services: Services, stream: trio.abc.Stream, conn: h11.Co
 
 @attrs.define
 class _BodyHold:
-    """The bytes one request's body holds in the address's and the server's budget."""
+    """The bytes one request holds in the address's and the server's body budget: its
+    body, its answer, and the copies its handler makes (until the handler returns)."""
 
     budget: ByteBudget
     ip: str
+    limits: LimitsConfig
     size: int = 0
+    copies: int = 0
 
     def take(self, size: int) -> str | None:
         refused = self.budget.reserve(self.ip, size)
@@ -125,16 +128,29 @@ class _BodyHold:
             self.size += size
         return refused
 
+    def take_copy(self, size: int) -> Response | None:
+        refused = self.take(size)
+        if refused is not None:
+            return _over_budget(refused, self.limits)
+        self.copies += size
+        return None
+
+    def release_copies(self) -> None:
+        if self.copies:
+            self.budget.release(self.ip, self.copies)
+            self.size -= self.copies
+            self.copies = 0
+
     def release(self) -> None:
         if self.size:
             self.budget.release(self.ip, self.size)
-            self.size = 0
+            self.size = self.copies = 0
 
 
 def _over_budget(refused: str, limits: LimitsConfig) -> Response:
     if refused == "key":
         return error(429, "too_many_bytes", f"at most {limits.body_bytes_per_ip} bytes of "
-                     "request and answer bodies for one address at once",
+                     "request and answer bodies (and copies of them) for one address at once",
                      (("retry-after", "1"),))
     return error(503, "server_busy", "the server holds too many request and answer bodies; "
                  "try again", (("retry-after", "1"),))
@@ -182,7 +198,8 @@ async def _read_request(stream: trio.abc.Stream, conn: h11.Connection, remote: s
         return Request(event.method.decode("ascii", "replace"), target.path,
                        parse_qs(target.query), headers, bytes(body), remote,
                        event.http_version.decode("ascii", "replace"),
-                       frozenset(name for name, count in names.items() if count > 1))
+                       frozenset(name for name, count in names.items() if count > 1),
+                       hold.take_copy)
     except h11.RemoteProtocolError as exc:
         return error(exc.error_status_hint, "bad_request", str(exc) or "malformed request")
 
@@ -274,7 +291,7 @@ async def _serve_requests(services: Services, stream: trio.abc.Stream, remote: s
     metrics = services.metrics
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
     while not services.shutdown.begun:
-        hold = _BodyHold(services.bodies, ip)
+        hold = _BodyHold(services.bodies, ip, services.config.limits)
         try:
             with trio.move_on_after(config.handshake_timeout) as reading:
                 # Shutdown cancels this: an idle keep-alive connection must not hold it up.
@@ -299,6 +316,8 @@ async def _serve_requests(services: Services, stream: trio.abc.Stream, remote: s
                 return None
             with trio.move_on_after(config.handler_timeout) as handling:
                 response, accepted, upgrade = await _answer(services, request)
+            # The handler is over, and so are the copies it made.
+            hold.release_copies()
             if handling.cancelled_caught:
                 log.warning("%s: %s %s: no answer within server.handlerTimeout (%gs)",
                             remote, request.method, request.path[:200],

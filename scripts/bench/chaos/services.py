@@ -244,7 +244,8 @@ def write_config(path: Path, workdir: Path, db_port: int, database: str, redis_p
                    "identityMessagesPerSecond": 1_000_000, "identityMessageBurst": 1_000_000,
                    "floodLimit": 1_000_000, "connectionsPerIp": 1_000_000,
                    "httpConnectionsPerIp": 1_000_000,
-                   "outboundBytesPerIp": 1 << 40, "outboundBytesTotal": 1 << 40},
+                   "outboundBytesPerIp": 1 << 40, "outboundBytesTotal": 1 << 40,
+                   "inboundBytesPerIp": 1 << 40, "inboundBytesTotal": 1 << 40},
         "logger": {"level": "info"}}, indent=2))
 
 
