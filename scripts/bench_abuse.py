@@ -239,7 +239,7 @@ def main() -> None:
     parser.add_argument("--no-pin", dest="pin", action="store_false",
                         help="leave server and clients to the scheduler")
     args = parser.parse_args()
-    exe = args.trio_chat or args.checkout / ".venv" / "bin" / "trio-chat"
+    exe = (args.trio_chat or args.checkout / ".venv" / "bin" / "trio-chat").absolute()
     names = [n for n in args.attacks.split(",") if n]
     unknown = set(names) - set(abuse.ATTACKS)
     if unknown:
