@@ -13,7 +13,9 @@ bench_acks, which stand alone) and ``scripts/chaos.py`` import from here
 - ``scale``: idle and churning connection workers (bench_conns, bench_churn);
 - ``store_load``, ``store_fanout``: bench_store's in-process store load and its
   fan-out comparison;
-- ``chaos``: the chaos run's parts (a package; its ``__init__`` has the map).
+- ``chaos``: the chaos run's parts (a package; its ``__init__`` has the map);
+- ``abuse``, ``rawclient``: bench_abuse's hostile clients and probe, and the raw
+  trio client they are built on (connections from a chosen loopback address).
 
 The client side of the WebSocket wire and free ports come from ``tests/wire.py``,
 shared with the tests, hence the repository root on the path.
