@@ -83,15 +83,3 @@ async def served_meanwhile(server: Server, attack: Callable[[], Awaitable[None]]
     assert lag.samples > 0
     return lag
 
-
-async def open_from(source: str, port: int) -> trio.SocketStream:
-    """A connection to the server from the loopback address ``source``."""
-    sock = trio.socket.socket()
-    try:
-        await sock.bind((source, 0))
-        await sock.connect(("127.0.0.1", port))
-    except BaseException:
-        sock.close()
-        raise
-    return trio.SocketStream(sock)
-

@@ -77,14 +77,7 @@ class RawClient:
     async def connect(cls, port: int, path: str, source: str = "127.0.0.1") -> RawClient:
         """An upgraded client from the loopback address ``source``; prefer
         :func:`open_raw`, which also closes it."""
-        sock = trio.socket.socket()
-        try:
-            await sock.bind((source, 0))
-            await sock.connect(("127.0.0.1", port))
-        except BaseException:
-            sock.close()
-            raise
-        stream = trio.SocketStream(sock)
+        stream = await open_from(source, port)
         try:
             await stream.send_all(handshake_request(path))
             data = b""
@@ -147,3 +140,15 @@ async def open_raw(port: int, path: str) -> AsyncIterator[RawClient]:
         yield client
     finally:
         await trio.aclose_forcefully(client.stream)
+
+
+async def open_from(source: str, port: int) -> trio.SocketStream:
+    """A connection to the server from the loopback address ``source``."""
+    sock = trio.socket.socket()
+    try:
+        await sock.bind((source, 0))
+        await sock.connect(("127.0.0.1", port))
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)

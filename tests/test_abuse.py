@@ -38,8 +38,7 @@ from .conftest import (
     wait_until,
     ws_url,
 )
-from .hostile import open_from
-from .rawws import RawClient
+from .rawws import RawClient, open_from
 from .test_images import noisy_png
 from .wire import client_frame, handshake_request
 

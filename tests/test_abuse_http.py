@@ -31,8 +31,8 @@ from .conftest import (
     wait_until,
     ws_url,
 )
-from .hostile import LAG_BOUND, SERVED_WITHIN, open_from, served_meanwhile
-from .rawws import http_call, http_get, read_http_response
+from .hostile import LAG_BOUND, SERVED_WITHIN, served_meanwhile
+from .rawws import http_call, http_get, open_from, read_http_response
 from .test_images import image_bytes, noisy_png
 
 

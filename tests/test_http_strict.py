@@ -24,8 +24,7 @@ from .conftest import (
     start_server,
     ws_url,
 )
-from .hostile import open_from
-from .rawws import http_call, http_get, read_http_response
+from .rawws import http_call, http_get, open_from, read_http_response
 from .test_images import image_bytes
 from .wire import KEY
 
