@@ -315,16 +315,23 @@ async def test_one_address_holds_at_most_its_outbound_budget(nursery, db_path) -
 
 async def hold_partial_frames(server: Server, clients: list[RawClient], count: int,
                               part: bytes) -> None:
-    """``count`` more connections from 127.0.0.1, each sending ``part`` of a frame and no
-    more, once the server has read it (or refused it) before the next."""
+    """``count`` more connections from 127.0.0.1, each sending ``part`` of a frame (with
+    a 16-bit length) and no more, once the server has read it (or refused it) before the
+    next."""
     inbound = server.writers.inbound
     for _ in range(count):
         clients.append(await RawClient.connect(server.port, f"/ws/{ROOM}"))
-        target, refusals = inbound.held("127.0.0.1") + len(part), inbound.refusals
+        target, refusals = inbound.held("127.0.0.1") + held_of(part), inbound.refusals
         await clients[-1].send_raw(part)
         await wait_until(partial(_read_or_refused, inbound, target, refusals))
         if inbound.refusals > refusals:
             return
+
+
+def held_of(part: bytes) -> int:
+    """What the server holds of ``part``: its payload (the header is parsed, not kept)."""
+    assert part[1] & 0x7F == 126
+    return len(part) - 8
 
 
 def _read_or_refused(inbound: ByteBudget, target: int, refusals: int) -> bool:
@@ -346,7 +353,7 @@ async def test_one_address_holds_at_most_its_inbound_budget(nursery, db_path) ->
     try:
         await hold_partial_frames(server, clients, 10, part)
         assert inbound.refusals == 1 and len(clients) in (6, 7)
-        assert len(clients[:-1]) * len(part) <= inbound.held("127.0.0.1") <= budget
+        assert len(clients[:-1]) * held_of(part) <= inbound.held("127.0.0.1") <= budget
         with trio.fail_after(10):
             assert await clients[-1].wait_closed() == 1013
         other = await RawClient.connect(server.port, f"/ws/{OTHER_ROOM}", source="127.0.0.2")
@@ -356,7 +363,7 @@ async def test_one_address_holds_at_most_its_inbound_budget(nursery, db_path) ->
             while (await other.receive_json()).get("content") != "from elsewhere":
                 pass
         # The others of the address still hold their frames.
-        assert inbound.held("127.0.0.1") >= len(clients[:-2]) * len(part)
+        assert inbound.held("127.0.0.1") >= len(clients[:-2]) * held_of(part)
     finally:
         for client in clients:
             await client.aclose()

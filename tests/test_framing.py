@@ -16,6 +16,7 @@ from wsproto.events import (
     TextMessage,
 )
 
+from trio_chat import framing
 from trio_chat.budget import ByteBudget
 from trio_chat.framing import (
     BINARY,
@@ -23,11 +24,11 @@ from trio_chat.framing import (
     FAIL,
     INBOUND_STEP,
     LARGE_WEIGHT,
+    PIECE,
     PING,
     PING_FRAME,
     PONG,
     TEXT,
-    UNMASK_CHUNK,
     FrameReader,
     LargeFrames,
     close_frame,
@@ -290,13 +291,40 @@ def test_a_large_message_counts_three_times_from_its_header() -> None:
     assert budget.held() == large.used == 0
 
 
-def test_payloads_over_the_unmask_chunk_are_unmasked_whole() -> None:
+def test_payloads_around_a_piece_in_any_reads() -> None:
     rng = random.Random(5)
-    for size in (UNMASK_CHUNK - 1, UNMASK_CHUNK, UNMASK_CHUNK + 1, 3 * UNMASK_CHUNK + 7):
+    for size in (PIECE - 1, PIECE, PIECE + 1, 3 * PIECE + 7):
         payload = rng.randbytes(size)
-        assert feed_all(FrameReader(10**6), client_frame(payload, opcode=0x2), 9000) == [
-            (BINARY, payload)]
-        # The first fragment's buffer becomes the message's.
         fragments = client_frame(payload, opcode=0x2, fin=False) + \
-            client_frame(b"end", opcode=0)
-        assert FrameReader(10**6).feed(fragments) == [(BINARY, payload + b"end")]
+            client_frame(b"", opcode=0, fin=False) + client_frame(b"end", opcode=0)
+        for chunk in (None, 4093, 9000):
+            assert feed_all(FrameReader(10**6), client_frame(payload, opcode=0x2), chunk) == [
+                (BINARY, payload)]
+            assert feed_all(FrameReader(10**6), fragments, chunk) == [
+                (BINARY, payload + b"end")]
+
+
+def test_each_read_unmasks_no_more_than_it_brought(monkeypatch) -> None:
+    """A large message arriving in reads is unmasked as they come, so the read that ends
+    it does no more than the others (the connections of a busy server all read in the
+    same loop iterations: a frame's worth in one read would stall it)."""
+    unmasked = [0]
+
+    def counted(out: bytearray, data: bytes, start: int, n: int, mask: bytes) -> None:
+        unmasked[0] += n
+        into(out, data, start, n, mask)
+
+    into = framing._unmask_into
+    monkeypatch.setattr(framing, "_unmask_into", counted)
+    prefix = b'{"message_type": "chat_img", "content": "data:image/png;base64,'
+    text = prefix + b"A" * (3 * 1024 * 1024)
+    wire = client_frame(text[:1024 * 1024], fin=False) + client_frame(
+        text[1024 * 1024:], opcode=0)
+    reader = FrameReader(64 * 1024, 4 * 1024 * 1024, LargeFrames(4 * 1024 * 1024))
+    events = []
+    for at in range(0, len(wire), 65536):
+        before = unmasked[0]
+        events += reader.feed(wire[at:at + 65536])
+        assert unmasked[0] - before <= 65536
+    assert events == [(TEXT, text.decode())]
+    assert unmasked[0] == len(text)

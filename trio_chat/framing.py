@@ -1,5 +1,9 @@
 """WebSocket framing, sans-IO (RFC 6455): bytes in, events out; frames out as bytes.
 
+Longer than the house's 400 lines on purpose: the reader's parsing, the message it
+is reading and its shares of the two budgets are one state machine, easiest to
+check when every change to it is in one class.
+
 Owns the wire layout of WebSocket frames on the server's side: the close codes
 and opcodes, :class:`FrameReader` (client frames in: unmasking, fragmentation,
 control frames, UTF-8, close codes, the size limit checked on the header),
@@ -54,8 +58,12 @@ INBOUND_STEP = 4 * 1024
 # budget: while it waits for a decoder the server holds its text, the content parsed
 # out of it and the decoded image bytes (2.75 times its size, measured).
 LARGE_WEIGHT = 3
-# Payloads over this are unmasked a chunk at a time (a multiple of the mask's 4 bytes).
-UNMASK_CHUNK = 64 * 1024
+# A message being read is kept unmasked in pieces of about this size, as its bytes
+# arrive: a read costs the bytes it brought, never a frame's or a message's worth.
+# (A buffer grown whole is copied whenever the allocator moves it, megabytes in one
+# step, and connections sending alike all do it in the same loop iteration.) A whole
+# frame up to this size that arrived in one read is unmasked at once.
+PIECE = 64 * 1024
 
 
 def text_frame(text: str) -> bytes:
@@ -106,21 +114,19 @@ def unmask(payload: bytes | bytearray, mask: bytes | bytearray) -> bytes:
         n, "little")
 
 
-def _unmask_large(buf: bytes | bytearray, start: int, n: int, mask: bytes | bytearray
-                  ) -> bytearray:
-    """:func:`unmask` of ``buf[start:start + n]``, a chunk at a time into one buffer:
-    the whole payload at once would hold seven copies of it (the slice, the key, three
-    integers, the result); this holds the result and a chunk's worth."""
-    out = bytearray(n)
-    key = bytes(mask) * (UNMASK_CHUNK // 4)
-    whole = int.from_bytes(key, "little")
-    with memoryview(buf) as view:
-        for at in range(0, n, UNMASK_CHUNK):
-            size = min(UNMASK_CHUNK, n - at)
-            k = whole if size == UNMASK_CHUNK else int.from_bytes(key[:size], "little")
-            out[at:at + size] = (int.from_bytes(view[start + at:start + at + size], "little")
-                                 ^ k).to_bytes(size, "little")
-    return out
+# For each mask byte, the table that XORs a byte with it (bytes.translate).
+_XOR = tuple(unmask(bytes(range(256)), bytes((m, m, m, m))) for m in range(256))
+
+
+def _unmask_into(out: bytearray, data: bytes | bytearray, start: int, n: int,
+                 mask: bytes) -> None:
+    """Append ``data[start:start + n]`` to ``out``, unmasked with ``mask`` (its first
+    byte for the first byte appended): each fourth byte through one table."""
+    at = len(out)
+    with memoryview(data) as view:
+        out += view[start:start + n]
+    for i in range(min(4, n)):
+        out[at + i::4] = out[at + i::4].translate(_XOR[mask[i]])
 
 
 class LargeFrames:
@@ -166,17 +172,22 @@ class FrameReader:
     messages reserved is given back by :meth:`release_done` once the caller
     has handled them, and by :meth:`release_all` when the connection ends.
 
+    A data frame is unmasked as its bytes arrive, into the message's pieces of
+    :data:`PIECE` bytes, so each call does work in proportion to the bytes it
+    was given: a large message costs no more in the call that ends it than in
+    the others, but for joining its pieces.
+
     With an ``inbound`` budget, what the reader holds between calls counts in it
-    under ``key`` (the client's address): a partial frame, the fragments of a
-    message, the messages :meth:`feed` returned until :meth:`release_done`, and a
+    under ``key`` (the client's address): a partial frame, the message being
+    read, the messages :meth:`feed` returned until :meth:`release_done`, and a
     large message at :data:`LARGE_WEIGHT` times its announced size from its first
     header. It is taken in :data:`INBOUND_STEP` steps; when the budget has no room
     the reader fails with 1013 (try again later), a large message at its header.
     """
 
-    __slots__ = ("_buf", "_done", "_failed", "_inbound", "_key", "_large", "_large_held",
-                 "_part_bytes", "_part_op", "_parts", "_reserved", "_returned",
-                 "large_message", "max_message")
+    __slots__ = ("_buf", "_done", "_failed", "_fin", "_inbound", "_key", "_large",
+                 "_large_held", "_left", "_mask", "_part_bytes", "_part_op", "_parts",
+                 "_parts_len", "_reserved", "_returned", "large_message", "max_message")
 
     def __init__(self, max_message: int, large_message: int = 0,
                  large: LargeFrames | None = None, inbound: ByteBudget | None = None,
@@ -189,12 +200,21 @@ class FrameReader:
         # Held in the inbound budget; what feed returned and is not handled yet.
         self._reserved = 0
         self._returned = 0
+        # Bytes not parsed yet: at most a frame header, a control frame, or a large
+        # frame's first LARGE_PREFIX bytes.
         self._buf: bytes | bytearray = b""
-        # A fragmented message so far: one buffer, not a list, so a message of tiny
-        # fragments costs its bytes and no more.
-        self._parts = bytearray()
+        # The message being read, unmasked, in pieces of about PIECE bytes (a message of
+        # tiny fragments still costs its bytes and no more); its opcode, the bytes its
+        # frame headers announced so far, and the bytes it has.
+        self._parts: list[bytearray] = []
         self._part_op = 0
         self._part_bytes = 0
+        self._parts_len = 0
+        # The data frame whose payload is arriving: its mask turned to the next byte
+        # (empty between frames), the bytes still to come, and its FIN bit.
+        self._mask = b""
+        self._left = 0
+        self._fin = 0
         self._failed = False
         # Reserved in the large budget by the message being read; by those read and
         # not yet released.
@@ -214,7 +234,14 @@ class FrameReader:
         events: list[tuple[int, Any]] = []
         pos, end = 0, len(buf)
         try:
-            while end - pos >= 2:
+            while True:
+                if self._mask:
+                    pos = self._payload(buf, pos, end, events)
+                    if self._mask:
+                        break
+                    continue
+                if end - pos < 2:
+                    break
                 b0, b1 = buf[pos], buf[pos + 1]
                 if b0 & 0x70:
                     raise _Fail(PROTOCOL_ERROR, "reserved bits set; no extension was negotiated")
@@ -233,37 +260,32 @@ class FrameReader:
                     if length >> 63:
                         raise _Fail(PROTOCOL_ERROR, "frame length over 2**63")
                 self._check_header(opcode, fin, length)
-                if opcode < CLOSE and self._part_bytes + length > self.max_message and \
-                        not self._admit_large(opcode, length, buf, head, end):
-                    break
-                if end - head < length:
-                    break
-                payload: bytes | bytearray = \
-                    unmask(buf[head:head + length], buf[head - 4:head]) \
-                    if length <= UNMASK_CHUNK else \
-                    _unmask_large(buf, head, length, buf[head - 4:head])
-                pos = head + length
                 if opcode >= CLOSE:
-                    events.append(_control(opcode, payload))
+                    if end - head < length:
+                        break
+                    pos = head + length
+                    events.append(_control(opcode, unmask(buf[head:pos], buf[head - 4:head])))
                     if opcode == CLOSE:
                         self._failed = True
                         break
-                elif fin and opcode:
+                    continue
+                if self._part_bytes + length > self.max_message and \
+                        not self._admit_large(opcode, length, buf, head, end):
+                    break
+                if end < head:  # the mask is not all here yet
+                    break
+                if fin and opcode and length <= min(PIECE, end - head):
+                    # A whole message in this read, the usual case: unmasked at once.
+                    pos = head + length
                     self._message_done(length)
-                    events.append(_message(opcode, payload))
-                elif opcode:
+                    events.append(_message(opcode, unmask(buf[head:pos], buf[head - 4:head])))
+                    continue
+                if opcode:
                     self._part_op, self._part_bytes = opcode, length
-                    self._parts = payload if isinstance(payload, bytearray) \
-                        else bytearray(payload)
                 else:
-                    self._parts += payload
                     self._part_bytes += length
-                    if fin:
-                        op, parts = self._part_op, self._parts
-                        size, self._part_bytes = self._part_bytes, 0
-                        self._part_op, self._parts = 0, bytearray()
-                        self._message_done(size)
-                        events.append(_message(op, parts))
+                self._mask, self._left, self._fin = bytes(buf[head - 4:head]), length, fin
+                pos = head
         except _Fail as exc:
             events.append((FAIL, (exc.code, exc.reason)))
         if self._failed or pos == end:
@@ -279,6 +301,32 @@ class FrameReader:
         if events and events[-1][0] == FAIL:
             self._fail()
         return events
+
+    def _payload(self, buf: bytes | bytearray, pos: int, end: int,
+                 events: list[tuple[int, Any]]) -> int:
+        """Take what ``buf[pos:end]`` has of the current data frame's payload into the
+        message's pieces; at the frame's end, the message if it was the last. Returns
+        the position after what was taken."""
+        take = min(self._left, end - pos)
+        if take:
+            parts = self._parts
+            if not parts or len(parts[-1]) >= PIECE:
+                parts.append(bytearray())
+            _unmask_into(parts[-1], buf, pos, take, self._mask)
+            turn = take % 4
+            self._mask = self._mask[turn:] + self._mask[:turn]
+            self._parts_len += take
+            self._left -= take
+        if not self._left:
+            self._mask = b""
+            if self._fin:
+                op, parts, size = self._part_op, self._parts, self._part_bytes
+                self._part_op, self._parts, self._part_bytes, self._parts_len = 0, [], 0, 0
+                self._message_done(size)
+                payload = parts[0] if len(parts) == 1 else b"".join(parts)
+                parts.clear()
+                events.append(_message(op, payload))
+        return pos + take
 
     def _check_header(self, opcode: int, fin: int, length: int) -> None:
         if opcode >= CLOSE:
@@ -301,17 +349,18 @@ class FrameReader:
         """Admit a data frame taking its message over ``max_message``: True to read
         on, False to wait for more of its first bytes; :class:`_Fail` (1009) to refuse.
 
-        Called again for the same header until the whole frame is in, so it
+        Called again for the same header until its first bytes are in, so it
         reserves only what it has not reserved yet."""
         total = self._part_bytes + length
         if (self._part_op or opcode) != TEXT or total > self.large_message:
             raise _Fail(MESSAGE_TOO_BIG, f"message over {self.max_message} bytes")
         if not self._large_held:
-            need = min(length, max(0, LARGE_PREFIX - self._part_bytes))
+            need = min(length, max(0, LARGE_PREFIX - self._parts_len))
             if end - head < need:
                 return False
-            prefix = bytes(self._parts[:LARGE_PREFIX]) + unmask(buf[head:head + need],
-                                                                 buf[head - 4:head])
+            # The pieces before a piece of PIECE bytes hold all of the message.
+            first = bytes(self._parts[0][:LARGE_PREFIX]) if self._parts else b""
+            prefix = first + unmask(buf[head:head + need], buf[head - 4:head])
             if b"chat_img" not in prefix and b"data:image/" not in prefix:
                 raise _Fail(MESSAGE_TOO_BIG, f"message over {self.max_message} bytes")
         if total > self._large_held:
@@ -332,7 +381,7 @@ class FrameReader:
     def _need(self) -> int:
         """What the inbound budget must cover now. A large message's weighted size
         covers its bytes in the buffers."""
-        return max(len(self._buf) + len(self._parts), LARGE_WEIGHT * self._large_held) + \
+        return max(len(self._buf) + self._parts_len, LARGE_WEIGHT * self._large_held) + \
             self._returned
 
     def _cover(self, need: int) -> bool:
@@ -355,11 +404,16 @@ class FrameReader:
             self._inbound.release(self._key, self._reserved - need)
             self._reserved = need
 
+    def _drop_message(self) -> None:
+        """Forget the unparsed bytes and the message being read."""
+        self._buf, self._parts, self._part_op, self._part_bytes = b"", [], 0, 0
+        self._parts_len, self._mask, self._left = 0, b"", 0
+
     def _fail(self) -> None:
         """The reader takes no more data: what it buffered and the message it was
         reading are dropped, and their share of the budgets given back."""
         self._failed = True
-        self._buf, self._parts, self._part_op, self._part_bytes = b"", bytearray(), 0, 0
+        self._drop_message()
         if self._large_held:
             self._large.give(self._large_held)
             self._large_held = 0
@@ -380,7 +434,7 @@ class FrameReader:
 
     def release_all(self) -> None:
         """Give back everything reserved (the connection is over)."""
-        self._buf, self._parts = b"", bytearray()
+        self._drop_message()
         self._done += self._large_held
         self._large_held = 0
         self.release_done()
