@@ -124,12 +124,15 @@ async def ping_flood(port: int, hold: float) -> str:
         await trio.aclose_forcefully(stream)
 
 
-async def _hold_frames(port: int, hold: float, frames: list[bytes], count: int) -> str:
-    """``count`` connections, each sending ``frames`` at once; what each was answered."""
+async def _hold_frames(port: int, hold: float, frames: list[bytes], count: int,
+                       sources: list[str] | None = None) -> str:
+    """``count`` connections (the n-th from ``sources[n]``, else from :data:`HOST`), each
+    sending ``frames`` at once; what each was answered."""
     clients: list[RawWs] = []
 
-    async def one() -> None:
-        ws = await RawWs.connect(port, "/ws/9300?author_id=9")
+    async def one(n: int) -> None:
+        ws = await RawWs.connect(port, "/ws/9300?author_id=9",
+                                 sources[n] if sources else HOST)
         clients.append(ws)
         with contextlib.suppress(trio.BrokenResourceError):
             for frame in frames:
@@ -138,8 +141,8 @@ async def _hold_frames(port: int, hold: float, frames: list[bytes], count: int) 
     try:
         with trio.move_on_after(hold):
             async with trio.open_nursery() as nursery:
-                for _ in range(count):
-                    nursery.start_soon(one)
+                for n in range(count):
+                    nursery.start_soon(one, n)
             await trio.sleep(hold)
         answers: list[str] = []
 
@@ -159,13 +162,25 @@ def _masked(payload: bytes, opcode: int, fin: bool) -> bytes:
     return frame
 
 
-async def unfinished_fragments(port: int, hold: float) -> str:
-    """40 connections, each 6 MiB into a fragmented chat_img data URL it never finishes."""
+def _unfinished_data_url() -> list[bytes]:
+    """6 MiB of a chat_img data URL in 1 MiB fragments, the last never sent."""
     start = b'{"message_type": "chat_img", "author_id": 9, "content": "data:image/png;base64,'
     mib = 1024 * 1024
     frames = [_masked(start + b"A" * (mib - len(start)), 0x1, False)]
-    frames += [_masked(b"A" * mib, 0x0, False)] * 5
-    return await _hold_frames(port, hold, frames, 40)
+    return frames + [_masked(b"A" * mib, 0x0, False)] * 5
+
+
+async def unfinished_fragments(port: int, hold: float) -> str:
+    """40 connections, each 6 MiB into a fragmented chat_img data URL it never finishes."""
+    return await _hold_frames(port, hold, _unfinished_data_url(), 40)
+
+
+async def unfinished_fragments_spread(port: int, hold: float) -> str:
+    """:func:`unfinished_fragments` from 40 addresses (127.0.1.1 to .40), one connection
+    each, so no address's inbound budget stops them before the server's
+    largeFrameBudget."""
+    sources = [f"127.0.1.{n}" for n in range(1, 41)]
+    return await _hold_frames(port, hold, _unfinished_data_url(), 40, sources)
 
 
 async def big_text_frames(port: int, hold: float) -> str:
@@ -283,6 +298,7 @@ ATTACKS: dict[str, tuple[str, Attack]] = {
     "resume": (f"?since=0 over {FILL_MESSAGES} x 30 KB, never reads", resume_never_reads),
     "pings": ("100,000 pings, never reads", ping_flood),
     "fragments": ("40 x unfinished 6 MiB fragmented message", unfinished_fragments),
+    "fragspread": ("the same from 40 addresses", unfinished_fragments_spread),
     "bigtext": ("3 x 7 MB chat_txt frames", big_text_frames),
     "halfopen": ("half-open HTTP requests from one address", half_open_requests),
     "busyroom": ("24 non-reading sockets of one address, busy room", busy_room_stuck),
