@@ -308,15 +308,17 @@ class FrameReader:
         message's pieces; at the frame's end, the message if it was the last. Returns
         the position after what was taken."""
         take = min(self._left, end - pos)
-        if take:
-            parts = self._parts
+        parts, at, stop = self._parts, pos, pos + take
+        while at < stop:
             if not parts or len(parts[-1]) >= PIECE:
                 parts.append(bytearray())
-            _unmask_into(parts[-1], buf, pos, take, self._mask)
-            turn = take % 4
+            n = min(PIECE - len(parts[-1]), stop - at)
+            _unmask_into(parts[-1], buf, at, n, self._mask)
+            turn = n % 4
             self._mask = self._mask[turn:] + self._mask[:turn]
-            self._parts_len += take
-            self._left -= take
+            at += n
+        self._parts_len += take
+        self._left -= take
         if not self._left:
             self._mask = b""
             if self._fin:
@@ -358,7 +360,7 @@ class FrameReader:
             need = min(length, max(0, LARGE_PREFIX - self._parts_len))
             if end - head < need:
                 return False
-            # The pieces before a piece of PIECE bytes hold all of the message.
+            # A message's first PIECE bytes are all in its first piece.
             first = bytes(self._parts[0][:LARGE_PREFIX]) if self._parts else b""
             prefix = first + unmask(buf[head:head + need], buf[head - 4:head])
             if b"chat_img" not in prefix and b"data:image/" not in prefix:
