@@ -57,11 +57,12 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-from bench import ROOT
+from bench import ROOT, redis_publish
 from bench.chatload_report import figures, scenario_title, table
 from bench.chatload_run import Load, Options, Setup, parse_setup, run_case
 from bench.loadgen import raise_nofile
-from bench.servers import split_cpus
+from bench.probes import wait_quiet
+from bench.servers import redis_client, split_cpus
 
 # (clients, senders, msg/s per sender, whether the workers:N setups run too)
 SITTING = ((1000, 10, 20.0, True), (200, 10, 150.0, False), (10000, 10, 1.0, False),
@@ -98,6 +99,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--redis-port", type=int, default=6379, help="(6379)")
     p.add_argument("--quiet-wait", type=float, default=20.0, metavar="S",
                    help="before each run, wait up to S s for other work to stop (20)")
+    p.add_argument("--redis-publish", metavar="K1,K2,...",
+                   type=lambda text: [int(k) for k in text.split(",")],
+                   help="also measure Redis's own cost of trio-chat's publish script with "
+                        "K subscribers on the room's channel, for each K (bench/redis_publish.py)")
+    p.add_argument("--redis-publish-msgs", type=int, default=100_000, metavar="N",
+                   help="messages per --redis-publish run (100000)")
     p.add_argument("--json", metavar="OUT", help="write every run's record and figures here")
     p.add_argument("--keep-logs", metavar="DIR", help="copy each server's log to DIR")
     return p
@@ -135,7 +142,7 @@ def _check(args: argparse.Namespace, setups: list[Setup], scenarios: list[Scenar
     if args.repeat < 1 or any(s.load.rate <= 0 or s.load.senders < 1 or
                               s.load.senders > s.load.clients for s in scenarios):
         return "need --repeat >= 1, --rate > 0 and 1 <= --senders <= --clients"
-    if any(s.redis for s in setups):
+    if args.redis_publish or any(s.redis for s in setups):
         import redis
 
         try:
@@ -204,11 +211,22 @@ def main(argv: list[str]) -> int:
     runs = [(sc, setup) for sc in scenarios for _ in range(args.repeat) for setup in sc.setups]
     done: list[tuple[Scenario, dict[str, Any]]] = []
     interrupted = False
+    publish: list[dict[str, Any]] = []
     try:
         for i, (sc, setup) in enumerate(runs, 1):
             record = run_case(setup, sc.load, unpinned if setup.redis else single)
             done.append((sc, record))
             _progress(i, len(runs), record)
+        for k in args.redis_publish or ():
+            wait_quiet(args.quiet_wait)
+            client = redis_client(args)
+            try:
+                publish.append(redis_publish.measure(client, args.redis_host,
+                                                     args.redis_port, k,
+                                                     args.redis_publish_msgs))
+            finally:
+                client.close()
+            print(f"# Redis publish: {publish[-1]}", file=sys.stderr, flush=True)
     except KeyboardInterrupt:
         interrupted = True
         print("# interrupted", file=sys.stderr)
@@ -219,11 +237,16 @@ def main(argv: list[str]) -> int:
             load = sc.load
             title = scenario_title(load.clients, load.senders, load.rate, load.msgs)
             lines += ["", f"**{title}**", "", table(records)]
+    if publish:
+        lines += ["", "**Redis's own cost per message: trio-chat's publish script "
+                  "(redis-benchmark), K subscribers on the room's channel**", "",
+                  redis_publish.table(publish)]
     print("\n".join(lines), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(
             {"argv": argv, "header": lines[:2],
-             "runs": [{**r, "figures": figures(r)} for _, r in done]}, indent=1,
+             "runs": [{**r, "figures": figures(r)} for _, r in done],
+             "redis_publish": publish}, indent=1,
             default=str))
     if interrupted:
         return 130

@@ -98,13 +98,9 @@ def _record(redis: bool) -> dict[str, Any]:
     extra_end: dict[str, Any] = {}
     if redis:
         extra_base = {"fds": {7: 20, 8: 30, 9: 30}}
-        extra_start = {"fds": {7: 20, 8: 530, 9: 530},
-                       "redis": {"cpu_s": 1.0, "in_bytes": 0, "out_bytes": 1000,
-                                 "subscribers": 2}}
-        extra_end = {"fds": {7: 20, 8: 530, 9: 530},
-                     "redis": {"cpu_s": 1.5, "in_bytes": 500_000, "out_bytes": 1_001_000,
-                               "subscribers": 2}}
-    return {
+        extra_start = {"fds": {7: 20, 8: 530, 9: 530}}
+        extra_end = {"fds": {7: 20, 8: 530, 9: 530}}
+    record: dict[str, Any] = {
         "server": "workers:2" if redis else "trio-chat", "clients": 1000, "senders": 10,
         "msgs": 100, "offered": 200_000.0,
         "chatload": {"received": 1_000_000, "lost": 0, "deliveries_per_s": 199_000.0,
@@ -114,6 +110,13 @@ def _record(redis: bool) -> dict[str, Any]:
                     "end": _sample(6.5, 4.4, 70_000_000, 3.3, 110.0, **extra_end),
                     "peak_server_rss": 71_000_000},
         "redis_payload_bytes": 250, "redis_channel_bytes": 25}
+    if redis:
+        record["redis"] = {
+            "base": {"cpu_s": 0.2, "in_bytes": 0, "out_bytes": 0, "subscribers": 0},
+            "start": {"cpu_s": 1.0, "in_bytes": 0, "out_bytes": 1000, "subscribers": 2},
+            "end": {"cpu_s": 1.5, "in_bytes": 500_000, "out_bytes": 1_001_000,
+                    "subscribers": 2}}
+    return record
 
 
 def test_figures_per_delivery_member_and_message() -> None:
@@ -134,6 +137,7 @@ def test_figures_per_delivery_member_and_message() -> None:
     assert f["redis_pushes_per_msg"] == pytest.approx(
         (1000 - SCRIPT_REPLY_BYTES) / push_bytes(25, 250))
     assert f["other_pct"] == pytest.approx(30.0)  # Redis's 0.5 s is not "other"
+    assert f["redis_subscribers"] == 2 and f["redis_window_from_connected"]
 
     assert figures({"server": "gorilla", "offered": 1.0, "error": "boom"}) == {
         "server": "gorilla", "offered": 1.0, "error": "boom"}
@@ -149,7 +153,8 @@ def test_table_has_redis_columns_only_with_redis() -> None:
     assert all(line.count("|") == lines[0].count("|") for line in lines)
     mixed = table([_record(redis=False), _record(redis=True)]).splitlines()
     assert "pushes/msg" in mixed[0]
-    assert "| 500 + 500 | 10% | 500.0 | 500 / 1,000 |" in mixed[3]
+    pushes = (1000 - SCRIPT_REPLY_BYTES) / push_bytes(25, 250)
+    assert f"| 500 + 500 | 10% | 500.0 | 500 / 1,000 | {pushes:.2f} (2) |" in mixed[3]
     assert all(line.count("|") == mixed[0].count("|") for line in mixed)
 
 

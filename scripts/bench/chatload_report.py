@@ -51,8 +51,11 @@ def figures(record: dict[str, Any]) -> dict[str, Any]:
         # Descriptors each process gained while chatload connected: its members.
         split = [start["fds"][pid] - base["fds"].get(pid, 0) for pid in start["fds"]]
         out["members_per_process"] = [n for n in split if n > 0]
-    if "redis" in start:
-        r0, r1 = start["redis"], end["redis"]
+    if "redis" in record:
+        # From when every client was connected (else from before chatload started).
+        readings = record["redis"]
+        r0, r1 = readings.get("start", readings["base"]), readings["end"]
+        out["redis_window_from_connected"] = "start" in readings
         messages = record["senders"] * record["msgs"]
         redis_cpu = r1["cpu_s"] - r0["cpu_s"]
         other -= redis_cpu
@@ -98,7 +101,7 @@ def table(records: Iterable[dict[str, Any]]) -> str:
             "CPU µs/delivery", "server CPU", "chatload CPU", "other CPU", "KiB/member"]
     if redis:
         head += ["members per worker", "Redis CPU", "Redis µs/msg", "Redis B in/out per msg",
-                 "pushes/msg"]
+                 "pushes/msg (subscriptions)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for f in rows:
         if "error" in f:
@@ -114,7 +117,8 @@ def table(records: Iterable[dict[str, Any]]) -> str:
                 if "redis_us_per_msg" in f:
                     cells += [f"{f['redis_pct']:.0f}%", _num(f["redis_us_per_msg"], 1),
                               f"{f['redis_in_per_msg']:,.0f} / {f['redis_out_per_msg']:,.0f}",
-                              _num(f.get("redis_pushes_per_msg"), 2)]
+                              f"{_num(f.get('redis_pushes_per_msg'), 2)} "
+                              f"({f['redis_subscribers']})"]
                 else:
                     cells += ["-"] * 4
         lines.append("| " + " | ".join(cells) + " |")

@@ -7,7 +7,10 @@ chatload prints one JSON line at the end and nothing while it runs, so the sampl
 are kept as a series and the message phase is found afterwards: chatload connects
 every client (``connect_s``), sleeps 0.3 s, then sends; the window starts at the
 last sample taken before its sends could begin and ends at its result line (before
-it closes its connections). Memory per member is read at that first sample.
+it closes its connections). Memory per member is read at that first sample. Redis's
+INFO is read three times only (before chatload starts, once the server holds a
+descriptor per client, and at the result line), so that the readings' own output
+does not count as the room's traffic.
 
 A run that fails (the server does not start, chatload fails or hangs) is a record
 with an ``error``; the sitting goes on with the next run.
@@ -148,8 +151,8 @@ class _Redis:
         redis_cleanup(self.args)
 
 
-def _sample(t0: float, server_pids: list[int], load_pid: int | None, per_pid_fds: bool,
-            redis: _Redis | None) -> dict[str, Any]:
+def _sample(t0: float, server_pids: list[int], load_pid: int | None, per_pid_fds: bool
+            ) -> dict[str, Any]:
     tree = sample_tree(server_pids)
     load = read_stat(load_pid) if load_pid else None
     busy, total = read_machine()
@@ -158,8 +161,6 @@ def _sample(t0: float, server_pids: list[int], load_pid: int | None, per_pid_fds
         "load_cpu_s": load.cpu_s if load else 0.0, "busy_s": busy, "total_s": total}
     if per_pid_fds:
         sample["fds"] = {pid: open_fds(pid) for pid in server_pids}
-    if redis is not None:
-        sample["redis"] = redis.sample()
     return sample
 
 
@@ -211,9 +212,13 @@ def _drive(record: dict[str, Any], load: Load, opts: Options, url: str, pids: li
             str(load.senders), "-rate", f"{load.rate:g}", "-msgs", str(load.msgs),
             "-wait", f"{load.wait_s:g}s"]
     record["chatload_argv"] = argv
-    per_pid_fds = len(pids) > 1
+    # With Redis, the descriptors tell when every client is connected (the joins'
+    # presence traffic is over), when Redis's window starts: three INFO calls in all,
+    # so that their own output is not counted as the room's.
+    per_pid_fds = redis is not None or len(pids) > 1
     t0 = time.monotonic()
-    samples = [_sample(t0, pids, None, per_pid_fds, redis)]
+    samples = [_sample(t0, pids, None, per_pid_fds)]
+    redis_samples = {} if redis is None else {"base": redis.sample()}
     # Connecting is sequential (each upgrade awaited): allow 200 a second at worst.
     deadline = t0 + 60 + load.clients / 200 + load.msgs / load.rate + 2 * load.wait_s
     stderr_path = workdir / "chatload.err"
@@ -232,7 +237,13 @@ def _drive(record: dict[str, Any], load: Load, opts: Options, url: str, pids: li
                 out += chunk
                 if not chunk:
                     break
-            samples.append(_sample(t0, pids, proc.pid, per_pid_fds, redis))
+            samples.append(now := _sample(t0, pids, proc.pid, per_pid_fds))
+            if redis is not None and "start" not in redis_samples and (
+                    sum(now["fds"].values()) - sum(samples[0]["fds"].values())
+                    >= load.clients):
+                redis_samples["start"] = redis.sample()
+        if redis is not None:
+            redis_samples["end"] = redis.sample()
         code = proc.wait(60)
     finally:
         if proc.poll() is None:
@@ -248,6 +259,8 @@ def _drive(record: dict[str, Any], load: Load, opts: Options, url: str, pids: li
     record["samples"] = {"base": samples[0], "start": start, "end": samples[-1],
                          "peak_server_rss": max(s["server_rss"] for s in samples),
                          "count": len(samples)}
+    if redis_samples:
+        record["redis"] = redis_samples
 
 
 def _send_start(samples: list[dict[str, Any]], connect_s: float) -> dict[str, Any]:
