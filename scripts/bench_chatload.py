@@ -152,7 +152,7 @@ def _check(args: argparse.Namespace, setups: list[Setup], scenarios: list[Scenar
     return None
 
 
-def _header(args: argparse.Namespace, argv: list[str], cpus: tuple[set[int], set[int]] | None
+def _header(argv: list[str], cpus: tuple[set[int], set[int]] | None, started: float
             ) -> list[str]:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                             capture_output=True, text=True).stdout.strip() or "?"
@@ -162,7 +162,7 @@ def _header(args: argparse.Namespace, argv: list[str], cpus: tuple[set[int], set
                  f"{','.join(map(str, sorted(cpus[1])))}; workers:N and chatload unpinned")
     return [f"Command: `.venv/bin/python scripts/bench_chatload.py {' '.join(argv)}`",
             f"trio-chat commit {commit}; {ncpu} CPUs; {placement}; redis-server unpinned; "
-            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+            f"started {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}.",
             "CPU µs/delivery: server CPU (utime + stime of its processes) over the message "
             "phase ÷ deliveries received; server, chatload and other CPU in % of one core "
             "over that phase; KiB/member: server RSS gained while the clients connected ÷ "
@@ -208,6 +208,7 @@ def main(argv: list[str]) -> int:
                      args.quiet_wait, Path(args.keep_logs) if args.keep_logs else None)
     unpinned = attrs.evolve(single, server_cpus=None, load_cpus=None)
     signal.signal(signal.SIGTERM, _terminate)
+    started = time.time()
     runs = [(sc, setup) for sc in scenarios for _ in range(args.repeat) for setup in sc.setups]
     done: list[tuple[Scenario, dict[str, Any]]] = []
     interrupted = False
@@ -230,7 +231,7 @@ def main(argv: list[str]) -> int:
     except KeyboardInterrupt:
         interrupted = True
         print("# interrupted", file=sys.stderr)
-    lines = _header(args, argv, cpus)
+    lines = _header(argv, cpus, started)
     for sc in scenarios:
         records = [r for s, r in done if s is sc]
         if records:
