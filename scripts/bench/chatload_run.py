@@ -212,9 +212,9 @@ def _drive(record: dict[str, Any], load: Load, opts: Options, url: str, pids: li
             str(load.senders), "-rate", f"{load.rate:g}", "-msgs", str(load.msgs),
             "-wait", f"{load.wait_s:g}s"]
     record["chatload_argv"] = argv
-    # With Redis, the descriptors tell when every client is connected (the joins'
-    # presence traffic is over), when Redis's window starts: three INFO calls in all,
-    # so that their own output is not counted as the room's.
+    # With Redis, Redis's window starts once the server holds a descriptor per client
+    # (the joins and their presence traffic are over): three INFO calls in all, so
+    # that their own output is not counted as the room's.
     per_pid_fds = redis is not None or len(pids) > 1
     t0 = time.monotonic()
     samples = [_sample(t0, pids, None, per_pid_fds)]
