@@ -7,9 +7,13 @@ bench_acks, which stand alone) and ``scripts/chaos.py`` import from here
 - ``step``: one fan-out step at one rate, from placement to aggregated results;
 - ``fanout``: bench_fanout's rate search and command line;
 - ``report``: latency histograms, verdicts, the printed table and summary;
-- ``servers``: the servers under test as processes, and the CPU split;
+- ``servers``: the servers under test as processes (the gorilla chat example's
+  binary among them), and the CPU split;
 - ``reference``: the ``websockets`` comparison server;
 - ``probes``: CPU, memory, descriptor and /metrics readings;
+- ``procstat``: a process tree's CPU, memory and descriptors read from ``/proc``;
+- ``chatload_run``, ``chatload_report``: bench_chatload's runs of the Go load
+  generator against one server, and their figures and markdown tables;
 - ``scale``: idle and churning connection workers (bench_conns, bench_churn);
 - ``store_load``, ``store_fanout``: bench_store's in-process store load and its
   fan-out comparison;

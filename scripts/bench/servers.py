@@ -1,6 +1,7 @@
 """The servers under test as processes: trio-chat nodes, a ``serve --workers N``
-supervisor or the comparison server, each started, pinned to its CPUs, watched and
-stopped; and how the CPUs are split between server and load generator."""
+supervisor or a comparison server (``websockets``, or the gorilla/websocket chat
+example built elsewhere), each started, pinned to its CPUs, watched and stopped; and
+how the CPUs are split between server and load generator."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -34,12 +36,13 @@ _LISTENING = re.compile(rb"listening on http://127\.0\.0\.1:(\d+)/")
 
 
 class ServerProcess:
-    """One server process: a trio-chat node, a ``serve --workers N`` supervisor, or the
-    ``websockets`` comparison server. ``tag`` names its log and SQLite files."""
+    """One server process: a trio-chat node, a ``serve --workers N`` supervisor, the
+    ``websockets`` comparison server, or the gorilla chat example (``binary``, on
+    ``port``). ``tag`` names its log and SQLite files."""
 
     def __init__(self, name: str, workdir: Path, cpus: set[int] | None,
                  config: str | None = None, *, tag: str | None = None, port: int = 0,
-                 workers: int | None = None) -> None:
+                 workers: int | None = None, binary: str | None = None) -> None:
         self.name = name
         self.tag = tag or name
         self.log_path = workdir / f"{self.tag}.log"
@@ -52,27 +55,35 @@ class ServerProcess:
             self.argv = [*cmd, "serve", *([config] if config else []), "--port", str(port),
                          "--sqlite", str(db),
                          *(["--workers", str(workers)] if workers is not None else [])]
+        elif name == "gorilla":
+            # One hub at /ws; it says nothing when it listens, so start() tries the port.
+            self.argv = [str(binary), "-addr", f"{HOST}:{port}"]
         else:
             self.argv = [sys.executable, str(ROOT / "scripts" / "bench_fanout.py"),
                          "--websockets-server", "0"]
         self.proc: subprocess.Popen[bytes] | None = None
         self.children: list[Any] = []  # psutil.Process of each worker, with --workers
-        self.port = 0
+        self.port = port if name == "gorilla" else 0
         self.exit_code: int | None = None
         self.killed = False
 
     def start(self) -> None:
+        # Pinned before it runs, so every thread and child inherits the CPUs (and Go's
+        # runtime sizes GOMAXPROCS to them).
+        cpus = self.cpus
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL,
-                                         stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                         start_new_session=True)
-        if self.cpus:
-            _pin(self.proc.pid, self.cpus)
+            self.proc = subprocess.Popen(
+                self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                cwd=ROOT, start_new_session=True,
+                preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
         deadline = time.monotonic() + SERVER_START_TIMEOUT
         while time.monotonic() < deadline:
+            if self.name == "gorilla":
+                if _accepts(self.port):
+                    break
             # Every worker of a supervisor says it is listening.
-            ports = _LISTENING.findall(self.log_path.read_bytes())
-            if len(ports) >= (self.workers or 1):
+            elif len(ports := _LISTENING.findall(self.log_path.read_bytes())) >= (
+                    self.workers or 1):
                 self.port = int(ports[0])
                 break
             if self.proc.poll() is not None:
@@ -86,8 +97,6 @@ class ServerProcess:
             status = _http_get_status(self.port, "/healthz")
             if status != 200:
                 raise RuntimeError(f"GET /healthz answered {status}")
-        if self.cpus:  # again: threads started while it was booting
-            _pin(self.proc.pid, self.cpus)
         if self.workers and psutil is not None:
             with contextlib.suppress(psutil.Error):
                 self.children = psutil.Process(self.proc.pid).children(recursive=True)
@@ -187,14 +196,12 @@ class Nodes:
         return "a worker exited"
 
 
-def _pin(pid: int, cpus: set[int]) -> None:
-    tids = [pid]
-    if psutil is not None:
-        with contextlib.suppress(psutil.Error):
-            tids = [t.id for t in psutil.Process(pid).threads()]
-    for tid in tids:
-        with contextlib.suppress(OSError):
-            os.sched_setaffinity(tid, cpus)
+def _accepts(port: int) -> bool:
+    try:
+        socket.create_connection((HOST, port), timeout=1).close()
+    except OSError:
+        return False
+    return True
 
 
 def _http_get_status(port: int, path: str) -> int:
