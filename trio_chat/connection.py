@@ -28,6 +28,7 @@ import trio
 from .auth import TokenBucket
 from .broker import BrokerUnavailable
 from .config import LimitsConfig
+from .flush import Flush
 from .framing import (
     BANNED,
     MESSAGE_TOO_BIG,
@@ -75,8 +76,10 @@ class ChatConnection:
     room: Room | None = attrs.field(init=False, default=None)
     # Shared by every connection of this one's identity (see IdentityRates).
     identity_bucket: TokenBucket | None = None
-    # Live frames kept back while history is sent, and their bytes.
-    _held: list[bytes] | None = attrs.field(init=False, default=None)
+    # Live frames (and large rooms' flushes) kept back while history is sent, and
+    # their frames and bytes.
+    _held: list[bytes | Flush] | None = attrs.field(init=False, default=None)
+    _held_frames: int = attrs.field(init=False, default=0)
     _held_bytes: int = attrs.field(init=False, default=0)
     _typed_at: float = attrs.field(init=False, default=-math.inf)
     _on_slow: Callable[[], None] = lambda: None
@@ -89,26 +92,27 @@ class ChatConnection:
         if self._held is None:
             self.ws.send_frame(frame)
         else:
-            self._hold_frame(frame)
+            self._hold(frame, 1, len(frame))
 
-    def queue_frame(self, frame: bytes) -> None:
+    def send_flush(self, flush: Flush) -> None:
         if self._held is None:
-            self.ws.queue_frame(frame)
+            self.ws.send_flush(flush)
         else:
-            self._hold_frame(frame)
+            self._hold(flush, len(flush.frames), flush.nbytes)
 
-    def _hold_frame(self, frame: bytes) -> None:
+    def _hold(self, item: bytes | Flush, frames: int, size: int) -> None:
         held = self._held
         assert held is not None
         if self.ws.closing:
             return
-        held.append(frame)
-        self._held_bytes += len(frame)
-        limits = self.ws.limits
-        if len(held) > limits.queue_frames or not self.ws.fits(self._held_bytes):
+        held.append(item)
+        self._held_frames += frames
+        self._held_bytes += size
+        if self._held_frames > self.ws.limits.queue_frames or \
+                not self.ws.fits(self._held_bytes):
             # History and what arrived meanwhile do not fit: resuming later costs less.
             held.clear()
-            self._held_bytes = 0
+            self._held_frames = self._held_bytes = 0
             self._on_slow()
             self.ws.close(SLOW_CONSUMER, "slow consumer: outbound queue full during history")
 
@@ -120,9 +124,12 @@ class ChatConnection:
 
     def release(self) -> None:
         held, self._held = self._held or [], None
-        self._held_bytes = 0
-        for frame in held:
-            self.ws.send_frame(frame)
+        self._held_frames = self._held_bytes = 0
+        for item in held:
+            if isinstance(item, bytes):
+                self.ws.send_frame(item)
+            else:
+                self.ws.send_flush(item)
 
     def close(self, code: int, reason: str) -> None:
         self.ws.close(code, reason)

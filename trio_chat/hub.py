@@ -34,6 +34,7 @@ import trio
 from .auth import IdentityRates
 from .broker import Broker
 from .config import MediaConfig
+from .flush import Flush
 from .framing import INTERNAL_ERROR
 from .media import attach_image
 from .metrics import Metrics
@@ -85,6 +86,9 @@ class Hub:
     replay_page: int = 16
     # Message rates per identity, shared by its connections (None: not limited).
     identity_rates: IdentityRates | None = None
+    # Asks the server's flusher to flush a large room soon (Writers.flush_room_soon;
+    # None: a large room flushes every frame at once).
+    schedule_flush: Callable[[Room], None] | None = None
     connections: set[Connection] = attrs.field(init=False, factory=set)
     presence: Presence = attrs.field(init=False)
     # Rooms this node made sure exist (auto policy), and when: a room that empties and
@@ -138,7 +142,8 @@ class Hub:
     async def _start_room(self, room_id: int) -> Room:
         assert self._nursery is not None, "Hub.run is not running"
         room = Room(room_id, self._broker, self._metrics, self._history_size,
-                    self._replay_limit, self.history_bytes, self.replay_page)
+                    self._replay_limit, self.history_bytes, self.replay_page,
+                    self.schedule_flush)
         self.rooms[room_id] = room
         try:
             if self.room_policy == "auto":
@@ -319,7 +324,7 @@ class _Announcer:
     def send_frame(self, frame: bytes) -> None:
         pass
 
-    def queue_frame(self, frame: bytes) -> None:
+    def send_flush(self, flush: Flush) -> None:
         pass
 
     async def send_history(self, frames: list[bytes]) -> None:

@@ -139,6 +139,9 @@ class Metrics:
     duplicates: int = 0
     messages_delivered: int = 0
     events_delivered: int = 0
+    # Flushes of large rooms' pending frames, and the frames they carried.
+    room_flushes: int = 0
+    room_flushed_frames: int = 0
     presence_failures: int = 0
     slow_consumer_disconnects: int = 0
     bad_frames: int = 0
@@ -262,6 +265,11 @@ _COUNTERS: Sequence[tuple[str, str, list[tuple[str, str]]]] = (
      [("messages_delivered", "")]),
     ("events_delivered_total", "Event frames (chat_enter, chat_exit, typing) queued for "
      "room members.", [("events_delivered", "")]),
+    ("room_flushes_total", "Flushes of a large room's pending frames: one write or one "
+     "queue entry per member each, however many frames.", [("room_flushes", "")]),
+    ("room_flushed_frames_total", "Frames (messages and events) large rooms' flushes "
+     "carried; over room_flushes_total, the frames per write.",
+     [("room_flushed_frames", "")]),
     ("refusals_total", "Requests, upgrades and frames refused, by reason: auth (missing, "
      "bad or insufficient token or admin key), origin, ip_limit (too many connections "
      "from the address), rate_limited (over the message rate), bad_frame (an error "

@@ -11,6 +11,17 @@ cancelling it unsubscribes; if it fails, the hub ends this room alone (see
 trio_chat/hub.py). Fan-out (:meth:`Room.deliver`) is synchronous: a
 message is encoded and framed once, and the same bytes are written or queued
 for every member without waiting for any of them.
+
+A room of up to :data:`WRITE_NOW_MEMBERS` members writes each frame to each
+member at once. A larger one keeps its pending frames once (at most
+:data:`PENDING_BYTES`) and has the server's flusher call :meth:`Room.flush`,
+which hands every member the same :class:`~trio_chat.flush.Flush`: a member
+costs one step and one write per flush, however many messages are in it. The
+first frame of a burst asks the flusher at once, so a lone message waits for
+no timer, and the batching comes from load. A flush is this room's failure
+boundary: an error in it (a bug) is logged by the hub with its traceback,
+counted in ``room_failures`` and ends this room alone, its members closed
+with 1011, as if :meth:`Room.run` had failed.
 """
 
 from __future__ import annotations
@@ -18,6 +29,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
@@ -25,6 +37,7 @@ import attrs
 import trio
 
 from .broker import Broker
+from .flush import Flush
 from .framing import text_frame
 from .metrics import Metrics
 from .outbound import encode_event, message_frame
@@ -32,8 +45,10 @@ from .protocol import Message, apply_change
 from .store import StoreUnavailable
 
 # Up to this many members a fan-out writes each frame at once where the member's
-# writer is idle; above it, frames are queued so the writers can batch them.
+# writer is idle; above it, frames wait in the room for the flusher, which batches.
 WRITE_NOW_MEMBERS = 64
+# A large room's pending frames are flushed at once past this many bytes.
+PENDING_BYTES = 64 * 1024
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +59,8 @@ class Member(Protocol):
 
     def send_frame(self, frame: bytes) -> None: ...
 
-    def queue_frame(self, frame: bytes) -> None:
-        """As send_frame, but the write is left to the flusher, which batches."""
+    def send_flush(self, flush: Flush) -> None:
+        """A large room's pending frames at once (see trio_chat/flush.py)."""
 
     def close(self, code: int, reason: str) -> None: ...
 
@@ -70,6 +85,8 @@ class Room:
     _history_bytes: int = 1024 * 1024
     # Messages read from the store at a time when replaying.
     _replay_page: int = 16
+    # Asks the server's flusher to call flush() soon (None: every fan-out flushes at once).
+    _schedule: Callable[[Room], None] | None = None
     members: set[Member] = attrs.field(init=False, factory=set)
     last_id: int = attrs.field(init=False, default=0)
     # The recent messages, as they are now (edits applied) and framed, sent to each
@@ -79,8 +96,17 @@ class Room:
     _early: list[Message] | None = attrs.field(init=False, factory=list)
     # Set once the room is started, or once its start failed (then ``failed`` says why).
     ready: trio.Event = attrs.field(init=False, factory=trio.Event)
-    _empty: trio.Event = attrs.field(init=False, factory=trio.Event)
+    # Set once the last member has left, or a flush broke.
+    _ended: trio.Event = attrs.field(init=False, factory=trio.Event)
     failed: BaseException | None = attrs.field(init=False, default=None)
+    # A large room's frames since the last flush, their bytes, and the received_at of
+    # the messages among them (None for events), for the delivery latency.
+    _pending: list[bytes] = attrs.field(init=False, factory=list)
+    _pending_bytes: int = attrs.field(init=False, default=0)
+    _pending_received: list[str | None] = attrs.field(init=False, factory=list)
+    _scheduled: bool = attrs.field(init=False, default=False)
+    # What broke a flush: run() raises it, so the hub ends this room.
+    _broken: Exception | None = attrs.field(init=False, default=None)
 
     def __attrs_post_init__(self) -> None:
         self._recent = deque(maxlen=self._history_size)
@@ -101,7 +127,9 @@ class Room:
                     self.deliver(message)
             self.ready.set()
             task_status.started()
-            await self._empty.wait()
+            await self._ended.wait()
+            if self._broken is not None:
+                raise self._broken
         finally:
             with trio.move_on_after(5, shield=True):
                 await self._broker.unsubscribe(self.id, self)
@@ -137,27 +165,69 @@ class Room:
             return
         if message.id <= self.last_id:
             return
-        self._fan_out(self._remember(message))
+        frame = self._remember(message)
         if self.members:
             self._metrics.messages_delivered += len(self.members)
-            # Once per message, weighted by its members: nothing per delivery.
-            self._metrics.delivery_latency.observe(_age(message.received_at),
-                                                   len(self.members))
+            self._fan_out(frame, message.received_at)
 
     def deliver_event(self, text: str) -> None:
         """Fan an event without an id (presence) out to every member; not kept for replay."""
         if self._early is not None:
             return  # the room is still loading: it has no members to tell
-        self._fan_out(text_frame(text))
-        self._metrics.events_delivered += len(self.members)
+        if self.members:
+            self._metrics.events_delivered += len(self.members)
+            self._fan_out(text_frame(text), None)
 
-    def _fan_out(self, frame: bytes) -> None:
-        if len(self.members) <= WRITE_NOW_MEMBERS:
-            for member in self.members:
-                member.send_frame(frame)
+    def _fan_out(self, frame: bytes, received_at: str | None) -> None:
+        if self._broken is not None:
             return
-        for member in self.members:
-            member.queue_frame(frame)
+        members = self.members
+        if not self._pending and len(members) <= WRITE_NOW_MEMBERS:
+            for member in members:
+                member.send_frame(frame)
+            if received_at is not None:
+                # Once per message, weighted by its members: nothing per delivery.
+                self._metrics.delivery_latency.observe(_age(received_at), len(members))
+            return
+        # Behind what is pending, whatever the room's size now: frames keep their order.
+        self._pending.append(frame)
+        self._pending_received.append(received_at)
+        self._pending_bytes += len(frame)
+        if self._pending_bytes > PENDING_BYTES or self._schedule is None:
+            self._flush_pending()
+        elif not self._scheduled:
+            self._scheduled = True
+            self._schedule(self)
+
+    def flush(self) -> None:
+        """The flusher's turn: hand every member the frames pending since the last flush."""
+        self._scheduled = False
+        if self._pending:
+            self._flush_pending()
+
+    def _flush_pending(self) -> None:
+        frames, self._pending = self._pending, []
+        received, self._pending_received = self._pending_received, []
+        flush = Flush(frames, self._pending_bytes)
+        self._pending_bytes = 0
+        members = self.members
+        if not members:
+            return
+        try:
+            for member in members:
+                member.send_flush(flush)
+        except Exception as exc:
+            # A bug: this room's, not the flusher's (which serves every room) nor the
+            # delivering task's. run() raises it and the hub ends the room.
+            self._broken = exc
+            self._ended.set()
+            return
+        metrics = self._metrics
+        metrics.room_flushes += 1
+        metrics.room_flushed_frames += len(frames)
+        for received_at in received:
+            if received_at is not None:
+                metrics.delivery_latency.observe(_age(received_at), len(members))
 
     def control(self, command: dict[str, Any]) -> None:
         """An operator's ``{"control": "close", "author_id": A, "code": C, "reason": R}``:
@@ -183,6 +253,10 @@ class Room:
         reload (its history page answers 503 until the store is back). Live
         frames are held back meanwhile, within the member's queue bound.
         """
+        # Pending frames are in the recent history already: flushed to the members
+        # before this one, they reach it once, as history.
+        if self._pending:
+            self._flush_pending()
         last = self.last_id
         # Taken with the hold, before any await: live frames from here on are held.
         recent = list(self._recent)
@@ -227,7 +301,10 @@ class Room:
         """Remove ``member``; returns True (and ends :meth:`run`) if the room is now empty."""
         self.members.discard(member)
         if not self.members:
-            self._empty.set()
+            self._pending.clear()
+            self._pending_received.clear()
+            self._pending_bytes = 0
+            self._ended.set()
             return True
         return False
 

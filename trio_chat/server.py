@@ -165,14 +165,6 @@ class Server:
         else:
             broker = LocalBroker(store, s.idempotency_window,
                                  sent_bytes_limit=s.idempotency_memory_bytes)
-        limits_config = config.limits
-        hub = Hub(store, repository, broker, metrics, s.history_on_join, s.replay_limit,
-                  s.presence_ttl, s.room_policy, config.media, ack_after_stored=stored,
-                  history_bytes=s.history_bytes,
-                  # A page of the longest messages is a quarter of a connection's queue.
-                  replay_page=max(1, s.send_queue_bytes // (4 * s.max_frame_bytes)),
-                  identity_rates=IdentityRates(limits_config.identity_messages_per_second,
-                                               limits_config.identity_message_burst))
         # A chat_img frame may carry its image as a data URL: base64 plus the frame around
         # it, within the server-wide large-frame budget. Every other message is refused at
         # its header over maxFrameBytes.
@@ -187,6 +179,15 @@ class Server:
                                      config.limits.outbound_bytes_total),
                           ByteBudget(config.limits.inbound_bytes_per_ip,
                                      config.limits.inbound_bytes_total))
+        limits_config = config.limits
+        hub = Hub(store, repository, broker, metrics, s.history_on_join, s.replay_limit,
+                  s.presence_ttl, s.room_policy, config.media, ack_after_stored=stored,
+                  history_bytes=s.history_bytes,
+                  # A page of the longest messages is a quarter of a connection's queue.
+                  replay_page=max(1, s.send_queue_bytes // (4 * s.max_frame_bytes)),
+                  identity_rates=IdentityRates(limits_config.identity_messages_per_second,
+                                               limits_config.identity_message_burst),
+                  schedule_flush=writers.flush_room_soon)
         readiness = Readiness()
         services = Services(config, metrics, hub, repository, store, broker, writers,
                             IpLimiter(config.limits.connections_per_ip), Shutdown(),

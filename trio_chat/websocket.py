@@ -14,9 +14,11 @@ keeps up:
 - :meth:`WebSocket.send_frame` writes a frame at once from the task that sends
   it (one ``os.write``) when nothing is queued for that member and the socket
   takes it;
-- :meth:`WebSocket.queue_frame` (a large room's fan-out) queues it, and the
-  flusher task of :class:`~trio_chat.writers.Writers` writes each member's queue with one
-  ``os.write`` once the fan-out is done, so messages to a member share a write;
+- :meth:`WebSocket.send_flush` (a large room's fan-out, from the flusher task of
+  :class:`~trio_chat.writers.Writers`) writes the room's pending frames, joined
+  once for every member, with one ``os.write``, or queues them as one entry
+  that counts as that many frames; the flusher writes each queue it touched
+  with one ``os.write`` at the end of its pass;
 - what a socket does not take is sent by a writer task started for that
   connection while its socket is full; it drops the member after ``writeWait``;
 - the heartbeat of :class:`~trio_chat.writers.Writers` pings every connection once per
@@ -49,6 +51,7 @@ from typing import Any
 import attrs
 import trio
 
+from .flush import Flush
 from .framing import (
     BINARY,
     CLOSE,
@@ -93,6 +96,8 @@ class WebSocket:
     # Frames not yet written. Non-empty only while the connection is waiting for the
     # flusher (_dirty) or has a writer (_writing).
     _queue: list[bytes] = attrs.field(init=False, factory=list)
+    # Frames in the queue: an entry from a flush counts as all of its frames.
+    _queued_frames: int = attrs.field(init=False, default=0)
     # Bytes queued, the pending pong and what a writer task is sending.
     _queued_bytes: int = attrs.field(init=False, default=0)
     # Held for this queue in the address's and the server's outbound budget: grown in
@@ -142,34 +147,27 @@ class WebSocket:
         """Write or queue pre-framed bytes; never blocks. Overflow closes the connection."""
         if self._closing:
             return
-        queue = self._queue
-        if not queue and not (frame := self._write_now(frame)):
+        if not self._queue and not (frame := self._write_now(frame)):
             return
-        # The rest is queue_frame's, inlined: this runs once per member per message.
-        queue.append(frame)
-        self._queued_bytes += len(frame)
-        limits = self._writers.limits
-        if len(queue) > limits.queue_frames or self._queued_bytes > limits.queue_bytes:
-            self._close_slow("slow consumer: outbound queue full")
-        elif self._queued_bytes > self._reserved and not self._reserve():
-            self._close_slow("slow consumer: the address's outbound budget is full")
-        else:
-            self._flush_soon()
+        self._enqueue(frame, 1)
 
-    def queue_frame(self, frame: bytes) -> None:
-        """As :meth:`send_frame`, but leave the write to the flusher: for a large fan-out.
-
-        A write(2) per member per message costs more than one per member per
-        flush when there are many: under load the flusher runs late and sends
-        several frames in one write.
-        """
+    def send_flush(self, flush: Flush) -> None:
+        """A large room's flush: its frames, joined, in one write if nothing is queued,
+        else as one queue entry that counts as all of them against the queue's bounds."""
         if self._closing:
             return
-        queue = self._queue
-        queue.append(frame)
-        self._queued_bytes += len(frame)
+        data = flush.joined
+        if not self._queue and not (data := self._write_now(data)):
+            return
+        self._enqueue(data, len(flush.frames))
+
+    def _enqueue(self, data: bytes, frames: int) -> None:
+        self._queue.append(data)
+        self._queued_frames += frames
+        self._queued_bytes += len(data)
         limits = self._writers.limits
-        if len(queue) > limits.queue_frames or self._queued_bytes > limits.queue_bytes:
+        if self._queued_frames > limits.queue_frames or \
+                self._queued_bytes > limits.queue_bytes:
             self._close_slow("slow consumer: outbound queue full")
         elif self._queued_bytes > self._reserved and not self._reserve():
             self._close_slow("slow consumer: the address's outbound budget is full")
@@ -186,12 +184,14 @@ class WebSocket:
 
     async def send_paced(self, frames: list[bytes], low_water: int) -> None:
         """Queue ``frames`` (history) in order, each once the queue is down to
-        ``low_water`` bytes: a replay goes out as fast as the socket takes it and
-        holds about ``low_water`` bytes plus a frame. Returns early if the
-        connection closes; the writer's ``writeWait`` drops a client that stops
-        reading."""
+        ``low_water`` bytes and a quarter of its frames: a replay goes out as fast
+        as the socket takes it and holds about ``low_water`` bytes plus a frame,
+        however small its frames. Returns early if the connection closes; the
+        writer's ``writeWait`` drops a client that stops reading."""
+        low_frames = self._writers.limits.queue_frames // 4
         for frame in frames:
-            while self._queued_bytes > low_water and not self._closing:
+            while (self._queued_bytes > low_water or self._queued_frames > low_frames) \
+                    and not self._closing:
                 self._drained = trio.Event()
                 await self._drained.wait()
             if self._closing:
@@ -204,6 +204,7 @@ class WebSocket:
         if not self._queue and not (data := self._write_now(data)):
             return
         self._queue.append(data)
+        self._queued_frames += 1
         self._queued_bytes += len(data)
         self._flush_soon()
 
@@ -291,6 +292,7 @@ class WebSocket:
         queue = self._queue
         data = queue[0] if len(queue) == 1 else b"".join(queue)
         queue.clear()
+        self._queued_frames = 0
         if self._pong:
             data, self._pong = data + self._pong, b""
         return data
@@ -307,6 +309,7 @@ class WebSocket:
             return
         if data := self._write_now(self._take()):
             self._queue.append(data)
+            self._queued_frames = 1
             self._queued_bytes = len(data)
             self._writing = True
             self._writer_scope = trio.CancelScope()
@@ -391,6 +394,7 @@ class WebSocket:
             self._closing = True
             self._queue.clear()
             self._pong = b""
+            self._queued_frames = 0
             self._queued_bytes = 0
             if self._reserved:
                 writers.outbound.release(self.ip, self._reserved)

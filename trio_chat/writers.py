@@ -2,8 +2,9 @@
 
 Owns :class:`Limits` (every connection's bounds and timers, from the
 configuration) and :class:`Writers`, whose nursery (:meth:`Writers.run`, under
-the server's root) holds the flusher task (writes each connection's queue with
-one ``os.write`` once a fan-out is done), the heartbeat (this task: pings every
+the server's root) holds the flusher task (hands each large room's pending
+frames to its members, see :meth:`trio_chat.room.Room.flush`, then writes each
+connection's queue with one ``os.write``), the heartbeat (this task: pings every
 connection once per ``pingPeriod``, closes those whose pong is late or whose
 token expired) and one writer task per connection whose socket is full
 (:meth:`trio_chat.websocket.WebSocket._write_blocked`, which contains that
@@ -35,6 +36,13 @@ class WebSocket(Protocol):
     async def _write_blocked(self) -> None: ...
 
 
+class PendingRoom(Protocol):
+    """A large room with frames waiting for the flusher (:class:`trio_chat.room.Room`)."""
+
+    def flush(self) -> None:
+        """Hand the pending frames to the members; contains its own failures."""
+
+
 @attrs.frozen
 class Limits:
     """Every connection's bounds and timers, from the server's configuration."""
@@ -63,6 +71,7 @@ class Writers:
     # Per address and server-wide: the bytes readers hold (see framing.FrameReader).
     inbound: ByteBudget = attrs.field(factory=lambda: ByteBudget(1 << 40, 1 << 40))
     _sockets: set[WebSocket] = attrs.field(init=False, factory=set)
+    _rooms: list[PendingRoom] = attrs.field(init=False, factory=list)
     _dirty: list[WebSocket] = attrs.field(init=False, factory=list)
     # The flusher while it waits for something to flush.
     _parked: trio.lowlevel.Task | None = attrs.field(init=False, default=None)
@@ -97,6 +106,15 @@ class Writers:
 
     def flush_soon(self, ws: WebSocket) -> None:
         self._dirty.append(ws)
+        self._wake()
+
+    def flush_room_soon(self, room: PendingRoom) -> None:
+        """``room`` has frames pending: flush them in the flusher's next pass (the room
+        asks once per pass)."""
+        self._rooms.append(room)
+        self._wake()
+
+    def _wake(self) -> None:
         task, self._parked = self._parked, None
         if task is not None:
             trio.lowlevel.reschedule(task)
@@ -107,7 +125,7 @@ class Writers:
 
     async def _flusher(self) -> None:
         while True:
-            if not self._dirty:
+            if not self._dirty and not self._rooms:
                 self._parked = trio.lowlevel.current_task()
 
                 def abort(_: object) -> trio.lowlevel.Abort:
@@ -116,6 +134,11 @@ class Writers:
 
                 await trio.lowlevel.wait_task_rescheduled(abort)
                 continue
+            rooms, self._rooms = self._rooms, []
+            for room in rooms:
+                room.flush()
+            # The rooms first: a member that could not take a flush at once is written
+            # in this same pass.
             dirty, self._dirty = self._dirty, []
             for ws in dirty:
                 ws._flush()
