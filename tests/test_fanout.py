@@ -313,7 +313,9 @@ def large_room(scheduled: list[Room]) -> tuple[Room, list[FakeMember]]:
     room = Room(1, None, Metrics(), 100, 1000, schedule=scheduled.append)  # type: ignore[arg-type]
     room._early = None  # started: what its run() does once the history is loaded
     fakes = [FakeMember() for _ in range(MEMBERS)]
-    room.members.update(fakes)
+    for fake in fakes:
+        room.members.add(fake)
+        room._list(fake)  # what join() does, without the history
     return room, fakes
 
 
@@ -345,19 +347,105 @@ def test_pending_frames_are_flushed_early_past_their_byte_bound() -> None:
     assert [len(f.frames) for f in fakes[0].flushes] == [1, 1]
 
 
-async def test_a_joiner_gets_pending_frames_as_history_and_the_others_get_them_first(
-        ) -> None:
+async def test_a_joiner_gets_pending_frames_as_history_and_never_again() -> None:
     scheduled: list[Room] = []
     room, fakes = large_room(scheduled)
     room.deliver(message(1))
     room.deliver(message(2))
     joiner = FakeMember()
     await room.join(joiner)
+    assert len(joiner.history) == 2 and not any(f.got for f in fakes), "nobody waits for a join"
+    room.flush()
     assert all(len(f.flushes) == 1 and len(f.flushes[0].frames) == 2 for f in fakes)
-    assert len(joiner.history) == 2 and not joiner.got
+    assert not joiner.got
     room.deliver(message(3))
     room.flush()
-    assert len(joiner.flushes) == 1 and len(joiner.flushes[0].frames) == 1
+    assert [len(f.frames) for f in joiner.flushes] == [1]
+    assert all(len(f.flushes) == 2 for f in fakes)
+
+
+def frames_of(fake: FakeMember) -> list[bytes]:
+    return [frame for flush in fake.flushes for frame in flush.frames]
+
+
+def test_frames_arriving_during_a_round_reach_the_members_not_yet_visited_at_once() -> None:
+    scheduled: list[Room] = []
+    room, fakes = large_room(scheduled)
+    room.flush_slice = 32
+    assert room.flush() is False, "nobody behind"
+    room.deliver(message(1))
+    assert room.flush(), "members still behind"
+    first = [f for f in fakes if f.flushes]
+    assert len(first) == 32
+    room.deliver(message(2))
+    room.deliver(message(3))
+    more = [room.flush() for _ in range(3)]
+    # 70 members: 32, then 32 + 6 visited with everything so far, then the first 32
+    # again with what they had not had.
+    assert more == [True, True, False]
+    every = [room_module.message_frame(message(i)) for i in (1, 2, 3)]
+    assert all(frames_of(f) == every for f in fakes), "all of it, in order, once"
+    assert all(len(f.flushes) == (2 if f in first else 1) for f in fakes)
+    # One Flush for each group of members as far behind: [1], [1, 2, 3], [2, 3].
+    assert room._metrics.room_flushes == 3 and room._metrics.room_flushed_frames == 6
+    room.deliver(message(4))
+    while room.flush():
+        pass
+    assert all(frames_of(f)[-1] == room_module.message_frame(message(4)) for f in fakes)
+
+
+async def test_members_who_join_or_leave_during_a_round_get_only_what_is_theirs() -> None:
+    scheduled: list[Room] = []
+    room, fakes = large_room(scheduled)
+    room.flush_slice = 32
+    room.deliver(message(1))
+    room.flush()
+    gone = [f for f in fakes if not f.flushes][:10]
+    for fake in gone:
+        room.leave(fake)
+    joiner = FakeMember()
+    await room.join(joiner)
+    room.deliver(message(2))
+    while room.flush():
+        pass
+    assert not any(f.got for f in gone), "nothing for those who left"
+    assert frames_of(joiner) == [room_module.message_frame(message(2))]
+    assert joiner.history == [room_module.message_frame(message(1))]
+    assert all(len(frames_of(f)) == 2 for f in fakes if f not in gone)
+
+
+def test_a_small_room_writes_at_once_only_when_nobody_is_behind() -> None:
+    scheduled: list[Room] = []
+    room, fakes = large_room(scheduled)
+    room.flush_slice = 32
+    room.deliver(message(1))
+    room.flush()
+    for fake in fakes[WRITE_NOW_MEMBERS - 1:]:
+        room.leave(fake)
+    staying = [f for f in fakes if f in room.members]
+    assert len(staying) == WRITE_NOW_MEMBERS - 1
+    room.deliver(message(2))
+    assert not any(len(f.got) > 1 for f in staying), "behind the frames still pending"
+    while room.flush():
+        pass
+    assert all(frames_of(f)[-1] == room_module.message_frame(message(2)) for f in staying)
+    room.deliver(message(3))
+    assert all(f.got[-1] == room_module.message_frame(message(3)) for f in staying), \
+        "written at once again"
+
+
+def test_members_who_left_are_dropped_from_the_lists_while_the_room_is_idle() -> None:
+    scheduled: list[Room] = []
+    room, _ = large_room(scheduled)
+    for _ in range(5):
+        extra = [FakeMember() for _ in range(room_module.FLUSH_SLICE)]
+        for fake in extra:
+            room.members.add(fake)
+            room._list(fake)
+        for fake in extra:
+            room.leave(fake)
+    listed = sum(len(group.members) for group in room._behind)
+    assert listed <= 2 * MEMBERS + room_module.FLUSH_SLICE
 
 
 def test_an_encoding_is_made_once_per_flush() -> None:

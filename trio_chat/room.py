@@ -13,12 +13,18 @@ message is encoded and framed once, and the same bytes are written or queued
 for every member without waiting for any of them.
 
 A room of up to :data:`WRITE_NOW_MEMBERS` members writes each frame to each
-member at once. A larger one keeps its pending frames once (at most
-:data:`PENDING_BYTES`) and has the server's flusher call :meth:`Room.flush`,
-which hands every member the same :class:`~trio_chat.flush.Flush`: a member
-costs one step and one write per flush, however many messages are in it. The
-first frame of a burst asks the flusher at once, so a lone message waits for
-no timer, and the batching comes from load. A flush is this room's failure
+member at once. A larger one keeps the frames that not every member has yet
+once, in order (at most :data:`PENDING_BYTES`), and has the server's flusher
+call :meth:`Room.flush`: each call hands the next :data:`FLUSH_SLICE` members
+that are behind everything they have not had, as one
+:class:`~trio_chat.flush.Flush` shared by every member that was as far behind,
+and the flusher lets the other tasks run between two calls. A member costs one
+step and one write per visit, however many messages it carries; frames that
+arrive while the flusher goes round reach the members it has not visited yet
+in the same visit, and only those it had visited need another. The first frame
+of a burst asks the flusher at once, so a lone message waits for no timer, the
+batching comes from load, and the event loop never waits for a whole room of
+thousands at once. A flush is this room's failure
 boundary: an error in it (a bug) is logged by the hub with its traceback,
 counted in ``room_failures`` and ends this room alone, its members closed
 with 1011, as if :meth:`Room.run` had failed.
@@ -47,8 +53,11 @@ from .store import StoreUnavailable
 # Up to this many members a fan-out writes each frame at once where the member's
 # writer is idle; above it, frames wait in the room for the flusher, which batches.
 WRITE_NOW_MEMBERS = 64
-# A large room's pending frames are flushed at once past this many bytes.
+# A large room's pending frames are handed to every member at once past this many bytes.
 PENDING_BYTES = 64 * 1024
+# Members visited per call of the flusher: at about 10 µs each (nearly all of it the
+# socket's write), a few milliseconds of the event loop at a time.
+FLUSH_SLICE = 256
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +81,14 @@ class Member(Protocol):
 
     def release(self) -> None:
         """Send the frames held back since :meth:`hold`."""
+
+
+@attrs.define(eq=False)
+class _Behind:
+    """Members that have every frame of a room before ``at`` and none after it."""
+
+    at: int
+    members: list[Member]
 
 
 @attrs.define(eq=False)
@@ -99,12 +116,22 @@ class Room:
     # Set once the last member has left, or a flush broke.
     _ended: trio.Event = attrs.field(init=False, factory=trio.Event)
     failed: BaseException | None = attrs.field(init=False, default=None)
-    # A large room's frames since the last flush, their bytes, and the received_at of
-    # the messages among them (None for events), for the delivery latency.
+    # A large room's frames that not every member has yet, in order: the first is
+    # frame number _pending_at. Their bytes, and the received_at of the messages among
+    # them (None for events), for the delivery latency.
     _pending: list[bytes] = attrs.field(init=False, factory=list)
+    _pending_at: int = attrs.field(init=False, default=0)
     _pending_bytes: int = attrs.field(init=False, default=0)
     _pending_received: list[str | None] = attrs.field(init=False, factory=list)
+    # The members by how far they are: ascending, the last one up to date. A member
+    # appears once among those still in ``members`` (one that left is dropped when
+    # its turn comes, or when too many have left).
+    _behind: deque[_Behind] = attrs.field(init=False, factory=deque)
+    _listed: int = attrs.field(init=False, default=0)
+    # The Flush last made, for the next members as far behind.
+    _last_flush: tuple[int, int, Flush] | None = attrs.field(init=False, default=None)
     _scheduled: bool = attrs.field(init=False, default=False)
+    flush_slice: int = attrs.field(init=False, default=FLUSH_SLICE)
     # What broke a flush: run() raises it, so the hub ends this room.
     _broken: Exception | None = attrs.field(init=False, default=None)
 
@@ -194,40 +221,100 @@ class Room:
         self._pending_received.append(received_at)
         self._pending_bytes += len(frame)
         if self._pending_bytes > PENDING_BYTES or self._schedule is None:
-            self._flush_pending()
+            self._flush_all()
         elif not self._scheduled:
             self._scheduled = True
             self._schedule(self)
 
-    def flush(self) -> None:
-        """The flusher's turn: hand every member the frames pending since the last flush."""
-        self._scheduled = False
-        if self._pending:
-            self._flush_pending()
+    @property
+    def _end(self) -> int:
+        return self._pending_at + len(self._pending)
 
-    def _flush_pending(self) -> None:
-        frames, self._pending = self._pending, []
-        received, self._pending_received = self._pending_received, []
-        flush = Flush(frames, self._pending_bytes)
-        self._pending_bytes = 0
-        members = self.members
-        if not members:
+    def flush(self) -> bool:
+        """The flusher's turn: hand the next :attr:`flush_slice` members that are behind
+        the frames they have not had. Returns whether members are still behind (the
+        flusher calls again once the other tasks have run)."""
+        if self._broken is None:
+            self._visit(self.flush_slice)
+        self._scheduled = self._broken is None and bool(self._pending)
+        return self._scheduled
+
+    def _flush_all(self) -> None:
+        """Bring every member up to date at once."""
+        while self._pending and self._broken is None:
+            self._visit(len(self.members))
+
+    def _visit(self, count: int) -> None:
+        """Hand up to ``count`` of the members furthest behind what they have not had."""
+        behind = self._behind
+        end = self._end
+        if not behind or behind[0].at == end:
+            self._caught_up()
             return
+        group = behind[0]
+        if behind[-1].at != end:
+            behind.append(_Behind(end, []))
+        done = behind[-1].members
+        flush = self._flush_from(group.at, end)
+        current = self.members
+        taken = group.members[:count]
+        del group.members[:count]
         try:
-            for member in members:
-                member.send_flush(flush)
+            for member in taken:
+                if member in current:
+                    member.send_flush(flush)
+                    done.append(member)
+                else:
+                    self._listed -= 1
         except Exception as exc:
             # A bug: this room's, not the flusher's (which serves every room) nor the
             # delivering task's. run() raises it and the hub ends the room.
             self._broken = exc
             self._ended.set()
             return
+        if not group.members:
+            behind.popleft()
+            self._caught_up()
+
+    def _flush_from(self, at: int, end: int) -> Flush:
+        """The frames from number ``at`` to the end, made once for every member that far
+        behind."""
+        last = self._last_flush
+        if last is not None and last[0] == at and last[1] == end:
+            return last[2]
+        frames = self._pending[at - self._pending_at:]
+        flush = Flush(frames, sum(map(len, frames)))
+        self._last_flush = (at, end, flush)
         metrics = self._metrics
         metrics.room_flushes += 1
         metrics.room_flushed_frames += len(frames)
-        for received_at in received:
+        return flush
+
+    def _caught_up(self) -> None:
+        """Forget the frames every member has, counting their deliveries' latency."""
+        oldest = self._behind[0].at if self._behind else self._end
+        gone = oldest - self._pending_at
+        if not gone:
+            return
+        if oldest == self._end:
+            self._last_flush = None
+        members = len(self.members)
+        for received_at in self._pending_received[:gone]:
             if received_at is not None:
-                metrics.delivery_latency.observe(_age(received_at), len(members))
+                self._metrics.delivery_latency.observe(_age(received_at), members)
+        self._pending_bytes -= sum(map(len, self._pending[:gone]))
+        del self._pending[:gone]
+        del self._pending_received[:gone]
+        self._pending_at = oldest
+
+    def _list(self, member: Member) -> None:
+        """List a new member as up to date (its history covers everything so far)."""
+        behind = self._behind
+        end = self._end
+        if not behind or behind[-1].at != end:
+            behind.append(_Behind(end, []))
+        behind[-1].members.append(member)
+        self._listed += 1
 
     def control(self, command: dict[str, Any]) -> None:
         """An operator's ``{"control": "close", "author_id": A, "code": C, "reason": R}``:
@@ -253,15 +340,14 @@ class Room:
         reload (its history page answers 503 until the store is back). Live
         frames are held back meanwhile, within the member's queue bound.
         """
-        # Pending frames are in the recent history already: flushed to the members
-        # before this one, they reach it once, as history.
-        if self._pending:
-            self._flush_pending()
         last = self.last_id
         # Taken with the hold, before any await: live frames from here on are held.
+        # Pending frames are in the recent history already: this member is listed as
+        # having them, and gets them once, as history.
         recent = list(self._recent)
         member.hold()
         self.members.add(member)
+        self._list(member)
         try:
             if since is not None and (since > last or last - since > self._replay_limit):
                 await member.send_history([self._reset(
@@ -304,8 +390,15 @@ class Room:
             self._pending.clear()
             self._pending_received.clear()
             self._pending_bytes = 0
+            self._behind.clear()
             self._ended.set()
             return True
+        if self._listed > 2 * len(self.members) + FLUSH_SLICE:
+            # Many have left since their turn last came: drop them from the lists.
+            current = self.members
+            for group in self._behind:
+                group.members = [m for m in group.members if m in current]
+            self._listed = len(current)
         return False
 
 

@@ -39,8 +39,9 @@ class WebSocket(Protocol):
 class PendingRoom(Protocol):
     """A large room with frames waiting for the flusher (:class:`trio_chat.room.Room`)."""
 
-    def flush(self) -> None:
-        """Hand the pending frames to the members; contains its own failures."""
+    def flush(self) -> bool:
+        """Hand pending frames to a slice of the members; contains its own failures.
+        True if there is more to hand out (the flusher comes back after a checkpoint)."""
 
 
 @attrs.frozen
@@ -136,7 +137,8 @@ class Writers:
                 continue
             rooms, self._rooms = self._rooms, []
             for room in rooms:
-                room.flush()
+                if room.flush():
+                    self._rooms.append(room)
             # The rooms first: a member that could not take a flush at once is written
             # in this same pass.
             dirty, self._dirty = self._dirty, []
