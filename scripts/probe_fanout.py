@@ -3,7 +3,7 @@
 with the server's own account of it: what ``scripts/bench_chatload.py`` measures
 from outside (latency, loss, server CPU per delivery from ``/proc``), plus, read
 from ``/metrics`` before the server stops, the large room's flushes (frames per
-flush), the history store's commits (write lag), the event loop's lag and the
+write), the history store's commits (write lag), the event loop's lag and the
 delivery latency as the server saw it. For finding where a tail comes from, one
 change at a time.
 
@@ -125,16 +125,16 @@ def main() -> int:
     def delta(name: str) -> float:
         return after.get(name, 0.0) - before.get(name, 0.0)
 
-    flushes = delta("triochat_room_flushes_total")
+    writes = delta("triochat_room_flush_writes_total")
     report: dict[str, object] = {
         "p50_ms": round(result["p50_ms"], 1), "p99_ms": round(result["p99_ms"], 1),
         "max_ms": round(result["max_ms"], 1), "lost": result["lost"],
         "deliveries_per_s": round(result["deliveries_per_s"]),
         "cpu_us_per_delivery": round((cpu1 - cpu0) * 1e6 / max(1, result["received"]), 2),
         "server_cpu_pct": round(100 * (cpu1 - cpu0) / (t1 - t0)),
-        "flushes": int(flushes),
-        "frames_per_flush": round(delta("triochat_room_flushed_frames_total") /
-                                  max(1, flushes), 2),
+        "flush_writes": int(writes),
+        "frames_per_write": round(delta("triochat_room_flushed_frames_total") /
+                                  max(1, writes), 2),
     }
     for family, label in (("triochat_store_write_lag_seconds", "store_lag"),
                           ("triochat_delivery_latency_seconds", "server_delivery"),

@@ -139,8 +139,9 @@ class Metrics:
     duplicates: int = 0
     messages_delivered: int = 0
     events_delivered: int = 0
-    # Flushes of large rooms' pending frames, and the frames they carried.
-    room_flushes: int = 0
+    # Members handed a large room's frames by the flusher (a write or a queue entry
+    # each), and the frames those carried.
+    room_flush_writes: int = 0
     room_flushed_frames: int = 0
     presence_failures: int = 0
     slow_consumer_disconnects: int = 0
@@ -265,10 +266,11 @@ _COUNTERS: Sequence[tuple[str, str, list[tuple[str, str]]]] = (
      [("messages_delivered", "")]),
     ("events_delivered_total", "Event frames (chat_enter, chat_exit, typing) queued for "
      "room members.", [("events_delivered", "")]),
-    ("room_flushes_total", "Flushes of a large room's pending frames: one write or one "
-     "queue entry per member each, however many frames.", [("room_flushes", "")]),
-    ("room_flushed_frames_total", "Frames (messages and events) large rooms' flushes "
-     "carried; over room_flushes_total, the frames per write.",
+    ("room_flush_writes_total", "Members handed a large room's frames by the flusher: "
+     "one write or one queue entry each, however many frames.",
+     [("room_flush_writes", "")]),
+    ("room_flushed_frames_total", "Frames (messages and events) those writes carried; "
+     "over room_flush_writes_total, the frames per write.",
      [("room_flushed_frames", "")]),
     ("refusals_total", "Requests, upgrades and frames refused, by reason: auth (missing, "
      "bad or insufficient token or admin key), origin, ip_limit (too many connections "

@@ -259,6 +259,7 @@ class Room:
         current = self.members
         taken = group.members[:count]
         del group.members[:count]
+        written = len(done)
         try:
             for member in taken:
                 if member in current:
@@ -272,6 +273,10 @@ class Room:
             self._broken = exc
             self._ended.set()
             return
+        written = len(done) - written
+        metrics = self._metrics
+        metrics.room_flush_writes += written
+        metrics.room_flushed_frames += written * len(flush.frames)
         if not group.members:
             behind.popleft()
             self._caught_up()
@@ -285,9 +290,6 @@ class Room:
         frames = self._pending[at - self._pending_at:]
         flush = Flush(frames, sum(map(len, frames)))
         self._last_flush = (at, end, flush)
-        metrics = self._metrics
-        metrics.room_flushes += 1
-        metrics.room_flushed_frames += len(frames)
         return flush
 
     def _caught_up(self) -> None:

@@ -3,8 +3,9 @@
 Owns :class:`Limits` (every connection's bounds and timers, from the
 configuration) and :class:`Writers`, whose nursery (:meth:`Writers.run`, under
 the server's root) holds the flusher task (hands each large room's pending
-frames to its members, see :meth:`trio_chat.room.Room.flush`, then writes each
-connection's queue with one ``os.write``), the heartbeat (this task: pings every
+frames to a slice of its members per pass, see :meth:`trio_chat.room.Room.flush`,
+then writes each connection's queue with one ``os.write``, then lets the other
+tasks run before its next pass), the heartbeat (this task: pings every
 connection once per ``pingPeriod``, closes those whose pong is late or whose
 token expired) and one writer task per connection whose socket is full
 (:meth:`trio_chat.websocket.WebSocket._write_blocked`, which contains that
