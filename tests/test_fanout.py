@@ -180,6 +180,32 @@ async def test_a_lone_message_in_an_idle_large_room_is_flushed_at_once(nursery, 
         assert metrics.room_flush_writes == writes + MEMBERS
 
 
+async def test_in_a_large_room_each_senders_ack_follows_its_own_copy(nursery, db_path
+                                                                     ) -> None:
+    server = await start_server(nursery, make_config(db_path))
+    async with AsyncExitStack() as stack:
+        everyone = await members(stack, server, 12, MEMBERS)
+        senders = everyone[:5]
+        for n, sender in enumerate(senders):
+            await sender.send(*(chat_frame(f"s{n}-{i}", room_id=12, author_id=20 + n,
+                                           client_msg_id=f"c{n}-{i}") for i in range(20)))
+
+        async def read(n: int, sender: Member) -> None:
+            seen: set[str] = set()
+            for _ in range(20 * len(senders) + 20):
+                message = await sender.next_message()
+                if message["message_type"] == "ack":
+                    i = message["client_msg_id"].split("-")[1]
+                    assert f"s{n}-{i}" in seen, f"ack of s{n}-{i} before its copy"
+                else:
+                    seen.add(message["content"])
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as readers:
+                for n, sender in enumerate(senders):
+                    readers.start_soon(read, n, sender)
+
+
 async def test_a_member_that_never_reads_is_closed_4001_and_the_rest_get_everything(
         nursery, db_path) -> None:
     server = await start_server(nursery, make_config(
@@ -448,6 +474,21 @@ def test_members_who_left_are_dropped_from_the_lists_while_the_room_is_idle() ->
             room.leave(fake)
     listed = sum(len(group.members) for group in room._behind)
     assert listed <= 2 * MEMBERS + room_module.FLUSH_SLICE
+
+
+def test_a_frame_sent_after_the_pending_ones_waits_until_every_member_has_them() -> None:
+    scheduled: list[Room] = []
+    room, fakes = large_room(scheduled)
+    room.flush_slice = 32
+    room.send_after_pending(fakes[0], b"now")
+    assert fakes[0].got == [b"now"], "nothing pending: sent at once"
+    room.deliver(message(1))
+    room.send_after_pending(fakes[0], b"ack")
+    assert room.flush()
+    assert fakes[0].got[-1] != b"ack", "not before the last member has the frame"
+    while room.flush():
+        pass
+    assert fakes[0].got[-2:] == [fakes[0].flushes[0].joined, b"ack"]
 
 
 def test_an_encoding_is_made_once_per_flush() -> None:

@@ -233,8 +233,11 @@ class ChatConnection:
             self._error("persistence_refused", f"the history store refused message "
                         f"{message.id}; it was not delivered", cmid)
         else:
-            self.ws.send_frame(text_frame(encode_ack(cmid, message,
-                                                     durable=outcome is Outcome.STORED)))
+            ack = text_frame(encode_ack(cmid, message, durable=outcome is Outcome.STORED))
+            if self.room is not None:
+                self.room.send_after_pending(self, ack)
+            else:
+                self.ws.send_frame(ack)
 
     async def _typing(self, author_id: int) -> None:
         # Clients send these per keystroke: pass one on per interval, drop the rest.

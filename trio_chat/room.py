@@ -130,6 +130,9 @@ class Room:
     _listed: int = attrs.field(init=False, default=0)
     # The Flush last made, for the next members as far behind.
     _last_flush: tuple[int, int, Flush] | None = attrs.field(init=False, default=None)
+    # Frames for one member (a sender's ack) that wait until the frames pending when
+    # they came have reached every member, so an ack follows the sender's own copy.
+    _after: deque[tuple[int, Member, bytes]] = attrs.field(init=False, factory=deque)
     _scheduled: bool = attrs.field(init=False, default=False)
     flush_slice: int = attrs.field(init=False, default=FLUSH_SLICE)
     # What broke a flush: run() raises it, so the hub ends this room.
@@ -230,6 +233,14 @@ class Room:
     def _end(self) -> int:
         return self._pending_at + len(self._pending)
 
+    def send_after_pending(self, member: Member, frame: bytes) -> None:
+        """Send ``member`` its own ``frame`` once the frames pending now have reached
+        every member, at once if none is pending: a sender's ack follows its copy."""
+        if self._pending:
+            self._after.append((self._end, member, frame))
+        else:
+            member.send_frame(frame)
+
     def flush(self) -> bool:
         """The flusher's turn: hand the next :attr:`flush_slice` members that are behind
         the frames they have not had. Returns whether members are still behind (the
@@ -308,6 +319,11 @@ class Room:
         del self._pending[:gone]
         del self._pending_received[:gone]
         self._pending_at = oldest
+        after = self._after
+        while after and after[0][0] <= oldest:
+            _, member, frame = after.popleft()
+            if member in self.members:
+                member.send_frame(frame)
 
     def _list(self, member: Member) -> None:
         """List a new member as up to date (its history covers everything so far)."""
@@ -393,6 +409,7 @@ class Room:
             self._pending_received.clear()
             self._pending_bytes = 0
             self._behind.clear()
+            self._after.clear()
             self._ended.set()
             return True
         if self._listed > 2 * len(self.members) + FLUSH_SLICE:
