@@ -261,6 +261,36 @@ async def test_late_joiner_gets_history(server: Server, browser: OpenPage) -> No
         assert len(await page.messages()) == 3
 
 
+async def test_pages_negotiate_permessage_deflate_and_chat(server: Server,
+                                                          browser: OpenPage) -> None:
+    one, two = await open_pages(browser, (page_url(server, 43, 1), "page 1"),
+                                (page_url(server, 43, 2), "page 2"))
+    await one.wait_state("connected")
+    await two.wait_state("connected")
+    # Chromium offers permessage-deflate by itself; both pages' connections took it.
+    assert server.writers.deflaters.connections == 2
+    extensions = await one.call(one.driver.execute_async_script, """
+        var done = arguments[arguments.length - 1];
+        var ws = new WebSocket(arguments[0]);
+        ws.onopen = function () { done(ws.extensions); ws.close(); };
+        ws.onerror = function () { done('error'); };
+    """, f"ws://127.0.0.1:{server.port}/ws/44")
+    assert extensions == \
+        "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
+    before = server.metrics.deflated_frames
+    # Long enough to be compressed both ways: Chromium compresses what it sends, and the
+    # server compresses the broadcast once for both pages.
+    long = "a message long enough to be worth compressing, " * 3 + "from one"
+    await one.type_message(long, press_enter=True)
+    await two.wait_contents(long)
+    await two.type_message("short from two", press_enter=True)
+    for page in (one, two):
+        await page.wait_contents(long, "short from two")
+        await page.assert_no_duplicates()
+        await page.assert_no_console_errors()
+    assert server.metrics.deflated_frames > before
+
+
 async def test_errors_escaping_and_other_events(server: Server, browser: OpenPage) -> None:
     page = await browser(page_url(server, 7, 5), "page")
     await page.wait_state("connected")

@@ -183,7 +183,7 @@ class Chat:
                 async with connect(
                         self._core.connect_url(await resolve_token(self._token)),
                         open_timeout=self._core.dead_after, close_timeout=CLOSE_TIMEOUT,
-                        ping_interval=None, max_size=MAX_FRAME_BYTES, compression=None,
+                        ping_interval=None, max_size=MAX_FRAME_BYTES, compression="deflate",
                         proxy=None) as ws:
                     self._states._offer(self._core.connected())
                     await self._serve(ws)

@@ -124,6 +124,9 @@ class ServerConfig:
     # With Redis: a message still in a room's Redis log this long after it was
     # accepted is written to the history store by whichever node finds it.
     orphaned_after: float = _opt("orphanedAfter", 30.0, float, low=0.1, high=86400)
+    # permessage-deflate (RFC 7692): agreed to when a client offers it, or never.
+    compression: str = _opt("compression", "deflate", str,
+                            choices={"deflate": "deflate", "off": "off"})
 
 
 @attrs.frozen

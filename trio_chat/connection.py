@@ -28,6 +28,7 @@ import trio
 from .auth import TokenBucket
 from .broker import BrokerUnavailable
 from .config import LimitsConfig
+from .deflate import Deflate
 from .flush import Flush
 from .framing import (
     BANNED,
@@ -254,13 +255,14 @@ async def serve_connection(stream: trio.abc.Stream, *, hub: Hub, metrics: Metric
                            writers: Writers, room_id: int, remote: str, since: int | None = None,
                            author_id: int | None = None, verified: bool = False,
                            rate: LimitsConfig | None = None, trailing_data: bytes = b"",
-                           frame_limit: int | None = None, expires: float | None = None
-                           ) -> None:
+                           frame_limit: int | None = None, expires: float | None = None,
+                           deflate: Deflate | None = None) -> None:
     """Run one upgraded connection to its end. The caller closes ``stream``.
 
     ``frame_limit`` holds every frame but a chat_img to that many bytes (default:
     the transport's limit). ``expires`` (seconds since the epoch: the token's
-    ``exp``) closes the connection with 4006 then.
+    ``exp``) closes the connection with 4006 then. ``deflate``: permessage-deflate as
+    agreed at the upgrade.
     """
     connection = ChatConnection(room_id, remote, hub, metrics, author_id, verified,
                                 frame_limit=frame_limit or writers.limits.max_message_bytes)
@@ -283,8 +285,10 @@ async def serve_connection(stream: trio.abc.Stream, *, hub: Hub, metrics: Metric
         metrics.frame_failures += 1
 
     connection._on_slow = on_slow
-    ws = connection.ws = WebSocket(stream, writers, on_slow, trailing_data, on_failure,
-                                   ip=remote.rpartition(":")[0] or remote)
+    ws = connection.ws = WebSocket(
+        stream, writers, on_slow, trailing_data, on_failure,
+        ip=remote.rpartition(":")[0] or remote,
+        deflater=None if deflate is None else writers.deflaters.get(deflate.window_bits))
     if expires is not None:
         ws.expires_at = trio.current_time() + (expires - time.time())
     metrics.connections_total += 1

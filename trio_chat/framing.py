@@ -17,6 +17,7 @@ bytes go to every member. Runs no tasks and does no IO; the transport is
 
 from __future__ import annotations
 
+import zlib
 from typing import Any
 
 from .budget import ByteBudget
@@ -64,6 +65,15 @@ LARGE_WEIGHT = 3
 # step, and connections sending alike all do it in the same loop iteration.) A whole
 # frame up to this size that arrived in one read is unmasked at once.
 PIECE = 64 * 1024
+# A compressed message (permessage-deflate) is inflated at most this much per call of
+# FrameReader.feed: a read that inflates to more leaves the rest for the next call,
+# after the event loop had its turn, so a small frame of zeros costs no long stall.
+INFLATE_STEP = 2 * PIECE
+# What zlib's inflate holds while a compressed message is being read (its state and a
+# 32 KiB window: 42 KiB, measured with tracemalloc), counted in the inbound budget meanwhile.
+INFLATE_COST = 44 * 1024
+# What a sync flush ends with: RFC 7692 7.2.2 has the receiver put it back.
+_DEFLATE_TAIL = b"\x00\x00\xff\xff"
 
 
 def text_frame(text: str) -> bytes:
@@ -163,8 +173,9 @@ class FrameReader:
     ``(BINARY, bytes)``, ``(PING, payload)``, ``(PONG, payload)``,
     ``(CLOSE, (code, reason))`` (code 1005 when the peer gave none), and last
     ``(FAIL, (code, reason))`` when the peer broke the protocol: the close code
-    to answer with, after which the reader takes no more data. No extension is
-    negotiated, so reserved bits are errors; client frames must be masked.
+    to answer with, after which the reader takes no more data. Client frames
+    must be masked; reserved bits are errors, but for RSV1 on the first frame
+    of a message when permessage-deflate was negotiated (``inflate``).
     A message over ``max_message`` bytes fails (1009) as soon as the header
     announcing it arrives, so nothing that large is buffered; except a text
     message of at most ``large_message`` bytes whose first ``LARGE_PREFIX``
@@ -183,15 +194,28 @@ class FrameReader:
     large message at :data:`LARGE_WEIGHT` times its announced size from its first
     header. It is taken in :data:`INBOUND_STEP` steps; when the budget has no room
     the reader fails with 1013 (try again later), a large message at its header.
+
+    A compressed message (RSV1, with ``inflate``) is inflated as its bytes arrive,
+    with a new decompressor per message (the server asked for
+    ``client_no_context_takeover``), each step asking zlib for no more than the
+    message may still grow by: the limits above apply to the inflated bytes, so
+    a small frame that would inflate past ``max_message`` fails with 1009 having
+    made at most ``max_message`` bytes, and a message grows past it only as a
+    ``chat_img`` (its first inflated bytes), within the large-message budget as
+    it grows. Its compressed bytes may be at most about the inflated limit
+    (checked at each header). While a decompressor is alive it counts
+    :data:`INFLATE_COST` in the inbound budget. One call inflates at most
+    :data:`INFLATE_STEP` bytes; :attr:`more` then asks for a call with no data.
     """
 
-    __slots__ = ("_buf", "_done", "_failed", "_fin", "_inbound", "_key", "_large",
-                 "_large_held", "_left", "_mask", "_part_bytes", "_part_op", "_parts",
-                 "_parts_len", "_reserved", "_returned", "large_message", "max_message")
+    __slots__ = ("_buf", "_done", "_failed", "_fin", "_inbound", "_inflate", "_key",
+                 "_large", "_large_held", "_left", "_mask", "_part_bytes", "_part_op",
+                 "_parts", "_parts_len", "_reserved", "_returned", "_z", "_zfin", "_zin",
+                 "_zipped", "_zmore", "large_message", "max_message")
 
     def __init__(self, max_message: int, large_message: int = 0,
                  large: LargeFrames | None = None, inbound: ByteBudget | None = None,
-                 key: str = "") -> None:
+                 key: str = "", inflate: bool = False) -> None:
         self.max_message = max_message
         self.large_message = large_message
         self._large = large or LargeFrames(0)
@@ -220,6 +244,21 @@ class FrameReader:
         # not yet released.
         self._large_held = 0
         self._done = 0
+        # permessage-deflate was negotiated. For the message being read, if it is
+        # compressed: its decompressor, the compressed bytes it has not taken yet,
+        # whether they end the message, whether it may have more output for them.
+        self._inflate = inflate
+        self._zipped = False
+        self._z: Any = None
+        self._zin: bytes | bytearray = b""
+        self._zfin = False
+        self._zmore = False
+
+    @property
+    def more(self) -> bool:
+        """Whether a compressed message has bytes left to inflate: call :meth:`feed`
+        again (with no data) once the event loop had its turn."""
+        return bool(self._zin or self._zmore) and not self._failed
 
     def feed(self, data: bytes | bytearray) -> list[tuple[int, Any]]:
         """The events completed by ``data``; a partial frame waits for the next call."""
@@ -235,16 +274,20 @@ class FrameReader:
         pos, end = 0, len(buf)
         try:
             while True:
+                if (self._zin or self._zmore) and not self._inflate_some(events):
+                    break
                 if self._mask:
                     pos = self._payload(buf, pos, end, events)
                     if self._mask:
+                        if self._zin:
+                            self._inflate_some(events)
                         break
                     continue
                 if end - pos < 2:
                     break
                 b0, b1 = buf[pos], buf[pos + 1]
                 if b0 & 0x70:
-                    raise _Fail(PROTOCOL_ERROR, "reserved bits set; no extension was negotiated")
+                    self._check_rsv(b0)
                 if not b1 & 0x80:
                     raise _Fail(PROTOCOL_ERROR, "client frames must be masked")
                 opcode, fin, length = b0 & 0x0F, b0 & 0x80, b1 & 0x7F
@@ -269,12 +312,16 @@ class FrameReader:
                         self._failed = True
                         break
                     continue
-                if self._part_bytes + length > self.max_message and \
+                if b0 & 0x40 or self._zipped:
+                    self._check_compressed(opcode, length)
+                elif self._part_bytes + length > self.max_message and \
                         not self._admit_large(opcode, length, buf, head, end):
                     break
                 if end < head:  # the mask is not all here yet
                     break
-                if fin and opcode and length <= min(PIECE, end - head):
+                if opcode and b0 & 0x40:
+                    self._zipped = True
+                elif fin and opcode and length <= min(PIECE, end - head):
                     # A whole message in this read, the usual case: unmasked at once.
                     pos = head + length
                     self._message_done(length)
@@ -308,6 +355,8 @@ class FrameReader:
         message's pieces; at the frame's end, the message if it was the last. Returns
         the position after what was taken."""
         take = min(self._left, end - pos)
+        if self._zipped:
+            return self._take_compressed(buf, pos, take)
         parts, at, stop = self._parts, pos, pos + take
         while at < stop:
             if not parts or len(parts[-1]) >= PIECE:
@@ -329,6 +378,104 @@ class FrameReader:
                 parts.clear()
                 events.append(_message(op, payload))
         return pos + take
+
+    def _take_compressed(self, buf: bytes | bytearray, pos: int, take: int) -> int:
+        """Unmask what ``buf`` has of a compressed frame's payload into the bytes to
+        inflate (with the tail a sync flush lost, at the message's end)."""
+        chunk = bytearray()
+        _unmask_into(chunk, buf, pos, take, self._mask)
+        turn = take % 4
+        self._mask = self._mask[turn:] + self._mask[:turn]
+        self._left -= take
+        if self._zin:
+            chunk[:0] = self._zin
+        if not self._left:
+            self._mask = b""
+            if self._fin:
+                chunk += _DEFLATE_TAIL
+                self._zfin = True
+        self._zin = chunk
+        return pos + take
+
+    def _inflate_some(self, events: list[tuple[int, Any]]) -> bool:
+        """Inflate what is waiting of the compressed message, :data:`INFLATE_STEP` bytes
+        at most; at its end, the message. False if output is left for the next call."""
+        z = self._z
+        if z is None:
+            z = self._z = zlib.decompressobj(-15)
+        step = INFLATE_STEP
+        while True:
+            if step <= 0:
+                return False
+            # One byte over what the message may still grow by shows it is too big.
+            room = self.large_message if self._part_op == TEXT else 0
+            want = min(PIECE, step, max(self.max_message, room) - self._parts_len + 1)
+            try:
+                out = z.decompress(self._zin, want)
+            except zlib.error:
+                raise _Fail(INVALID_PAYLOAD, "invalid compressed data") from None
+            self._zin = b"" if z.eof else z.unconsumed_tail
+            if out:
+                parts = self._parts
+                if not parts or len(parts[-1]) >= PIECE:
+                    parts.append(bytearray())
+                last = parts[-1]
+                n = PIECE - len(last)
+                last += out[:n]
+                if len(out) > n:
+                    parts.append(bytearray(out[n:]))
+                self._parts_len += len(out)
+                step -= len(out)
+                if self._parts_len > self.max_message:
+                    self._grow_large()
+            self._zmore = len(out) == want and not z.eof
+            if not (self._zin or self._zmore):
+                break
+        if self._zfin:
+            op, parts, size = self._part_op, self._parts, self._parts_len
+            self._part_op, self._parts, self._part_bytes, self._parts_len = 0, [], 0, 0
+            self._zipped, self._zfin, self._z = False, False, None
+            self._message_done(size)
+            payload = parts[0] if len(parts) == 1 else b"".join(parts)
+            parts.clear()
+            events.append(_message(op, payload))
+        return True
+
+    def _grow_large(self) -> None:
+        """A compressed message inflated past ``max_message``: what
+        :meth:`_admit_large` checks at an uncompressed message's header, checked on
+        its inflated bytes as they grow."""
+        total = self._parts_len
+        if self._part_op != TEXT or total > self.large_message:
+            raise _Fail(MESSAGE_TOO_BIG, f"message over {self.max_message} bytes")
+        if not self._large_held:
+            prefix = bytes(self._parts[0][:LARGE_PREFIX])
+            if b"chat_img" not in prefix and b"data:image/" not in prefix:
+                raise _Fail(MESSAGE_TOO_BIG, f"message over {self.max_message} bytes")
+        if not self._cover(LARGE_WEIGHT * total + self._returned):
+            raise _Fail(TRY_AGAIN_LATER, _BUDGET_FULL)
+        if not self._large.take(total - self._large_held):
+            raise _Fail(MESSAGE_TOO_BIG, "too many large messages in flight; send the "
+                                         "image again later, or upload it")
+        self._large_held = total
+
+    def _check_rsv(self, b0: int) -> None:
+        """Reserved bits: only RSV1, only with permessage-deflate, only on the first
+        frame of a data message."""
+        if b0 & 0x30 or not self._inflate:
+            raise _Fail(PROTOCOL_ERROR, "reserved bits set; no extension was negotiated"
+                        if not self._inflate else "RSV2 or RSV3 set")
+        if not b0 & 0x0F or b0 & 0x08:
+            raise _Fail(PROTOCOL_ERROR, "RSV1 on a continuation or control frame")
+
+    def _check_compressed(self, opcode: int, length: int) -> None:
+        """A frame of a compressed message: its compressed bytes may be at most what the
+        largest message it could inflate to takes, stored (deflate's worst case adds
+        5 bytes per stored block of up to 64 KiB; a sender can do better than this)."""
+        op = self._part_op or opcode
+        cap = max(self.max_message, self.large_message if op == TEXT else 0)
+        if self._part_bytes + length > cap + cap // 256 + 64:
+            raise _Fail(MESSAGE_TOO_BIG, f"message over {self.max_message} bytes")
 
     def _check_header(self, opcode: int, fin: int, length: int) -> None:
         if opcode >= CLOSE:
@@ -383,8 +530,10 @@ class FrameReader:
     def _need(self) -> int:
         """What the inbound budget must cover now. A large message's weighted size
         covers its bytes in the buffers."""
-        return max(len(self._buf) + self._parts_len, LARGE_WEIGHT * self._large_held) + \
-            self._returned
+        held = len(self._buf) + self._parts_len + len(self._zin)
+        if self._z is not None:
+            held += INFLATE_COST
+        return max(held, LARGE_WEIGHT * self._large_held) + self._returned
 
     def _cover(self, need: int) -> bool:
         """Grow the reservation to ``need`` bytes, a step at least; False if the
@@ -410,6 +559,8 @@ class FrameReader:
         """Forget the unparsed bytes and the message being read."""
         self._buf, self._parts, self._part_op, self._part_bytes = b"", [], 0, 0
         self._parts_len, self._mask, self._left = 0, b"", 0
+        self._zipped, self._z, self._zin, self._zfin, self._zmore = False, None, b"", False, \
+            False
 
     def _fail(self) -> None:
         """The reader takes no more data: what it buffered and the message it was

@@ -143,6 +143,11 @@ class Metrics:
     # each), and the frames those carried.
     room_flush_writes: int = 0
     room_flushed_frames: int = 0
+    # permessage-deflate: frames compressed (once per message and window, never per
+    # member), and their bytes before and after.
+    deflated_frames: int = 0
+    deflate_in_bytes: int = 0
+    deflate_out_bytes: int = 0
     presence_failures: int = 0
     slow_consumer_disconnects: int = 0
     bad_frames: int = 0
@@ -272,6 +277,12 @@ _COUNTERS: Sequence[tuple[str, str, list[tuple[str, str]]]] = (
     ("room_flushed_frames_total", "Frames (messages and events) those writes carried; "
      "over room_flush_writes_total, the frames per write.",
      [("room_flushed_frames", "")]),
+    ("deflated_frames_total", "Frames compressed for permessage-deflate connections: once "
+     "per message (and window size) however many members it goes to.",
+     [("deflated_frames", "")]),
+    ("deflate_bytes_total", "Bytes of the frames compressed, before (stage=\"in\") and "
+     "after (stage=\"out\"); per compression, not per member.",
+     [("deflate_in_bytes", 'stage="in"'), ("deflate_out_bytes", 'stage="out"')]),
     ("refusals_total", "Requests, upgrades and frames refused, by reason: auth (missing, "
      "bad or insufficient token or admin key), origin, ip_limit (too many connections "
      "from the address), rate_limited (over the message rate), bad_frame (an error "

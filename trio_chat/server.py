@@ -28,6 +28,7 @@ from .bridge import open_bridge
 from .broker import BrokerUnavailable, LocalBroker, RedisBroker
 from .budget import ByteBudget
 from .config import Config, data_url_frame_bytes
+from .deflate import Deflaters
 from .framing import GOING_AWAY, LargeFrames
 from .http import NodeInfo, Readiness, Services, Shutdown, load_demo_page, serve_http
 from .http.budget import UploadAllowance
@@ -178,7 +179,8 @@ class Server:
                           ByteBudget(config.limits.outbound_bytes_per_ip,
                                      config.limits.outbound_bytes_total),
                           ByteBudget(config.limits.inbound_bytes_per_ip,
-                                     config.limits.inbound_bytes_total))
+                                     config.limits.inbound_bytes_total),
+                          Deflaters(metrics))
         limits_config = config.limits
         hub = Hub(store, repository, broker, metrics, s.history_on_join, s.replay_limit,
                   s.presence_ttl, s.room_policy, config.media, ack_after_stored=stored,
@@ -216,6 +218,9 @@ class Server:
                           "written (server.storeBufferBytes).", lambda: store.lag_bytes)
         metrics.add_gauge("connections_open", "Open WebSocket connections.",
                           lambda: len(hub.connections))
+        metrics.add_gauge("deflate_connections", "Open WebSocket connections that "
+                          "negotiated permessage-deflate.",
+                          lambda: writers.deflaters.connections)
         metrics.add_gauge("rooms_live", "Rooms with members on this node.",
                           lambda: len(hub.rooms))
         metrics.add_gauge("presence_entries",

@@ -38,6 +38,13 @@ pongs not yet sent only the latest is kept (RFC 6455 5.5.3). What is read is
 :class:`~trio_chat.framing.FrameReader`'s, and so are its shares of the
 large-message and inbound budgets; they are given back once the messages of a
 read are handled and when the connection ends.
+
+With permessage-deflate negotiated (a ``deflater``), every data frame sent is
+compressed by the :class:`~trio_chat.deflate.FrameDeflater` that every
+connection of its window shares, so a broadcast is compressed once; pings,
+pongs and the close frame never are. The reader inflates compressed messages
+within its limits, a bounded step per call: a read that leaves output to
+inflate is fed again after a checkpoint, before the socket is read again.
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ from typing import Any
 import attrs
 import trio
 
+from .deflate import FrameDeflater
 from .flush import Flush
 from .framing import (
     BINARY,
@@ -92,6 +100,8 @@ class WebSocket:
     expires_at: float = math.inf
     # The client's address: its connections share one outbound and one inbound budget.
     ip: str = ""
+    # Compresses data frames (permessage-deflate was negotiated), or None.
+    deflater: FrameDeflater | None = None
     _reader: FrameReader = attrs.field(init=False)
     # Frames not yet written. Non-empty only while the connection is waiting for the
     # flusher (_dirty) or has a writer (_writing).
@@ -126,7 +136,8 @@ class WebSocket:
     def __attrs_post_init__(self) -> None:
         limits = self._writers.limits
         self._reader = FrameReader(limits.max_message_bytes, limits.large_message_bytes,
-                                   self._writers.large, self._writers.inbound, self.ip)
+                                   self._writers.large, self._writers.inbound, self.ip,
+                                   inflate=self.deflater is not None)
         if isinstance(self._stream, trio.SocketStream):
             self._fd = self._stream.socket.fileno()
 
@@ -147,6 +158,8 @@ class WebSocket:
         """Write or queue pre-framed bytes; never blocks. Overflow closes the connection."""
         if self._closing:
             return
+        if self.deflater is not None:
+            frame = self.deflater.frame(frame)
         if not self._queue and not (frame := self._write_now(frame)):
             return
         self._enqueue(frame, 1)
@@ -156,7 +169,7 @@ class WebSocket:
         else as one queue entry that counts as all of them against the queue's bounds."""
         if self._closing:
             return
-        data = flush.joined
+        data = flush.joined if self.deflater is None else self.deflater.flush(flush)
         if not self._queue and not (data := self._write_now(data)):
             return
         self._enqueue(data, len(flush.frames))
@@ -382,6 +395,8 @@ class WebSocket:
         writers = self._writers
         self._next_ping = trio.current_time() + writers.limits.ping_period
         writers.add(self)
+        if self.deflater is not None:
+            writers.deflaters.connections += 1
         try:
             with self._read_scope:
                 await self._read(on_message)
@@ -389,6 +404,8 @@ class WebSocket:
                 self.close(NORMAL)
         finally:
             writers.discard(self)
+            if self.deflater is not None:
+                writers.deflaters.connections -= 1
             # The caller closes the socket next, and its number can then be reused.
             self._fd = -1
             self._closing = True
@@ -418,7 +435,7 @@ class WebSocket:
         self._trailing = b""
         reader = self._reader
         while True:
-            if data:
+            if data or reader.more:
                 # Only the reader keeps the bytes while they are handled: they count in
                 # the address's inbound budget until release_done.
                 events, data = reader.feed(data), b""
@@ -427,6 +444,10 @@ class WebSocket:
                 reader.release_done()
                 if ended:
                     return
+                if reader.more:
+                    # A compressed message left output to inflate: others run first.
+                    await trio.lowlevel.checkpoint()
+                    continue
             try:
                 data = await self._stream.receive_some(RECEIVE_BYTES)
             except (trio.BrokenResourceError, trio.ClosedResourceError):

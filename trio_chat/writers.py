@@ -10,8 +10,9 @@ connection once per ``pingPeriod``, closes those whose pong is late or whose
 token expired) and one writer task per connection whose socket is full
 (:meth:`trio_chat.websocket.WebSocket._write_blocked`, which contains that
 connection's write failures). It also holds the server-wide budgets a
-connection draws on: large inbound messages, and what is read and queued per
-address.
+connection draws on (large inbound messages, and what is read and queued per
+address) and the permessage-deflate compressors every compressing connection
+shares.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import attrs
 import trio
 
 from .budget import ByteBudget
+from .deflate import Deflaters
 from .framing import LargeFrames
 
 
@@ -72,6 +74,8 @@ class Writers:
     outbound: ByteBudget = attrs.field(factory=lambda: ByteBudget(1 << 40, 1 << 40))
     # Per address and server-wide: the bytes readers hold (see framing.FrameReader).
     inbound: ByteBudget = attrs.field(factory=lambda: ByteBudget(1 << 40, 1 << 40))
+    # The compressors of permessage-deflate connections, one per window size.
+    deflaters: Deflaters = attrs.field(factory=Deflaters)
     _sockets: set[WebSocket] = attrs.field(init=False, factory=set)
     _rooms: list[PendingRoom] = attrs.field(init=False, factory=list)
     _dirty: list[WebSocket] = attrs.field(init=False, factory=list)

@@ -177,6 +177,11 @@ async def _read_request(stream: trio.abc.Stream, conn: h11.Connection, remote: s
             return error(400, "bad_request", "Content-Length with Transfer-Encoding")
         target = urlsplit(event.target.decode("ascii", "replace"))
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in event.headers}
+        if names["sec-websocket-extensions"] > 1:
+            # A list header may come in several copies (RFC 9110 5.3): they are one list.
+            headers["sec-websocket-extensions"] = ", ".join(
+                v.decode("latin-1") for k, v in event.headers
+                if k == b"sec-websocket-extensions")
         body = bytearray()
         cap = MAX_BODY_BYTES
         if event.method == b"POST" and IMAGES_PATH.fullmatch(target.path):
@@ -243,7 +248,7 @@ async def serve_http(services: Services, stream: trio.abc.Stream, remote: str) -
                                author_id=upgrade.author_id, verified=upgrade.verified,
                                rate=config.limits, trailing_data=upgrade.trailing,
                                frame_limit=config.server.max_frame_bytes,
-                               expires=upgrade.expires)
+                               expires=upgrade.expires, deflate=upgrade.deflate)
     finally:
         services.ip_limiter.release(ip)
 
@@ -325,7 +330,8 @@ async def _serve_requests(services: Services, stream: trio.abc.Stream, remote: s
                 response, accepted = error(503, "handler_timeout", "the request took too "
                                            "long to answer", (("retry-after", "1"),)), None
             if accepted is not None:
-                if not await _write(services, accept_upgrade(stream, request), 0):
+                if not await _write(services, accept_upgrade(stream, request,
+                                                             accepted.deflate), 0):
                     return None
                 _log_access(remote, request, 101, 0, started)
                 return attrs.evolve(accepted, trailing=conn.trailing_data[0])

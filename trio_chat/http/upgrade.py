@@ -16,6 +16,7 @@ import attrs
 import trio
 
 from ..auth import AuthError, authenticate, check_origin
+from ..deflate import Deflate, negotiate
 from ..protocol import INT64_MIN
 from .access import auth_error, check_room_access
 from .base import HttpError, Request, Response, error, json_response, query_int, room_id_of
@@ -37,6 +38,9 @@ class Upgrade:
     trailing: bytes
     # The token's exp (seconds since the epoch): the connection is closed then.
     expires: float | None = None
+    # permessage-deflate as agreed (server.compression "deflate" and the client offered
+    # it), answered in the 101; None: no extension.
+    deflate: Deflate | None = None
 
 
 def is_upgrade(headers: dict[str, str]) -> bool:
@@ -85,7 +89,10 @@ async def check_upgrade(services: Services, request: Request, match: re.Match[st
     if response is not None:
         services.metrics.handshake_failures += 1
         return response, None
-    return None, Upgrade(room_id, since, author_id, verified, b"", expires)
+    deflate = None
+    if services.config.server.compression == "deflate":
+        deflate = negotiate(request.headers.get("sec-websocket-extensions"))
+    return None, Upgrade(room_id, since, author_id, verified, b"", expires, deflate)
 
 
 async def _admit(services: Services, request: Request, room_id: int, author_id: int | None
@@ -130,12 +137,17 @@ async def _admit(services: Services, request: Request, room_id: int, author_id: 
     return None, author_id, verified, expires
 
 
-async def accept_upgrade(stream: trio.abc.Stream, request: Request) -> None:
-    """Write the 101 that switches ``stream`` to the WebSocket protocol."""
+async def accept_upgrade(stream: trio.abc.Stream, request: Request,
+                         deflate: Deflate | None = None) -> None:
+    """Write the 101 that switches ``stream`` to the WebSocket protocol (with
+    permessage-deflate as agreed, if it was)."""
     # Written by hand, not through h11: its connection is dropped after the upgrade.
     # RFC 6455 4.2.2: the accept token is the key and the protocol's GUID, hashed.
     key = request.headers["sec-websocket-key"].encode("ascii") + \
         b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+    extension = b"" if deflate is None else \
+        b"sec-websocket-extensions: " + deflate.header.encode("ascii") + b"\r\n"
     await stream.send_all(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n"
                           b"connection: Upgrade\r\nsec-websocket-accept: " +
-                          base64.b64encode(hashlib.sha1(key).digest()) + b"\r\n\r\n")
+                          base64.b64encode(hashlib.sha1(key).digest()) + b"\r\n" +
+                          extension + b"\r\n")
