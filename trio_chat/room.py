@@ -253,7 +253,7 @@ class Room:
     def _flush_all(self) -> None:
         """Bring every member up to date at once."""
         while self._pending and self._broken is None:
-            self._visit(len(self.members))
+            self._visit(max(1, len(self.members)))
 
     def _visit(self, count: int) -> None:
         """Hand up to ``count`` of the members furthest behind what they have not had."""
