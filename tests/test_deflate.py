@@ -16,6 +16,7 @@ import pytest
 import trio
 from websockets.sync.client import connect
 
+from trio_chat import deflate as deflate_module
 from trio_chat.budget import ByteBudget
 from trio_chat.deflate import (
     MIN_DEFLATE,
@@ -169,6 +170,22 @@ def test_deflate_frame_leaves_what_does_not_pay() -> None:
     big = message(5000)
     assert deflate_frame(big, max_bits=9) is big
     assert deflate_frame(message(200), max_bits=9) is not message(200)
+
+
+def test_flushes_that_share_frames_compress_each_frame_once() -> None:
+    metrics = Metrics()
+    deflater = Deflaters(metrics).get(15)
+    frames = [message(300 + i) for i in range(3)]
+    # One round of a large room: [1], then [1, 2, 3] for those not yet visited, then
+    # [2, 3] for those visited first.
+    joined = [deflater.flush(Flush(part, 0)) for part in
+              (frames[:1], frames, frames[1:])]
+    assert metrics.deflated_frames == 3
+    assert joined[1] == joined[0] + joined[2]
+    # Kept within RECENT_BYTES: old frames are let go.
+    many = [message(deflate_module.RECENT_BYTES // 300 + i) for i in range(400)]
+    deflater.flush(Flush(many, 0))
+    assert sum(len(f) for f, _ in deflater._recent.values()) <= deflate_module.RECENT_BYTES
 
 
 def test_one_compression_per_message_and_flush() -> None:

@@ -45,6 +45,10 @@ MIN_DEFLATE = 128
 # zlib's compression level: the default; the messages are short, so its longer
 # searches cost little (measured against level 1: the same size, within noise).
 LEVEL = 6
+# The compressed frames of recent flushes kept, in bytes of the frames: a large room
+# hands members behind by different amounts flushes that share frames (trio_chat/room.py),
+# and a frame is compressed once for all of them.
+RECENT_BYTES = 512 * 1024
 # zlib keeps matches this far short of its window (MIN_LOOKAHEAD): a window of
 # 2**bits finds every match of a payload up to 2**bits - 262 bytes.
 _LOOKAHEAD = 262
@@ -188,7 +192,9 @@ class FrameDeflater:
     the other: the last frame and its compressed form are kept (one entry), so
     a message is compressed once however many members it goes to. A large
     room's flush is compressed once through :meth:`Flush.encoded`, and shared
-    the same way. The counters are per compression, never per member.
+    the same way; the frames of recent flushes are kept compressed (at most
+    :data:`RECENT_BYTES` of them), since the flushes of one round share frames.
+    The counters are per compression, never per member.
     """
 
     max_bits: int
@@ -198,6 +204,10 @@ class FrameDeflater:
     # The name of this window's encoding of a flush (Flush.encoded): made once here, as
     # flush() runs once per member.
     _encoding: str = attrs.field(init=False, default="")
+    # Recent flushes' frames by id, each with the frame (alive, so its id is its own)
+    # and its compressed form; oldest first.
+    _recent: dict[int, tuple[bytes, bytes]] = attrs.field(init=False, factory=dict)
+    _recent_bytes: int = attrs.field(init=False, default=0)
 
     def __attrs_post_init__(self) -> None:
         self._encoding = f"deflate{self.max_bits}"
@@ -215,7 +225,21 @@ class FrameDeflater:
         return flush.encoded(self._encoding, self._join)
 
     def _join(self, frames: list[bytes]) -> bytes:
-        return b"".join([self._deflate(frame) for frame in frames])
+        recent = self._recent
+        out = []
+        for frame in frames:
+            kept = recent.get(id(frame))
+            if kept is not None and kept[0] is frame:
+                out.append(kept[1])
+                continue
+            deflated = self._deflate(frame)
+            recent[id(frame)] = (frame, deflated)
+            self._recent_bytes += len(frame)
+            out.append(deflated)
+        while self._recent_bytes > RECENT_BYTES:
+            oldest = recent.pop(next(iter(recent)))
+            self._recent_bytes -= len(oldest[0])
+        return b"".join(out)
 
     def _deflate(self, frame: bytes) -> bytes:
         out = deflate_frame(frame, self.max_bits)
