@@ -430,7 +430,8 @@ async def test_a_shard_dropping_a_subscription_is_a_lost_connection(
                 await work.start(watch, a, "a")
                 await work.start(watch, b, "b")
                 work.start_soon(send)
-                await wait_until(lambda: len(sent) > 10)
+                # a's member is in its room before the slot goes (see above).
+                await wait_until(lambda: len(sent) > 10 and bool(views["a"]))
                 owner.execute_command("CLUSTER", "DELSLOTS", slot)
                 await wait_until(lambda: lost() >= 2)  # both nodes heard it
                 await trio.sleep(0.3)  # the slot stays unowned a while
