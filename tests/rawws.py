@@ -36,6 +36,18 @@ async def read_http_response(stream: trio.abc.Stream) -> tuple[int, dict[str, st
     return status, headers, rest
 
 
+async def read_upgrade(stream: trio.abc.Stream) -> tuple[bytes, bytes]:
+    """Read the server's 101 to an upgrade request: its head and the bytes after it."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = await stream.receive_some(65536)
+        assert chunk, "server closed during the handshake"
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return head, rest
+
+
 async def http_get(port: int, path: str, headers: str = "") -> tuple[int, dict[str, str], bytes]:
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     async with stream:
@@ -80,13 +92,7 @@ class RawClient:
         stream = await open_from(source, port)
         try:
             await stream.send_all(handshake_request(path))
-            data = b""
-            while b"\r\n\r\n" not in data:
-                chunk = await stream.receive_some(65536)
-                assert chunk, "server closed during the handshake"
-                data += chunk
-            head, _, leftover = data.partition(b"\r\n\r\n")
-            assert head.startswith(b"HTTP/1.1 101"), head
+            _, leftover = await read_upgrade(stream)
         except BaseException:
             await trio.aclose_forcefully(stream)
             raise

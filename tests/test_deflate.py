@@ -47,7 +47,7 @@ from trio_chat.room import WRITE_NOW_MEMBERS
 from trio_chat.server import Server
 
 from .conftest import chat_frame, make_config, start_server, wait_until
-from .rawws import open_from
+from .rawws import open_from, read_upgrade
 from .wire import client_frame, handshake_request
 
 TAIL = b"\x00\x00\xff\xff"
@@ -352,13 +352,7 @@ async def open_member(port: int, path: str, extra: str = OFFER) -> AsyncIterator
     stream = await open_from("127.0.0.1", port)
     try:
         await stream.send_all(handshake_request(path, extra=extra))
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = await stream.receive_some(65536)
-            assert chunk, "server closed during the handshake"
-            data += chunk
-        head, _, rest = data.partition(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 101"), head
+        head, rest = await read_upgrade(stream)
         extensions = ""
         for line in head.decode("latin-1").split("\r\n")[1:]:
             name, _, value = line.partition(":")

@@ -35,6 +35,7 @@ from .conftest import (
     wait_no_tasks_beyond,
     wait_until,
 )
+from .rawws import read_upgrade
 from .wire import client_frame, handshake_request
 
 MEMBERS = WRITE_NOW_MEMBERS + 6
@@ -109,13 +110,7 @@ async def member(port: int, room: int, *, receive_buffer: int | None = None
         raise
     try:
         await stream.send_all(handshake_request(f"/ws/{room}"))
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = await stream.receive_some(65536)
-            assert chunk, "server closed during the handshake"
-            data += chunk
-        head, _, rest = data.partition(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 101"), head
+        _, rest = await read_upgrade(stream)
         yield Member(stream, bytearray(rest))
     finally:
         await trio.aclose_forcefully(stream)

@@ -452,12 +452,7 @@ class FrameReader:
             prefix = bytes(self._parts[0][:LARGE_PREFIX])
             if b"chat_img" not in prefix and b"data:image/" not in prefix:
                 raise _Fail(MESSAGE_TOO_BIG, f"message over {self.max_message} bytes")
-        if not self._cover(LARGE_WEIGHT * total + self._returned):
-            raise _Fail(TRY_AGAIN_LATER, _BUDGET_FULL)
-        if not self._large.take(total - self._large_held):
-            raise _Fail(MESSAGE_TOO_BIG, "too many large messages in flight; send the "
-                                         "image again later, or upload it")
-        self._large_held = total
+        self._hold_large(total)
 
     def _check_rsv(self, b0: int) -> None:
         """Reserved bits: only RSV1, only with permessage-deflate, only on the first
@@ -513,13 +508,18 @@ class FrameReader:
             if b"chat_img" not in prefix and b"data:image/" not in prefix:
                 raise _Fail(MESSAGE_TOO_BIG, f"message over {self.max_message} bytes")
         if total > self._large_held:
-            if not self._cover(LARGE_WEIGHT * total + self._returned):
-                raise _Fail(TRY_AGAIN_LATER, _BUDGET_FULL)
-            if not self._large.take(total - self._large_held):
-                raise _Fail(MESSAGE_TOO_BIG, "too many large messages in flight; send the "
-                                             "image again later, or upload it")
-            self._large_held = total
+            self._hold_large(total)
         return True
+
+    def _hold_large(self, total: int) -> None:
+        """Hold a large message's ``total`` bytes in the inbound and large-message
+        budgets (what is already held is not taken again)."""
+        if not self._cover(LARGE_WEIGHT * total + self._returned):
+            raise _Fail(TRY_AGAIN_LATER, _BUDGET_FULL)
+        if not self._large.take(total - self._large_held):
+            raise _Fail(MESSAGE_TOO_BIG, "too many large messages in flight; send the "
+                                         "image again later, or upload it")
+        self._large_held = total
 
     def _message_done(self, size: int) -> None:
         """A message of ``size`` bytes is complete: it is held until handled."""
