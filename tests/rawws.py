@@ -36,15 +36,16 @@ async def read_http_response(stream: trio.abc.Stream) -> tuple[int, dict[str, st
     return status, headers, rest
 
 
-async def read_upgrade(stream: trio.abc.Stream) -> tuple[bytes, bytes]:
-    """Read the server's 101 to an upgrade request: its head and the bytes after it."""
+async def read_head(stream: trio.abc.Stream, status: int = 101) -> tuple[bytes, bytes]:
+    """Read the head of the server's answer, asserting its status (a 101 to an upgrade
+    request by default), and the bytes that came after it."""
     data = b""
     while b"\r\n\r\n" not in data:
         chunk = await stream.receive_some(65536)
-        assert chunk, "server closed during the handshake"
+        assert chunk, "server closed before the head of its answer"
         data += chunk
     head, _, rest = data.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 101"), head
+    assert head.startswith(b"HTTP/1.1 %d" % status), head
     return head, rest
 
 
@@ -92,7 +93,7 @@ class RawClient:
         stream = await open_from(source, port)
         try:
             await stream.send_all(handshake_request(path))
-            _, leftover = await read_upgrade(stream)
+            _, leftover = await read_head(stream)
         except BaseException:
             await trio.aclose_forcefully(stream)
             raise

@@ -22,7 +22,7 @@ from trio_chat.http import console
 from trio_chat.server import Server
 
 from .conftest import make_config, start_server
-from .rawws import RawClient, http_call, http_get
+from .rawws import RawClient, http_call, http_get, read_head
 from .test_browser import OpenPage, Page, browser  # noqa: F401 (browser is a fixture)
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
@@ -45,13 +45,7 @@ async def open_feed(port: int, key: str) -> AsyncIterator[tuple[trio.SocketStrea
         await stream.send_all(f"GET /console/events HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                               f"X-Admin-Key: {key}\r\nAccept: text/event-stream\r\n\r\n"
                               .encode())
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = await stream.receive_some(65536)
-            assert chunk, "the feed closed before its head"
-            data += chunk
-        head, _, rest = data.partition(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 200"), head
+        head, rest = await read_head(stream, 200)
         assert b"content-type: text/event-stream" in head.lower()
         assert b"transfer-encoding: chunked" in head.lower()
         yield stream, rest

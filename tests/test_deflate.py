@@ -47,7 +47,7 @@ from trio_chat.room import WRITE_NOW_MEMBERS
 from trio_chat.server import Server
 
 from .conftest import chat_frame, make_config, start_server, wait_until
-from .rawws import open_from, read_upgrade
+from .rawws import open_from, read_head
 from .wire import client_frame, handshake_request
 
 TAIL = b"\x00\x00\xff\xff"
@@ -352,7 +352,7 @@ async def open_member(port: int, path: str, extra: str = OFFER) -> AsyncIterator
     stream = await open_from("127.0.0.1", port)
     try:
         await stream.send_all(handshake_request(path, extra=extra))
-        head, rest = await read_upgrade(stream)
+        head, rest = await read_head(stream)
         extensions = ""
         for line in head.decode("latin-1").split("\r\n")[1:]:
             name, _, value = line.partition(":")

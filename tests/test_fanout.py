@@ -35,7 +35,7 @@ from .conftest import (
     wait_no_tasks_beyond,
     wait_until,
 )
-from .rawws import read_upgrade
+from .rawws import read_head
 from .wire import client_frame, handshake_request
 
 MEMBERS = WRITE_NOW_MEMBERS + 6
@@ -110,7 +110,7 @@ async def member(port: int, room: int, *, receive_buffer: int | None = None
         raise
     try:
         await stream.send_all(handshake_request(f"/ws/{room}"))
-        _, rest = await read_upgrade(stream)
+        _, rest = await read_head(stream)
         yield Member(stream, bytearray(rest))
     finally:
         await trio.aclose_forcefully(stream)
