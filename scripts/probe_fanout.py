@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """One big-room run of the Go load generator ``chatload`` against ``trio-chat serve``,
 with the server's own account of it: what ``scripts/bench_chatload.py`` measures
-from outside (latency, loss, server CPU per delivery from ``/proc``), plus, read
-from ``/metrics`` before the server stops, the large room's flushes (frames per
-write), the history store's commits (write lag), the event loop's lag and the
-delivery latency as the server saw it. For finding where a tail comes from, one
-change at a time.
+from outside (latency, loss, server CPU per delivery from ``/proc``, user and
+system apart), plus, read from ``/metrics`` before the server stops, the large
+room's flushes (frames per write), the history store's commits (write lag), the
+event loop's lag and the delivery latency as the server saw it. For finding where
+a tail comes from, one change at a time.
 
 The server runs on CPU 0, chatload on CPU 1 (as in bench_chatload), on a fresh
 SQLite file, with the limits meant for people lifted; ``--set KEY=JSON`` sets a
@@ -39,9 +39,10 @@ LIMITS = {"messagesPerSecond": 1_000_000, "messageBurst": 1_000_000,
           "inboundBytesPerIp": 1 << 40, "inboundBytesTotal": 1 << 40}
 
 
-def cpu_s(pid: int) -> float:
+def cpu_s(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of ``pid`` so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) * TICK_S
+    return int(fields[11]) * TICK_S, int(fields[12]) * TICK_S
 
 
 def fds(pid: int) -> int:
@@ -126,12 +127,18 @@ def main() -> int:
         return after.get(name, 0.0) - before.get(name, 0.0)
 
     writes = delta("triochat_room_flush_writes_total")
+    received = max(1, result["received"])
+    user, system = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
     report: dict[str, object] = {
         "p50_ms": round(result["p50_ms"], 1), "p99_ms": round(result["p99_ms"], 1),
         "max_ms": round(result["max_ms"], 1), "lost": result["lost"],
         "deliveries_per_s": round(result["deliveries_per_s"]),
-        "cpu_us_per_delivery": round((cpu1 - cpu0) * 1e6 / max(1, result["received"]), 2),
-        "server_cpu_pct": round(100 * (cpu1 - cpu0) / (t1 - t0)),
+        "cpu_us_per_delivery": round((user + system) * 1e6 / received, 2),
+        # System time is mostly the writes (on loopback, the receiving side's too);
+        # user time mostly the event loop's per-message work.
+        "user_us_per_delivery": round(user * 1e6 / received, 2),
+        "system_us_per_delivery": round(system * 1e6 / received, 2),
+        "server_cpu_pct": round(100 * (user + system) / (t1 - t0)),
         "flush_writes": int(writes),
         "frames_per_write": round(delta("triochat_room_flushed_frames_total") /
                                   max(1, writes), 2),
