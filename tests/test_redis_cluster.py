@@ -33,6 +33,7 @@ from .conftest import (
     recv,
     start_server,
     task_census,
+    wait_no_tasks_beyond,
     wait_until,
     ws_url,
 )
@@ -301,10 +302,7 @@ async def test_node_shutdown_after_churn_leaves_nothing_on_any_shard(
         for cycle in range(30):
             await chat(cycle)
         await wait_until(settled)
-        try:
-            await wait_until(lambda: not census() - baseline)
-        except trio.TooSlowError:
-            raise AssertionError(f"tasks beyond the baseline: {census() - baseline}") from None
+        await wait_no_tasks_beyond(server.task, baseline, census=census)
         await wait_until(lambda: room_channels() == {port: [] for port in redis_cluster.ports})
         server.shutdown()
     assert server.task is not None and not server.task.child_nurseries
