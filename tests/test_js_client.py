@@ -338,8 +338,12 @@ async def scenario_edit_delete_applied(c: Clients, node: Node, proxy: Proxy) -> 
         assert [d["target_id"] for d in deletes] == [gone]
     # A client joining later gets the messages as they are now.
     await c.make("late", author=3)
-    got = await c.wait("late: history", lambda: c.rec("late", "message"))
-    by_id = {m["id"]: m for m in got}
+
+    async def replayed() -> dict[int, Any]:
+        # History may come in several frames: wait for all three messages.
+        by_id = {m["id"]: m for m in await c.rec("late", "message")}
+        return by_id if {kept, gone, theirs} <= by_id.keys() else {}
+    by_id = await c.wait("late: the three messages of history", replayed)
     assert by_id[kept]["content"] == "typo fixed" and by_id[kept]["edited_at"]
     assert by_id[gone]["content"] == "" and by_id[gone]["deleted_at"]
 
