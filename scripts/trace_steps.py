@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.checkout:
         sys.path.insert(0, str(args.checkout.resolve()))
-    from trio_chat.server import tune_gc  # once --checkout is on the path
+    from trio_chat.collector import tune_gc  # once --checkout is on the path
 
     tune_gc()
     steps = Steps(args.slow / 1000 if args.profile else None)

@@ -174,6 +174,8 @@ async def test_json_logs_with_connections_at_debug(tmp_path: Path) -> None:
     assert "broker: in-process" in listening["message"]
     gc_line = next(r for r in records if "gc thresholds" in r["message"])
     assert gc_line["level"] == "debug"
+    [frozen] = [r for r in records if "heap frozen after start-up" in r["message"]]
+    assert frozen["level"] == "debug" and frozen["logger"] == "trio_chat.collector"
 
 
 async def test_info_level_has_no_internal_tuning_line(tmp_path: Path) -> None:

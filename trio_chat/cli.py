@@ -25,10 +25,10 @@ from . import __version__
 from .bridge import open_bridge
 from .chat_cli import run_chat
 from .cli_tools import add_commands, check_config, print_token
+from .collector import tune_gc
 from .config import LOG_LEVELS, Config, ConfigError, load_config
 from .logs import setup_logging
 from .process import KILL_MARGIN, migrate_store, raise_fd_limit, serve
-from .server import tune_gc
 from .startup import EXIT_CONFIG, explain
 from .store import make_backend
 from .supervisor import Supervisor, check_services, worker_command

@@ -4,7 +4,9 @@ Owns one node's process under ``trio.run``: :func:`serve` starts the server
 (again, within ``server.startupWait``, while Redis or the database is
 unreachable), turns SIGINT/SIGTERM into a graceful shutdown (a second signal,
 or a signal before the server is up, stops at once) and, in a worker of
-``--workers N``, shuts down once its supervisor is gone.
+``--workers N``, shuts down once its supervisor is gone. Once the server is up,
+it runs the garbage collector's schedule beside it
+(:func:`~trio_chat.collector.freeze_after_joins`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import attrs
 import trio
 
 from .bridge import open_bridge
+from .collector import freeze_after_joins
 from .config import Config
 from .server import Server
 from .startup import retry_startup
@@ -113,6 +116,12 @@ async def serve(config: Config, worker: tuple[int, int] | None = None,
                 supervisor: int | None = None, metrics_dir: str | None = None) -> None:
     """Trio. Run one node until a signal (or the supervisor's end) stops it."""
     node = _Node()
+
+    def counts() -> tuple[int, int]:
+        if node.server is None:
+            return 0, 0
+        return node.server.metrics.connections_total, len(node.server.hub.connections)
+
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_watch_signals, node, nursery.cancel_scope)
         if supervisor is not None:
@@ -138,3 +147,5 @@ async def serve(config: Config, worker: tuple[int, int] | None = None,
                 raise
 
         await retry_startup(config, start)
+        # After start-up, so what start-up made is frozen at once.
+        nursery.start_soon(freeze_after_joins, counts)

@@ -16,7 +16,6 @@ that every HTTP connection is given; the HTTP side never sees the server.
 
 from __future__ import annotations
 
-import gc
 import logging
 import socket
 
@@ -98,22 +97,6 @@ async def open_shared_listeners(host: str, port: int) -> list[trio.SocketListene
             raise
         listeners.append(trio.SocketListener(sock))
     return listeners
-
-
-# CPython's defaults (700, 10, 10) suit a process whose objects come and go. A server
-# holding 10,000 connections has about a million GC-tracked objects that live as long
-# as their connections, and with the defaults a full collection, which walks them all,
-# came every few seconds under load and took 1 to 2.5 s each (bench_rooms at 500 msg/s:
-# 11 s of 40 in gen-2 collections, p99 4.8 s, 2,382 deliveries lost). Fewer young
-# collections promote fewer objects, so full collections become rare; cycles are
-# still collected, later.
-GC_THRESHOLDS = (50_000, 20, 100)
-
-
-def tune_gc() -> None:
-    """Set this process's garbage-collector thresholds for many long-lived connections."""
-    gc.set_threshold(*GC_THRESHOLDS)
-    log.debug("gc thresholds: %s", ", ".join(map(str, gc.get_threshold())))
 
 
 def _peer(stream: trio.abc.Stream) -> str:
