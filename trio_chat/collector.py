@@ -21,9 +21,9 @@ a quarter of the long-lived objects new), the task unfreezes, runs one full
 collection and freezes what survived. Joins alone never trigger one, nor does
 churn that leaves no cycles behind (its frozen objects are freed as they go). The
 heap's size is ``sys.getallocatedblocks()``, which visits the allocator's pools
-(0.7 ms for 4 million blocks), asked only after closes: ``gc.get_freeze_count()``
-walks every frozen object (12 ms for a million, 80 ms on a busy core), and asked
-every second it was the chat's p99.
+(0.7 ms for 4 million blocks), asked only after closes. ``gc.get_freeze_count()``
+would walk every frozen object (12 ms for a million on an idle core); asked every
+second, it set the chat's p99 at 80 ms.
 
 Nothing here raises, so the task has no failure boundary of its own.
 """
