@@ -4,12 +4,13 @@ cancelled caller waiting for its call, and the thread ending after stop."""
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
 
-from trio_chat.store.sqlite import QueryThread
+from trio_chat.store.sqlite import QueryThread, SqliteBackend
 
 
 def _threads(name: str) -> list[threading.Thread]:
@@ -78,3 +79,12 @@ async def test_the_thread_ends_after_stop_and_the_calls_before_it() -> None:
     worker.stop()
     await trio.to_thread.run_sync(thread.join, 30)
     assert not thread.is_alive()
+
+
+def test_a_backend_used_by_a_later_run_gets_a_thread_of_that_run(tmp_path: Path) -> None:
+    backend = SqliteBackend(str(tmp_path / "chat.db"))
+    # Opened in one run and never closed there: the next run must not wait on a
+    # thread that answers a loop which is gone.
+    assert trio.run(backend.open) >= 1
+    assert trio.run(backend.last_id, 1) == 0
+    trio.run(backend.close)

@@ -74,6 +74,11 @@ class QueryThread:
         return await trio.lowlevel.wait_task_rescheduled(  # type: ignore[no-any-return]
             lambda _: trio.lowlevel.Abort.FAILED)
 
+    def serves_this_run(self) -> bool:
+        """Whether it hands results to the running trio loop (a backend that was not
+        closed may be used again by a later ``trio.run``)."""
+        return self._token is trio.lowlevel.current_trio_token()
+
     def stop(self) -> None:
         self._jobs.put(None)
 
@@ -114,7 +119,7 @@ class SqliteBackend(SqlRooms):
             not isinstance(exc, sqlite3.OperationalError)
 
     async def _call(self, fn: Callable[..., T], *args: object) -> T:
-        if self._thread is None:
+        if self._thread is None or not self._thread.serves_this_run():
             self._thread = QueryThread("trio-chat sqlite")
         return await self._thread.call(fn, *args)
 
