@@ -244,6 +244,30 @@ async def test_ban_closes_and_refuses_rejoining_until_it_ends(api) -> None:
             await trio.sleep(0.2)
 
 
+async def test_a_ban_while_the_banned_author_is_joining_closes_it_once_joined(
+        api, monkeypatch) -> None:
+    from trio_chat.hub import Hub
+
+    joining, go_on = trio.Event(), trio.Event()
+    ensure_room = Hub._ensure_room
+
+    async def held(hub: Hub, room_id: int) -> None:
+        if room_id == 64:
+            joining.set()
+            await go_on.wait()
+        await ensure_room(hub, room_id)
+
+    monkeypatch.setattr(Hub, "_ensure_room", held)
+    # Upgraded past the ban check, its room still starting: the ban's close reaches
+    # no member of room 64 on this node.
+    async with open_ws(ws_url(api, 64, "?author_id=7")) as seven:
+        await joining.wait()
+        status, _ = await call(api, "POST", "/rooms/64/ban", {"author_id": 7, "reason": "x"})
+        assert status == 200
+        go_on.set()
+        assert await closed_with(seven) == 4005
+
+
 @pytest.mark.parametrize("body, field", [
     ({"author_id": "7"}, "author_id"),
     ({"author_id": 2**63}, "author_id"),

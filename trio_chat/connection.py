@@ -309,6 +309,11 @@ async def serve_connection(stream: trio.abc.Stream, *, hub: Hub, metrics: Metric
             await ws.serve(connection.on_message)
             return
         connection.room = room
+        if author_id is not None:
+            # A ban made after the upgrade's check closed the room's members before this
+            # one was among them (its room was still starting, on this node or on none):
+            # the ban is stored before that close is sent, so looking again finds it.
+            await connection._banned(author_id)
         try:
             await ws.serve(connection.on_message)
         finally:
