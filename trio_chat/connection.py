@@ -309,13 +309,17 @@ async def serve_connection(stream: trio.abc.Stream, *, hub: Hub, metrics: Metric
             await ws.serve(connection.on_message)
             return
         connection.room = room
-        if author_id is not None:
-            # A ban made after the upgrade's check closed the room's members before this
-            # one was among them (its room was still starting, on this node or on none):
-            # the ban is stored before that close is sent, so looking again finds it.
-            await connection._banned(author_id)
         try:
-            await ws.serve(connection.on_message)
+            async with trio.open_nursery() as recheck:
+                if author_id is not None:
+                    # A ban made after the upgrade's check closed the room's members
+                    # before this one was among them (its room was still starting, here
+                    # or nowhere): the ban is stored before that close is sent, so
+                    # looking again now finds it. Beside serving, which must start at
+                    # once: the room already counts on this member's writer.
+                    recheck.start_soon(connection._banned, author_id)
+                await ws.serve(connection.on_message)
+                recheck.cancel_scope.cancel()
         finally:
             hub.leave(room, connection)
         if ws.close_code == MESSAGE_TOO_BIG:
