@@ -309,17 +309,15 @@ async def serve_connection(stream: trio.abc.Stream, *, hub: Hub, metrics: Metric
             await ws.serve(connection.on_message)
             return
         connection.room = room
+        if author_id is not None:
+            # A ban made after the upgrade's check closed the room's members before this
+            # one was among them (its room was still starting, here or nowhere): the ban
+            # is stored before that close is sent, so looking again now finds it. Beside
+            # serving, which must start at once (the room counts on this member's
+            # writer), and in the hub's nursery (a nursery per connection costs 1.3 KiB).
+            hub.check_soon(partial(connection._banned, author_id))
         try:
-            async with trio.open_nursery() as recheck:
-                if author_id is not None:
-                    # A ban made after the upgrade's check closed the room's members
-                    # before this one was among them (its room was still starting, here
-                    # or nowhere): the ban is stored before that close is sent, so
-                    # looking again now finds it. Beside serving, which must start at
-                    # once: the room already counts on this member's writer.
-                    recheck.start_soon(connection._banned, author_id)
-                await ws.serve(connection.on_message)
-                recheck.cancel_scope.cancel()
+            await ws.serve(connection.on_message)
         finally:
             hub.leave(room, connection)
         if ws.close_code == MESSAGE_TOO_BIG:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Protocol
 
@@ -110,6 +110,12 @@ class Hub:
             self._nursery = nursery
             task_status.started()
             await trio.sleep_forever()
+
+    def check_soon(self, check: Callable[[], Awaitable[object]]) -> None:
+        """Run ``check``, a short look at the store for one connection, in the rooms'
+        nursery: its connection goes on meanwhile. ``check`` handles its own errors."""
+        assert self._nursery is not None, "Hub.run is not running"
+        self._nursery.start_soon(check)
 
     async def join(self, room_id: int, member: Member, since: int | None = None) -> Room:
         """Add ``member`` to ``room_id``, starting the room if it is not alive.
