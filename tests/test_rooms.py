@@ -268,6 +268,27 @@ async def test_a_ban_while_the_banned_author_is_joining_closes_it_once_joined(
         assert await closed_with(seven) == 4005
 
 
+async def test_a_failing_second_look_at_the_bans_closes_its_connection_alone(
+        api, monkeypatch) -> None:
+    from trio_chat.connection import ChatConnection
+
+    banned = ChatConnection._banned
+
+    async def broken(self: ChatConnection, author_id: int) -> bool:
+        if author_id == 7:
+            raise RuntimeError("a bug")
+        return await banned(self, author_id)
+
+    monkeypatch.setattr(ChatConnection, "_banned", broken)
+    async with open_ws(ws_url(api, 65, "?author_id=7")) as seven:
+        assert await closed_with(seven) == 1011
+    # The hub's nursery, where the look ran, goes on: rooms still work.
+    async with open_ws(ws_url(api, 65)) as anyone:
+        await anyone.send_message(chat_frame("still served", room_id=65, author_id=9))
+        assert (await recv(anyone))["content"] == "still served"
+    assert api.metrics.connection_failures == 1
+
+
 @pytest.mark.parametrize("body, field", [
     ({"author_id": "7"}, "author_id"),
     ({"author_id": 2**63}, "author_id"),

@@ -32,6 +32,7 @@ from .deflate import Deflate
 from .flush import Flush
 from .framing import (
     BANNED,
+    INTERNAL_ERROR,
     MESSAGE_TOO_BIG,
     POLICY_VIOLATION,
     SLOW_CONSUMER,
@@ -149,6 +150,19 @@ class ChatConnection:
         if ban is not None:
             self.ws.close(BANNED, ban.reason or "banned")
         return ban is not None
+
+    async def ban_check_after_join(self, author_id: int) -> None:
+        """Look at the bans again once joined (see :func:`serve_connection`).
+
+        Failure boundary: an unexpected error closes this connection alone (1011),
+        counted in ``connection_failures``; the hub's nursery it runs in goes on.
+        """
+        try:
+            await self._banned(author_id)
+        except Exception:
+            self._metrics.unexpected("connection_failures", log, "%s: checking the bans of "
+                                     "room %d again failed", self.remote, self.room_id)
+            self.ws.close(INTERNAL_ERROR, "internal error")
 
     def _over_rate(self) -> TokenBucket | None:
         """The bucket (this connection's or its identity's) that refuses a frame now."""
@@ -315,7 +329,7 @@ async def serve_connection(stream: trio.abc.Stream, *, hub: Hub, metrics: Metric
             # is stored before that close is sent, so looking again now finds it. Beside
             # serving, which must start at once (the room counts on this member's
             # writer), and in the hub's nursery (a nursery per connection costs 1.3 KiB).
-            hub.check_soon(partial(connection._banned, author_id))
+            hub.check_soon(partial(connection.ban_check_after_join, author_id))
         try:
             await ws.serve(connection.on_message)
         finally:

@@ -113,7 +113,8 @@ class Hub:
 
     def check_soon(self, check: Callable[[], Awaitable[object]]) -> None:
         """Run ``check``, a short look at the store for one connection, in the rooms'
-        nursery: its connection goes on meanwhile. ``check`` handles its own errors."""
+        nursery: its connection goes on meanwhile. ``check`` must contain its own
+        failures: one that raised would end every room."""
         assert self._nursery is not None, "Hub.run is not running"
         self._nursery.start_soon(check)
 

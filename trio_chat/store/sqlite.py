@@ -54,6 +54,7 @@ class QueryThread:
 
     def __init__(self, name: str) -> None:
         self._token = trio.lowlevel.current_trio_token()
+        # Bounded by its callers: each task waits for its one call before asking again.
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         # A daemon: a call stuck on a hung disk must not hold the process's exit.
         threading.Thread(target=self._run, name=name, daemon=True).start()
@@ -120,6 +121,8 @@ class SqliteBackend(SqlRooms):
 
     async def _call(self, fn: Callable[..., T], *args: object) -> T:
         if self._thread is None or not self._thread.serves_this_run():
+            if self._thread is not None:
+                self._thread.stop()  # it waits for work from a loop that is gone
             self._thread = QueryThread("trio-chat sqlite")
         return await self._thread.call(fn, *args)
 
